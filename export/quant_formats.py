@@ -1,0 +1,187 @@
+"""Block quantization formats, defined once in numpy (the C header mirrors these, bit-exact).
+
+Every quantized matrix is [rows, cols] with blocks of `block` consecutive values along cols
+(the input dimension), and dequantizes as
+
+    w[r, b*block + i] = (code[r, b, i] - zero_point[r, b]) * scale[r, b]
+
+Formats (bits per weight counts codes + fp32 scale + fp32 zero point, per block of 32):
+  int4_asym  codes 0..15, fp32 scale, fp32 zero point      (4 + 64/32 = 6.0 bpw)
+             GGUF Q4_1 (w = d*q + m) maps exactly: code=q, scale=d, zero_point=-m/d.
+  int4_sym   codes 0..15, fp32 scale, zero point 8 implied  (4 + 32/32 = 5.0 bpw)
+             GGUF Q4_0 (w = d*(q - 8)) maps exactly: code=q, scale=d.
+  int8_sym   codes 0..255, fp32 scale, zero point 128 implied (8 + 32/32 = 9.0 bpw)
+             GGUF Q8_0 (w = d*q, q int8) maps exactly: code=q+128, scale=d.
+
+Storage is ONNX Runtime's MatMulNBits layout, which the native engine maps too:
+  qweight      uint8 [rows, n_blocks, block*bits/8]; 4-bit: byte k = code[2k] | code[2k+1] << 4
+  scales       float32 [rows, n_blocks]
+  zero_points  float32 [rows, n_blocks] (int4_asym only)
+GGUF Q4_0/Q4_1 nibble order differs (low nibbles are values 0..15 of a block, high nibbles
+16..31), so GGUF blocks are re-ordered here at export time, never at load time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgellm.errors import EdgeLLMError
+
+FORMATS = {  # name -> (bits, symmetric zero point or None)
+    "int4_asym": (4, None),
+    "int4_sym": (4, 8.0),
+    "int8_sym": (8, 128.0),
+}
+
+
+@dataclass
+class BlockQuantTensor:
+    """A [rows, cols] matrix quantized in blocks along cols (see the module docstring)."""
+
+    format: str
+    rows: int
+    cols: int
+    block: int
+    codes: np.ndarray  # uint8 [rows, n_blocks, block], values 0 .. 2**bits - 1
+    scales: np.ndarray  # float32 [rows, n_blocks]
+    zero_points: np.ndarray | None  # float32 [rows, n_blocks] for int4_asym, else None
+    source_format: str = ""  # provenance, e.g. "gguf:Q4_1" or "f32"
+
+    @property
+    def bits(self) -> int:
+        return FORMATS[self.format][0]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.codes.shape[1]
+
+    def zero_point_array(self) -> np.ndarray:  # float32 [rows, n_blocks]
+        if self.zero_points is not None:
+            return self.zero_points
+        return np.full(self.scales.shape, FORMATS[self.format][1], np.float32)
+
+    def dequantize(self) -> np.ndarray:  # float32 [rows, cols]
+        values = (self.codes.astype(np.float32) - self.zero_point_array()[..., None]) * self.scales[..., None]
+        return values.reshape(self.rows, -1)[:, : self.cols]
+
+    def take_rows(self, index: np.ndarray) -> "BlockQuantTensor":
+        """The same tensor with its rows re-ordered (whole blocks move, values are unchanged)."""
+        zp = None if self.zero_points is None else self.zero_points[index]
+        return BlockQuantTensor(self.format, self.rows, self.cols, self.block, self.codes[index],
+                                self.scales[index], zp, self.source_format)
+
+    def packed_codes(self) -> np.ndarray:  # uint8 [rows, n_blocks, block*bits/8], MatMulNBits order
+        if self.bits == 8:
+            return np.ascontiguousarray(self.codes)
+        return np.ascontiguousarray(self.codes[..., 0::2] | (self.codes[..., 1::2] << np.uint8(4)))
+
+
+def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of BlockQuantTensor.packed_codes: uint8 [..., blob] -> uint8 [..., block]."""
+    if bits == 8:
+        return packed
+    low, high = packed & np.uint8(0x0F), packed >> np.uint8(4)
+    return np.stack([low, high], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF blocks -> our formats, losslessly. `raw` is the tensor's bytes as uint8 [rows, bytes_per_row].
+
+def _gguf_blocks(raw: np.ndarray, rows: int, cols: int, block_bytes: int) -> np.ndarray:
+    if cols % 32:
+        raise EdgeLLMError(f"GGUF block tensor has {cols} columns, not a multiple of 32")
+    blocks = np.ascontiguousarray(raw).reshape(rows, cols // 32, block_bytes)
+    return blocks
+
+
+def _gguf_nibbles(qs: np.ndarray) -> np.ndarray:
+    """GGUF's 16 bytes of a 4-bit block -> 32 codes (low nibbles first, then high nibbles)."""
+    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
+
+
+def from_gguf_q4_1(raw: np.ndarray, rows: int, cols: int) -> BlockQuantTensor:
+    blocks = _gguf_blocks(raw, rows, cols, 20)  # d f16, m f16, qs[16]
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    codes = _gguf_nibbles(blocks[..., 4:])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zero_points = np.where(d != 0, -m / d, 0).astype(np.float32)
+    # A block whose scale is 0 holds m 32 times: code 1, zero point 0 and scale m say exactly that.
+    flat = d == 0
+    if flat.any():
+        codes[flat] = 1
+        d = np.where(flat, m, d)
+    return BlockQuantTensor("int4_asym", rows, cols, 32, codes, d, zero_points, "gguf:Q4_1")
+
+
+def from_gguf_q4_0(raw: np.ndarray, rows: int, cols: int) -> BlockQuantTensor:
+    blocks = _gguf_blocks(raw, rows, cols, 18)  # d f16, qs[16]
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    return BlockQuantTensor("int4_sym", rows, cols, 32, _gguf_nibbles(blocks[..., 2:]), d, None, "gguf:Q4_0")
+
+
+def from_gguf_q8_0(raw: np.ndarray, rows: int, cols: int) -> BlockQuantTensor:
+    blocks = _gguf_blocks(raw, rows, cols, 34)  # d f16, qs[32] int8
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    return BlockQuantTensor("int8_sym", rows, cols, 32, codes, d, None, "gguf:Q8_0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Float -> our formats. Rounding is round-half-away-from-zero done as in ggml (trunc(x + 0.5) on
+# non-negative values), so that the C quantizer can reproduce it bit for bit.
+
+def _float_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, int]:
+    if weight.ndim != 2:
+        raise EdgeLLMError(f"only matrices are block-quantized, got shape {weight.shape}")
+    rows, cols = weight.shape
+    n_blocks = -(-cols // block)
+    padded = np.zeros((rows, n_blocks * block), np.float32)
+    padded[:, :cols] = weight
+    return padded.reshape(rows, n_blocks, block), cols
+
+
+def quantize(weight: np.ndarray, fmt: str, block: int = 32, source_format: str = "f32") -> BlockQuantTensor:
+    """Quantize a float32 [rows, cols] matrix. `block` must be a power of two >= 16 (MatMulNBits)."""
+    if fmt not in FORMATS:
+        raise EdgeLLMError(f"unknown quantization format {fmt!r}", f"supported: {', '.join(FORMATS)}")
+    if block < 16 or block & (block - 1):
+        raise EdgeLLMError(f"block size must be a power of two >= 16, got {block}")
+    x, cols = _float_blocks(np.asarray(weight, np.float32), block)
+    rows = x.shape[0]
+    if fmt == "int4_asym":
+        lo, hi = x.min(axis=-1), x.max(axis=-1)
+        scale = ((hi - lo) / np.float32(15)).astype(np.float32)
+        inv = np.where(scale == 0, np.float32(0), np.float32(1) / np.where(scale == 0, 1, scale))
+        codes = np.trunc((x - lo[..., None]) * inv[..., None] + np.float32(0.5)).clip(0, 15).astype(np.uint8)
+        zero = np.where(scale == 0, np.float32(0), -lo * inv).astype(np.float32)
+        # Flat block (all values equal lo): code 1, zero point 0, scale lo represents it exactly.
+        flat = scale == 0
+        codes[flat] = 1
+        scale = np.where(flat, lo, scale).astype(np.float32)
+        return BlockQuantTensor(fmt, rows, cols, block, codes, scale, zero, source_format)
+    if fmt == "int4_sym":
+        index = np.abs(x).argmax(axis=-1)[..., None]
+        signed_max = np.take_along_axis(x, index, axis=-1)[..., 0]
+        scale = (signed_max / np.float32(-8)).astype(np.float32)
+        inv = np.where(scale == 0, np.float32(0), np.float32(1) / np.where(scale == 0, 1, scale))
+        codes = np.trunc(x * inv[..., None] + np.float32(8.5)).clip(0, 15).astype(np.uint8)
+        return BlockQuantTensor(fmt, rows, cols, block, codes, scale, None, source_format)
+    # int8_sym
+    scale = (np.abs(x).max(axis=-1) / np.float32(127)).astype(np.float32)
+    inv = np.where(scale == 0, np.float32(0), np.float32(1) / np.where(scale == 0, 1, scale))
+    scaled = x * inv[..., None]
+    rounded = np.sign(scaled) * np.trunc(np.abs(scaled) + np.float32(0.5))  # ggml's roundf
+    codes = (rounded.clip(-127, 127) + 128).astype(np.uint8)
+    return BlockQuantTensor(fmt, rows, cols, block, codes, scale, None, source_format)
+
+
+def quantization_error(weight: np.ndarray, tensor: BlockQuantTensor) -> dict[str, float]:
+    """Normalized MSE and max abs error that quantizing `weight` caused."""
+    weight = np.asarray(weight, np.float32)
+    diff = tensor.dequantize() - weight
+    power = float(np.mean(weight.astype(np.float64) ** 2)) or 1.0
+    return {"nmse": float(np.mean(diff.astype(np.float64) ** 2)) / power,
+            "max_abs": float(np.abs(diff).max()) if diff.size else 0.0}

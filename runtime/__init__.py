@@ -1,0 +1,11 @@
+"""edgellm: run small open language models on edge devices.
+
+This package is the board runtime. It must import without onnx, gguf, safetensors, torch or
+transformers (those belong to the `export` and `dev` extras); tests/test_lean_import.py proves it.
+"""
+
+from .errors import EdgeLLMError
+
+__version__ = "0.1.0"
+
+__all__ = ["EdgeLLMError", "__version__"]
