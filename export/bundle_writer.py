@@ -1,0 +1,81 @@
+"""Write a bundle's files: one aligned weights.bin, model.onnx pointing into it, the manifest.
+
+weights.bin holds every weight array back to back, each starting at a multiple of ALIGN bytes,
+in the exact layout the kernels read: ONNX Runtime gets (offset, length) through external data
+and the native engine maps the same bytes through the manifest's tensor index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from edgellm.bundle_format import ALIGN, file_sha256  # noqa: F401 (re-exported)
+
+from .canonical import Tensor
+from .quant_formats import BlockQuantTensor
+
+_ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.uint8): TensorProto.UINT8,
+               np.dtype(np.int64): TensorProto.INT64, np.dtype(np.float16): TensorProto.FLOAT16,
+               np.dtype(np.int32): TensorProto.INT32, np.dtype(np.bool_): TensorProto.BOOL}
+INLINE_LIMIT = 64  # bytes: shape constants and scalars stay inside model.onnx
+
+
+def is_inline(name: str, array: np.ndarray) -> bool:
+    return name.startswith("const.") or array.nbytes < INLINE_LIMIT
+
+
+def write_weights(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Write the external arrays; return the tensor index {name: offset, nbytes, shape, dtype, sha256}."""
+    index: dict[str, dict] = {}
+    offset = 0
+    with open(path, "wb") as out:
+        for name, array in arrays.items():
+            if is_inline(name, array):
+                continue
+            data = np.ascontiguousarray(array).tobytes()
+            pad = -offset % ALIGN
+            out.write(b"\0" * pad)
+            offset += pad
+            out.write(data)
+            index[name] = {"offset": offset, "nbytes": len(data), "shape": list(array.shape),
+                           "dtype": str(array.dtype), "sha256": hashlib.sha256(data).hexdigest()}
+            offset += len(data)
+    return index
+
+
+def attach_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray], index: dict[str, dict],
+                        weights_file: str = "weights.bin") -> None:
+    for name, array in arrays.items():
+        if name not in index:
+            model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(array), name))
+            continue
+        entry = index[name]
+        tensor = TensorProto(name=name, data_type=_ONNX_TYPES[np.dtype(array.dtype)], dims=list(array.shape))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", weights_file), ("offset", str(entry["offset"])),
+                           ("length", str(entry["nbytes"]))):
+            item = tensor.external_data.add()
+            item.key, item.value = key, value
+        model.graph.initializer.append(tensor)
+
+
+def matrix_index(tensors: dict[str, Tensor]) -> dict[str, dict]:
+    """For each checkpoint matrix: its quant format and the stored arrays that make it up."""
+    out = {}
+    for name, tensor in tensors.items():
+        if isinstance(tensor, BlockQuantTensor):
+            out[name] = {"format": tensor.format, "bits": tensor.bits, "block": tensor.block,
+                         "rows": tensor.rows, "cols": tensor.cols, "source_format": tensor.source_format,
+                         "qweight": f"{name}.qweight", "scales": f"{name}.scales",
+                         "zero_points": f"{name}.zero_points" if tensor.zero_points is not None else None}
+    return out
+
+
+def write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

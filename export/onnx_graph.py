@@ -1,0 +1,251 @@
+"""Lower the canonical model to an ONNX decoder graph for ONNX Runtime's CPU provider.
+
+Inputs:  input_ids int64 [B, S], position_ids int64 [B, S],
+         past_key_values.{i}.key / .value float32 [B, KV, P, D]
+Outputs: logits float32 [B, S, V], present.{i}.key / .value float32 [B, KV, P+S, D]
+The cache holds positions 0..P-1 in order; query s sees cache slots j <= position_ids[s].
+
+Matrices run through com.microsoft.MatMulNBits on the block layout the bundle stores; the
+embedding lookup gathers rows of the same quantized table (one copy for a tied head) and
+dequantizes them with standard ops. RoPE and grouped-query attention use standard ops only.
+Initializer names are the checkpoint's tensor names plus a role suffix; node names are module
+paths, so every node traces back to a tensor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from edgellm.model_config import ModelConfig
+
+from .quant_formats import BlockQuantTensor
+from .reference import rope_inv_freq
+
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+
+
+def quant_initializers(name: str, tensor: BlockQuantTensor) -> dict[str, np.ndarray]:
+    """The arrays stored for one quantized matrix, keyed by initializer name."""
+    arrays = {f"{name}.qweight": tensor.packed_codes(), f"{name}.scales": np.ascontiguousarray(tensor.scales)}
+    if tensor.zero_points is not None:
+        arrays[f"{name}.zero_points"] = np.ascontiguousarray(tensor.zero_points)
+    return arrays
+
+
+class DecoderGraphBuilder:
+    """Base builder for llama-family decoders; families override only what differs."""
+
+    def __init__(self, config: ModelConfig, tensors: dict, accuracy_level: int = 4):
+        self.c = config
+        self.tensors = tensors
+        self.accuracy_level = accuracy_level
+        self.nodes: list[onnx.NodeProto] = []
+        self.arrays: dict[str, np.ndarray] = {}  # initializers, in the order they are first used
+        self._counter = 0
+
+    # -- small helpers --------------------------------------------------------------------
+    def node(self, op: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "", **attrs) -> list[str]:
+        outs = [f"{name}/output_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
+        return outs
+
+    def op(self, op: str, inputs: list[str], name: str, **attrs) -> str:
+        return self.node(op, inputs, name, **attrs)[0]
+
+    def const(self, name: str, value) -> str:
+        if name not in self.arrays:
+            self.arrays[name] = np.asarray(value)
+        return name
+
+    def weight(self, name: str) -> str:
+        return self.const(name, np.asarray(self.tensors[name], np.float32))
+
+    # -- building blocks --------------------------------------------------------------------
+    def make_matmul(self, x: str, name: str, path: str) -> str:
+        t: BlockQuantTensor = self.tensors[name]
+        arrays = quant_initializers(name, t)
+        for key, value in arrays.items():
+            self.const(key, value)
+        inputs = list(arrays)
+        return self.op("MatMulNBits", [x, *inputs], f"{path}/MatMulNBits", domain=MS_DOMAIN,
+                       K=t.cols, N=t.rows, bits=t.bits, block_size=t.block, accuracy_level=self.accuracy_level)
+
+    def make_linear(self, x: str, prefix: str, path: str, bias: bool = False) -> str:
+        y = self.make_matmul(x, f"{prefix}.weight", path)
+        if bias:
+            y = self.op("Add", [y, self.weight(f"{prefix}.bias")], f"{path}/Add")
+        return y
+
+    def make_rms_norm(self, x: str, name: str, path: str) -> str:
+        return self.op("SimplifiedLayerNormalization", [x, self.weight(name)], f"{path}/SimplifiedLayerNorm",
+                       axis=-1, epsilon=float(self.c.rms_norm_eps), stash_type=1)
+
+    def make_embedding(self, ids: str) -> str:
+        name = "model.embed_tokens.weight"
+        t: BlockQuantTensor = self.tensors[name]
+        path = "/model/embed_tokens"
+        arrays = quant_initializers(name, t)
+        for key, value in arrays.items():
+            self.const(key, value)
+        packed = self.op("Gather", [f"{name}.qweight", ids], f"{path}/Gather_qweight", axis=0)  # [B,S,nb,blob]
+        if t.bits == 4:
+            low = self.op("BitwiseAnd", [packed, self.const("const.u8.15", np.array(15, np.uint8))], f"{path}/low")
+            high = self.op("BitShift", [packed, self.const("const.u8.4", np.array(4, np.uint8))], f"{path}/high",
+                           direction="RIGHT")
+            axis = self.const("const.axes.-1", np.array([-1], np.int64))
+            pair = self.op("Concat", [self.op("Unsqueeze", [low, axis], f"{path}/low_u"),
+                                      self.op("Unsqueeze", [high, axis], f"{path}/high_u")],
+                           f"{path}/interleave", axis=-1)  # [B,S,nb,blob,2]: code 2k, code 2k+1
+            packed = self.op("Reshape", [pair, self.const(f"{path}.codes_shape", np.array([0, 0, 0, -1], np.int64))],
+                             f"{path}/codes")
+        codes = self.op("Cast", [packed], f"{path}/Cast", to=TensorProto.FLOAT)  # [B,S,nb,block]
+        axis = self.const("const.axes.-1", np.array([-1], np.int64))
+        if t.zero_points is not None:
+            zp = self.op("Gather", [f"{name}.zero_points", ids], f"{path}/Gather_zero_points", axis=0)
+            zp = self.op("Unsqueeze", [zp, axis], f"{path}/zp_u")
+        else:
+            zp = self.const(f"const.f32.zp{t.bits}", np.array(2 ** (t.bits - 1), np.float32))
+        centered = self.op("Sub", [codes, zp], f"{path}/Sub")
+        scales = self.op("Unsqueeze", [self.op("Gather", [f"{name}.scales", ids], f"{path}/Gather_scales", axis=0),
+                                       axis], f"{path}/scales_u")
+        values = self.op("Mul", [centered, scales], f"{path}/Mul")
+        flat = self.op("Reshape", [values, self.const("const.shape.00-1", np.array([0, 0, -1], np.int64))],
+                       f"{path}/Reshape")
+        if t.n_blocks * t.block != t.cols:  # padded last block
+            flat = self.op("Slice", [flat, self.const("const.i64.0", np.array([0], np.int64)),
+                                     self.const(f"{path}.cols", np.array([t.cols], np.int64)), axis],
+                           f"{path}/Slice")
+        return flat
+
+    def make_rope_tables(self, position_ids: str) -> tuple[str, str]:
+        path = "/model/rotary_emb"
+        inv_freq = rope_inv_freq(self.c, self.tensors.get("model.rotary_emb.freq_factors"))
+        pos = self.op("Cast", [position_ids], f"{path}/Cast", to=TensorProto.FLOAT)
+        pos = self.op("Unsqueeze", [pos, self.const("const.axes.-1", np.array([-1], np.int64))], f"{path}/Unsqueeze")
+        angles = self.op("Mul", [pos, self.const("model.rotary_emb.inv_freq", inv_freq)], f"{path}/Mul")  # [B,S,D/2]
+        tables = []
+        for fn in ("Cos", "Sin"):
+            half = self.op(fn, [angles], f"{path}/{fn}")
+            full = self.op("Concat", [half, half], f"{path}/{fn}_concat", axis=-1)  # [B,S,D]
+            tables.append(self.op("Unsqueeze", [full, self.const("const.axes.1", np.array([1], np.int64))],
+                                  f"{path}/{fn}_unsqueeze"))  # [B,1,S,D]
+        return tables[0], tables[1]
+
+    def make_rope(self, x: str, cos: str, sin: str, path: str) -> str:
+        # x [B, heads, S, D]: x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]
+        x1, x2 = self.node("Split", [x], f"{path}/Split", outputs=2, axis=-1, num_outputs=2)
+        rotated = self.op("Concat", [self.op("Neg", [x2], f"{path}/Neg"), x1], f"{path}/Concat", axis=-1)
+        return self.op("Add", [self.op("Mul", [x, cos], f"{path}/Mul_cos"),
+                               self.op("Mul", [rotated, sin], f"{path}/Mul_sin")], f"{path}/Add")
+
+    def heads_first(self, x: str, heads: int, path: str) -> str:
+        shaped = self.op("Reshape", [x, self.const(f"const.shape.heads{heads}",
+                                                   np.array([0, 0, heads, self.c.head_dim], np.int64))],
+                         f"{path}/Reshape")
+        return self.op("Transpose", [shaped], f"{path}/Transpose", perm=[0, 2, 1, 3])  # [B, heads, S, D]
+
+    def make_attention(self, i: int, x: str, cos: str, sin: str, mask: str) -> str:
+        c = self.c
+        prefix, path = f"model.layers.{i}.self_attn", f"/model/layers.{i}/self_attn"
+        bias = c.attention_bias
+        q = self.make_linear(x, f"{prefix}.q_proj", f"{path}/q_proj", bias)
+        k = self.make_linear(x, f"{prefix}.k_proj", f"{path}/k_proj", bias)
+        v = self.make_linear(x, f"{prefix}.v_proj", f"{path}/v_proj", bias)
+        q = self.make_rope(self.heads_first(q, c.num_attention_heads, f"{path}/q"), cos, sin, f"{path}/q_rope")
+        k = self.make_rope(self.heads_first(k, c.num_key_value_heads, f"{path}/k"), cos, sin, f"{path}/k_rope")
+        v = self.heads_first(v, c.num_key_value_heads, f"{path}/v")
+        present_k = self.op("Concat", [f"past_key_values.{i}.key", k], f"{path}/present_key", axis=2)
+        present_v = self.op("Concat", [f"past_key_values.{i}.value", v], f"{path}/present_value", axis=2)
+        self.nodes.append(helper.make_node("Identity", [present_k], [f"present.{i}.key"], name=f"{path}/out_key"))
+        self.nodes.append(helper.make_node("Identity", [present_v], [f"present.{i}.value"], name=f"{path}/out_value"))
+        # Grouped-query attention without repeating K/V: view the H query heads as [KV, G].
+        group = c.num_attention_heads // c.num_key_value_heads
+        qg = self.op("Reshape", [q, self.const(f"const.shape.qgroups",
+                                               np.array([0, c.num_key_value_heads, group, -1, c.head_dim], np.int64))],
+                     f"{path}/q_groups")  # [B,KV,G,S,D]
+        kt = self.op("Unsqueeze", [self.op("Transpose", [present_k], f"{path}/k_T", perm=[0, 1, 3, 2]),
+                                   self.const("const.axes.2", np.array([2], np.int64))], f"{path}/k_u")  # [B,KV,1,D,T]
+        scale = self.const(f"const.f32.attn_scale", np.array(1.0 / np.sqrt(c.head_dim), np.float32))
+        scores = self.op("Mul", [self.op("MatMul", [qg, kt], f"{path}/QK"), scale], f"{path}/scale")  # [B,KV,G,S,T]
+        scores = self.op("Where", [mask, scores, self.const("const.f32.-inf", np.array(-np.inf, np.float32))],
+                         f"{path}/mask")
+        probs = self.op("Softmax", [scores], f"{path}/Softmax", axis=-1)
+        vu = self.op("Unsqueeze", [present_v, self.const("const.axes.2", np.array([2], np.int64))], f"{path}/v_u")
+        out = self.op("MatMul", [probs, vu], f"{path}/PV")  # [B,KV,G,S,D]
+        out = self.op("Transpose", [out], f"{path}/out_T", perm=[0, 3, 1, 2, 4])  # [B,S,KV,G,D]
+        out = self.op("Reshape", [out, self.const("const.shape.merge_heads",
+                                                  np.array([0, 0, c.q_size], np.int64))], f"{path}/merge_heads")
+        return self.make_linear(out, f"{prefix}.o_proj", f"{path}/o_proj")
+
+    def make_causal_mask(self, position_ids: str) -> str:
+        """bool [B,1,1,S,T]: key slot j is visible to the query at position p when j <= p."""
+        path = "/model/causal_mask"
+        past = self.op("Shape", ["past_key_values.0.key"], f"{path}/past_len", start=2, end=3)  # [1] = P
+        new = self.op("Shape", [position_ids], f"{path}/new_len", start=1, end=2)  # [1] = S
+        total = self.op("Squeeze", [self.op("Add", [past, new], f"{path}/total")], f"{path}/Squeeze")
+        slots = self.op("Range", [self.const("const.i64.scalar0", np.array(0, np.int64)), total,
+                                  self.const("const.i64.scalar1", np.array(1, np.int64))], f"{path}/Range")  # [T]
+        pos = self.op("Unsqueeze", [position_ids, self.const("const.axes.-1", np.array([-1], np.int64))],
+                      f"{path}/pos_u")  # [B,S,1]
+        visible = self.op("LessOrEqual", [slots, pos], f"{path}/LessOrEqual")  # [B,S,T]
+        return self.op("Unsqueeze", [visible, self.const("const.axes.12", np.array([1, 2], np.int64))],
+                       f"{path}/Unsqueeze")
+
+    def make_mlp(self, i: int, x: str) -> str:
+        prefix, path = f"model.layers.{i}.mlp", f"/model/layers.{i}/mlp"
+        gate = self.make_linear(x, f"{prefix}.gate_proj", f"{path}/gate_proj")
+        up = self.make_linear(x, f"{prefix}.up_proj", f"{path}/up_proj")
+        act = self.op("Mul", [gate, self.op("Sigmoid", [gate], f"{path}/Sigmoid")], f"{path}/SiLU")
+        return self.make_linear(self.op("Mul", [act, up], f"{path}/Mul"), f"{prefix}.down_proj", f"{path}/down_proj")
+
+    def make_layer(self, i: int, x: str, cos: str, sin: str, mask: str) -> str:
+        prefix, path = f"model.layers.{i}", f"/model/layers.{i}"
+        h = self.make_rms_norm(x, f"{prefix}.input_layernorm.weight", f"{path}/input_layernorm")
+        x = self.op("Add", [x, self.make_attention(i, h, cos, sin, mask)], f"{path}/residual_attn")
+        h = self.make_rms_norm(x, f"{prefix}.post_attention_layernorm.weight", f"{path}/post_attention_layernorm")
+        return self.op("Add", [x, self.make_mlp(i, h)], f"{path}/residual_mlp")
+
+    def make_head(self, x: str) -> str:
+        name = "model.embed_tokens" if self.c.tie_word_embeddings else "lm_head"
+        h = self.make_rms_norm(x, "model.norm.weight", "/model/norm")
+        logits = self.make_linear(h, name, "/lm_head")
+        self.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/lm_head/out"))
+        return "logits"
+
+    # -- the graph --------------------------------------------------------------------------
+    def build(self) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+        """The model (initializers not yet attached) and its arrays by initializer name."""
+        c = self.c
+        x = self.make_embedding("input_ids")
+        cos, sin = self.make_rope_tables("position_ids")
+        mask = self.make_causal_mask("position_ids")
+        for i in range(c.num_hidden_layers):
+            x = self.make_layer(i, x, cos, sin, mask)
+        self.make_head(x)
+        kv_shape = ["batch", c.num_key_value_heads, "past_sequence", c.head_dim]
+        present_shape = ["batch", c.num_key_value_heads, "total_sequence", c.head_dim]
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", c.vocab_size])]
+        for i in range(c.num_hidden_layers):
+            for kind in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+                outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present_shape))
+        graph = helper.make_graph(self.nodes, f"edgellm-{c.architecture}", inputs, outputs)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid(MS_DOMAIN, 1)],
+                                  producer_name="edgellm")
+        model.ir_version = 10
+        return model, self.arrays
+
+
+# Family deltas so far are all carried by the config (Qwen2's q/k/v biases: attention_bias), so
+# every family uses the base builder; a family whose graph differs gets a subclass here.
+BUILDERS = {"llama": DecoderGraphBuilder, "mistral": DecoderGraphBuilder, "qwen2": DecoderGraphBuilder}
+
+
+def build_decoder_graph(config: ModelConfig, tensors: dict, accuracy_level: int = 4):
+    return BUILDERS[config.architecture](config, tensors, accuracy_level).build()

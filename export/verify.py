@@ -1,0 +1,80 @@
+"""Check a freshly written bundle against the numpy reference before it is published.
+
+On fixed prompts the ONNX graph runs the way the runtime will run it (a prefill chunk, then
+single-token steps through the KV cache) and its logits are compared with the reference forward
+over the same (dequantized) weights: normalized MSE and top-1 agreement per prompt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.model_config import ModelConfig
+
+from .reference import ReferenceModel
+
+VERIFY_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    '{"name": "edgellm", "tags": ["onnx", "arm"], "size": 135}',
+    "Once upon a time, in a small village by the sea, there lived",
+)
+DECODE_STEPS = 4  # the last tokens of each prompt go through the single-token decode path
+
+# An export fails when ONNX Runtime strays further than this from the reference.
+MAX_NMSE = 1e-3
+MIN_TOP1 = 0.9
+
+
+def nmse(actual: np.ndarray, expected: np.ndarray) -> float:
+    expected = expected.astype(np.float64)
+    power = float(np.mean(expected ** 2)) or 1.0
+    return float(np.mean((actual.astype(np.float64) - expected) ** 2)) / power
+
+
+def run_onnx_logits(session, config: ModelConfig, ids: list[int], decode_steps: int) -> np.ndarray:
+    """Logits [S, V]: a prefill of all but the last `decode_steps` tokens, then one token at a time."""
+    kv = (1, config.num_key_value_heads, 0, config.head_dim)
+    past = {f"past_key_values.{i}.{k}": np.zeros(kv, np.float32)
+            for i in range(config.num_hidden_layers) for k in ("key", "value")}
+    split = max(1, len(ids) - decode_steps)
+    chunks = [ids[:split]] + [[t] for t in ids[split:]]
+    rows, position = [], 0
+    output_names = [o.name for o in session.get_outputs()]
+    for chunk in chunks:
+        feed = {"input_ids": np.array([chunk], np.int64),
+                "position_ids": np.arange(position, position + len(chunk), dtype=np.int64)[None], **past}
+        outputs = dict(zip(output_names, session.run(output_names, feed)))
+        rows.append(outputs["logits"][0])
+        past = {f"past_key_values.{i}.{k}": outputs[f"present.{i}.{k}"]
+                for i in range(config.num_hidden_layers) for k in ("key", "value")}
+        position += len(chunk)
+    return np.concatenate(rows)
+
+
+def verify_onnx(model_path: Path, config: ModelConfig, reference: ReferenceModel, encode,
+                prompts=VERIFY_PROMPTS, threads: int | None = None) -> dict:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    rows = []
+    for prompt in prompts:
+        ids = encode(prompt)
+        expected = reference.forward(ids)
+        actual = run_onnx_logits(session, config, ids, DECODE_STEPS)
+        finite = bool(np.isfinite(actual).all())
+        rows.append({"prompt": prompt, "tokens": len(ids), "finite": finite,
+                     "nmse": nmse(actual, expected) if finite else float("inf"),
+                     "top1": float(np.mean(actual.argmax(-1) == expected.argmax(-1))),
+                     "max_abs": float(np.abs(actual - expected).max()) if finite else float("inf")})
+    worst_nmse = max(r["nmse"] for r in rows)
+    mean_top1 = float(np.mean([r["top1"] for r in rows]))
+    passed = all(r["finite"] for r in rows) and worst_nmse <= MAX_NMSE and mean_top1 >= MIN_TOP1
+    return {"engine": "onnxruntime-cpu", "against": "numpy reference (dequantized weights)",
+            "prompts": rows, "worst_nmse": worst_nmse, "mean_top1": mean_top1,
+            "thresholds": {"max_nmse": MAX_NMSE, "min_top1": MIN_TOP1}, "passed": passed}

@@ -1,0 +1,21 @@
+"""Facts about the bundle format shared by the exporter (writes) and the runtime (reads)."""
+
+import hashlib
+from pathlib import Path
+
+FORMAT_NAME = "edgellm-bundle"
+FORMAT_VERSION = 1
+ALIGN = 64  # bytes: every tensor in weights.bin starts at a multiple of this
+
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "weights.bin"
+ONNX_CPU_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

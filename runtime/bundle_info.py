@@ -1,0 +1,101 @@
+"""What `edgellm info` and `edgellm export` print about a bundle."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def summarize(manifest: dict[str, Any], bundle: Path) -> dict[str, Any]:
+    model = manifest["model"]
+    matrices = manifest.get("matrices", {})
+    params = sum(int(m["rows"]) * int(m["cols"]) for m in matrices.values())
+    for name, entry in manifest["tensors"].items():
+        if name.split(".")[-1] not in ("qweight", "scales", "zero_points") and not name.endswith("inv_freq"):
+            count = 1
+            for dim in entry["shape"]:
+                count *= dim
+            params += count
+    quant = manifest.get("quantization", {})
+    verification = manifest.get("verification", {})
+    return {
+        "bundle": str(bundle),
+        "name": model.get("name"),
+        "architecture": model["architecture"],
+        "parameters": params,
+        "layers": model["num_hidden_layers"],
+        "hidden_size": model["hidden_size"],
+        "heads": f"{model['num_attention_heads']} query / {model['num_key_value_heads']} key-value",
+        "context_length": model["max_position_embeddings"],
+        "vocab_size": model["vocab_size"],
+        "tied_embeddings": model["tie_word_embeddings"],
+        "files": {name: entry["bytes"] for name, entry in manifest["files"].items()},
+        "quant_formats": dict(Counter(m["format"] for m in matrices.values())),
+        "carried_over_from_source": len(quant.get("carried_over", [])),
+        "quantized_by_exporter": len(quant.get("quantized", [])),
+        "quantization_nmse": quant.get("overall_nmse"),
+        "tokenizer": {k: manifest["tokenizer"].get(k) for k in ("bos_token_id", "eos_token_ids", "add_bos_token")},
+        "chat_template": bool(manifest.get("chat_template")),
+        "source": manifest["provenance"]["source"],
+        "exporter": manifest["provenance"].get("exporter"),
+        "verification": {k: verification.get(k) for k in ("passed", "worst_nmse", "mean_top1")}
+        if not verification.get("skipped") else "skipped",
+    }
+
+
+def print_quantization(manifest: dict[str, Any], console: Console) -> None:
+    quant = manifest.get("quantization", {})
+    rows = quant.get("quantized", [])
+    if quant.get("carried_over"):
+        console.print(f"{len(quant['carried_over'])} matrices carried over bit-exactly from the source blocks")
+    if not rows:
+        return
+    table = Table(title="quantization error (what the exporter quantized)")
+    for column in ("tensor", "format", "NMSE", "max abs"):
+        table.add_column(column, justify="left" if column in ("tensor", "format") else "right")
+    for row in rows:
+        table.add_row(row["name"], row["format"], f"{row['nmse']:.3e}", f"{row['max_abs']:.3e}")
+    table.add_row("overall (by elements)", "", f"{quant['overall_nmse']:.3e}", "", style="bold")
+    console.print(table)
+
+
+def print_verification(manifest: dict[str, Any], console: Console) -> None:
+    report = manifest.get("verification", {})
+    if report.get("skipped"):
+        console.print("[yellow]verification skipped (--no-verify)[/yellow]")
+        return
+    table = Table(title=f"verification: {report['engine']} vs {report['against']}")
+    for column in ("prompt", "tokens", "NMSE", "top-1", "max abs"):
+        table.add_column(column, justify="left" if column == "prompt" else "right", no_wrap=True)
+    for row in report["prompts"]:
+        prompt = row["prompt"].replace("\n", "\\n")
+        table.add_row(prompt[:40] + ("…" if len(prompt) > 40 else ""), str(row["tokens"]), f"{row['nmse']:.2e}",
+                      f"{row['top1']:.3f}", f"{row['max_abs']:.3f}")
+    verdict = "[green]passed[/green]" if report["passed"] else "[red]failed[/red]"
+    table.caption = (f"{verdict}: worst NMSE {report['worst_nmse']:.2e} (max {report['thresholds']['max_nmse']}), "
+                     f"mean top-1 {report['mean_top1']:.3f} (min {report['thresholds']['min_top1']})")
+    console.print(table)
+
+
+def print_info(manifest: dict[str, Any], bundle: Path, console: Console | None = None) -> None:
+    console = console or Console()
+    summary = summarize(manifest, bundle)
+    table = Table(title=f"{summary['name']} ({bundle})", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key in ("architecture", "parameters", "layers", "hidden_size", "heads", "context_length", "vocab_size",
+                "tied_embeddings", "quant_formats", "carried_over_from_source", "quantized_by_exporter",
+                "tokenizer", "chat_template", "exporter"):
+        table.add_row(key, f"{summary[key]:,}" if isinstance(summary[key], int) and not isinstance(summary[key], bool)
+                      else str(summary[key]))
+    for name, size in summary["files"].items():
+        table.add_row(name, f"{size / 1e6:.1f} MB")
+    source = summary["source"]
+    table.add_row("source", f"{source.get('format')}: {source.get('path')} (sha256 {str(source.get('sha256'))[:12]}…)")
+    console.print(table)
+    print_quantization(manifest, console)
+    print_verification(manifest, console)

@@ -1,0 +1,44 @@
+"""`edgellm export` on the command line: check the extras are there, drive the exporter, show progress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import EdgeLLMError
+
+
+def require_export_extras() -> None:
+    missing = []
+    for module in ("onnx", "gguf", "safetensors"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise EdgeLLMError(f"exporting needs {', '.join(missing)}", "install the extra: pip install 'edgellm[export]'")
+
+
+def run_export(source: str, output: Path, *, bits: int, block: int, symmetric: bool, keep_8bit: tuple[str, ...],
+               accuracy_level: int, verify: bool, force: bool) -> None:
+    require_export_extras()
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .bundle_info import print_quantization, print_verification
+    from .export.exporter import ExportOptions, export_model
+    from .export.quantize import QuantOptions
+
+    options = ExportOptions(QuantOptions(bits=bits, block=block, symmetric=symmetric, keep_8bit=keep_8bit),
+                            accuracy_level=accuracy_level, verify=verify, force=force)
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description:<60.60}"), BarColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("export", total=1.0)
+        manifest = export_model(source, output, options,
+                                progress=lambda stage, done: bar.update(task, description=stage, completed=done))
+    out = Console()
+    for warning in manifest["provenance"]["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    print_quantization(manifest, out)
+    print_verification(manifest, out)
+    out.print(f"bundle written to [bold]{output}[/bold] in {manifest['provenance']['export_seconds']:.1f} s")

@@ -1,0 +1,43 @@
+"""Read and check a bundle's manifest.json: the model's own description of itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .bundle_format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
+from .errors import EdgeLLMError
+from .model_config import ModelConfig
+
+REQUIRED_KEYS = ("format", "format_version", "model", "files", "graphs", "tensors", "tokenizer", "provenance")
+
+
+def read_manifest(bundle: Path) -> dict[str, Any]:
+    bundle = Path(bundle)
+    path = bundle / MANIFEST_FILE
+    if not bundle.is_dir():
+        raise EdgeLLMError(f"{bundle}: not a bundle folder", "export one with: edgellm export SRC -o BUNDLE")
+    if not path.is_file():
+        raise EdgeLLMError(f"{path}: missing", "the bundle is incomplete; export it again")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EdgeLLMError(f"{path}: not valid JSON ({exc})", "the bundle is damaged; export it again") from None
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise EdgeLLMError(f"{path}: missing fields {', '.join(missing)}", "the bundle is damaged; export it again")
+    if manifest["format"] != FORMAT_NAME:
+        raise EdgeLLMError(f"{path}: format is {manifest['format']!r}, expected {FORMAT_NAME!r}")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise EdgeLLMError(f"{path}: format version {manifest['format_version']} is newer than this edgellm "
+                           f"understands ({FORMAT_VERSION})", "upgrade edgellm")
+    for name in manifest["files"]:
+        if not (bundle / name).is_file():
+            raise EdgeLLMError(f"{bundle / name}: missing", "the bundle is incomplete; export it again")
+    return manifest
+
+
+def model_config(manifest: dict[str, Any]) -> ModelConfig:
+    raw = {k: v for k, v in manifest["model"].items() if k != "name"}
+    return ModelConfig.from_dict(raw)
