@@ -1,0 +1,67 @@
+"""The numpy reference forward reproduces transformers on tiny random models, and its KV cache
+path gives the same logits as a full forward."""
+
+import numpy as np
+import pytest
+import torch
+
+from edgellm.export.hf_source import load_hf_folder
+from edgellm.export.reference import ReferenceModel
+from tiny_models import make_tiny_model, save_tiny_model, tiny_vocab_size
+
+SHAPES = [  # (query heads, key-value heads, head_dim, hidden)
+    (4, 2, 16, 64),
+    (4, 4, 16, 64),
+    (6, 2, 16, 96),
+    (4, 1, 32, 64),
+]
+
+
+def reference_and_torch(tmp_path, arch, tie, heads, kv, head_dim, hidden, **kw):
+    model = make_tiny_model(arch, tie=tie, heads=heads, kv_heads=kv, head_dim=head_dim, hidden=hidden, **kw)
+    canonical = load_hf_folder(save_tiny_model(model, tmp_path / "hf"))
+    return ReferenceModel(canonical.config, canonical.tensors), model
+
+
+def token_ids(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, tiny_vocab_size(), n)
+
+
+def max_relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("heads,kv,head_dim,hidden", SHAPES)
+def test_reference_logits_match_transformers(tmp_path, arch, tie, heads, kv, head_dim, hidden):
+    reference, model = reference_and_torch(tmp_path, arch, tie, heads, kv, head_dim, hidden)
+    ids = token_ids(19)
+    with torch.no_grad():
+        expected = model(torch.tensor(ids)[None]).logits[0].numpy()
+    actual = reference.forward(ids)
+    assert max_relative_error(actual, expected) <= 1e-4
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    reference, model = reference_and_torch(tmp_path, "llama", True, 4, 2, 16, 64, rope_scaling=scaling,
+                                           rope_theta=500000.0)
+    ids = token_ids(120, seed=3)  # long enough that the scaled low frequencies matter
+    with torch.no_grad():
+        expected = model(torch.tensor(ids)[None]).logits[0].numpy()
+    assert max_relative_error(reference.forward(ids), expected) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_incremental_decoding_with_the_cache_equals_the_full_forward(tmp_path, arch):
+    reference, _ = reference_and_torch(tmp_path, arch, False, 6, 2, 16, 96)
+    ids = token_ids(23, seed=5)
+    full = reference.forward(ids)
+    cache = reference.new_cache()
+    pieces = [reference.forward(ids[:9], cache)]  # a prefill chunk, then a smaller chunk, then single tokens
+    pieces.append(reference.forward(ids[9:14], cache))
+    pieces.extend(reference.forward(ids[i:i + 1], cache) for i in range(14, 23))
+    assert cache.length == 23
+    np.testing.assert_allclose(np.concatenate(pieces), full, rtol=0, atol=1e-5 * np.abs(full).max())
