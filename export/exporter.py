@@ -31,7 +31,10 @@ Progress = Callable[[str, float], None]  # (stage description, fraction done 0..
 @dataclass(frozen=True)
 class ExportOptions:
     quant: QuantOptions = field(default_factory=QuantOptions)
-    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (like llama.cpp), 0 = fp32
+    # MatMulNBits accuracy level: 0 computes in fp32 (the bundle then equals the reference to
+    # ~1e-11 NMSE); 4 quantizes activations to int8 per block, like llama.cpp, faster where MLAS
+    # has int8 kernels for the format, at ~1e-4 NMSE.
+    accuracy_level: int = 0
     verify: bool = True
     force: bool = False
 
@@ -109,7 +112,8 @@ def export_model(source: str | Path, output: Path, options: ExportOptions = Expo
             from .verify import verify_onnx
 
             reference = ReferenceModel(model.config, {n: as_float(t) for n, t in tensors.items()})
-            verification = verify_onnx(staging / ONNX_CPU_FILE, model.config, reference, make_encoder(model))
+            verification = verify_onnx(staging / ONNX_CPU_FILE, model.config, reference, make_encoder(model),
+                                       options.accuracy_level)
             if not verification["passed"]:
                 raise EdgeLLMError(
                     f"verification failed: ONNX Runtime vs reference worst NMSE {verification['worst_nmse']:.3g} "

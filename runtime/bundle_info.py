@@ -69,11 +69,11 @@ def print_verification(manifest: dict[str, Any], console: Console) -> None:
         console.print("[yellow]verification skipped (--no-verify)[/yellow]")
         return
     table = Table(title=f"verification: {report['engine']} vs {report['against']}")
-    for column in ("prompt", "tokens", "NMSE", "top-1", "max abs"):
+    for column in ("prompt", "tokens", "NMSE", "top-1", "max |Δ|"):
         table.add_column(column, justify="left" if column == "prompt" else "right", no_wrap=True)
     for row in report["prompts"]:
         prompt = row["prompt"].replace("\n", "\\n")
-        table.add_row(prompt[:40] + ("…" if len(prompt) > 40 else ""), str(row["tokens"]), f"{row['nmse']:.2e}",
+        table.add_row(prompt[:30] + ("…" if len(prompt) > 30 else ""), str(row["tokens"]), f"{row['nmse']:.2e}",
                       f"{row['top1']:.3f}", f"{row['max_abs']:.3f}")
     verdict = "[green]passed[/green]" if report["passed"] else "[red]failed[/red]"
     table.caption = (f"{verdict}: worst NMSE {report['worst_nmse']:.2e} (max {report['thresholds']['max_nmse']}), "

@@ -36,7 +36,7 @@ def export(
     symmetric: bool = typer.Option(False, help="int4 with an implied zero point instead of scale + minimum."),
     keep_8bit: List[str] = typer.Option(["model.embed_tokens.weight", "lm_head.weight"], "--keep-8bit",
                                         help="Tensor names (or fnmatch patterns) kept at 8 bits; repeatable."),
-    accuracy_level: int = typer.Option(4, help="MatMulNBits accuracy level: 4 = int8 activations, 0 = fp32."),
+    accuracy_level: int = typer.Option(0, help="MatMulNBits accuracy level: 0 = fp32, 4 = int8 activations."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check ONNX Runtime against the reference."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
 ) -> None:
