@@ -32,7 +32,7 @@ def run_export(source: str, output: Path, *, bits: int, block: int, symmetric: b
                             accuracy_level=accuracy_level, verify=verify, force=force)
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description:<60.60}"), BarColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
+                  console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("export", total=1.0)
         manifest = export_model(source, output, options,
                                 progress=lambda stage, done: bar.update(task, description=stage, completed=done))
