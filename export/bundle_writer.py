@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from edgellm.bundle_format import ALIGN, file_sha256  # noqa: F401 (re-exported)
+from edgellm.bundle_format import ALIGN
 
 from .canonical import Tensor
 from .quant_formats import BlockQuantTensor

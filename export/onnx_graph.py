@@ -163,12 +163,12 @@ class DecoderGraphBuilder:
         self.nodes.append(helper.make_node("Identity", [present_v], [f"present.{i}.value"], name=f"{path}/out_value"))
         # Grouped-query attention without repeating K/V: view the H query heads as [KV, G].
         group = c.num_attention_heads // c.num_key_value_heads
-        qg = self.op("Reshape", [q, self.const(f"const.shape.qgroups",
+        qg = self.op("Reshape", [q, self.const("const.shape.qgroups",
                                                np.array([0, c.num_key_value_heads, group, -1, c.head_dim], np.int64))],
                      f"{path}/q_groups")  # [B,KV,G,S,D]
         kt = self.op("Unsqueeze", [self.op("Transpose", [present_k], f"{path}/k_T", perm=[0, 1, 3, 2]),
                                    self.const("const.axes.2", np.array([2], np.int64))], f"{path}/k_u")  # [B,KV,1,D,T]
-        scale = self.const(f"const.f32.attn_scale", np.array(1.0 / np.sqrt(c.head_dim), np.float32))
+        scale = self.const("const.f32.attn_scale", np.array(1.0 / np.sqrt(c.head_dim), np.float32))
         scores = self.op("Mul", [self.op("MatMul", [qg, kt], f"{path}/QK"), scale], f"{path}/scale")  # [B,KV,G,S,T]
         scores = self.op("Where", [mask, scores, self.const("const.f32.-inf", np.array(-np.inf, np.float32))],
                          f"{path}/mask")

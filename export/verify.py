@@ -34,13 +34,16 @@ def nmse(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.mean((actual.astype(np.float64) - expected) ** 2)) / power
 
 
-def run_onnx_logits(session, config: ModelConfig, ids: list[int], decode_steps: int) -> np.ndarray:
-    """Logits [S, V]: a prefill of all but the last `decode_steps` tokens, then one token at a time."""
+def run_onnx_logits(session, config: ModelConfig, ids: list[int], decode_steps: int,
+                    prefill_chunk: int | None = None) -> np.ndarray:
+    """Logits [S, V]: all but the last `decode_steps` tokens prefilled (in chunks of
+    `prefill_chunk` if given), then the rest one token at a time through the KV cache."""
     kv = (1, config.num_key_value_heads, 0, config.head_dim)
     past = {f"past_key_values.{i}.{k}": np.zeros(kv, np.float32)
             for i in range(config.num_hidden_layers) for k in ("key", "value")}
     split = max(1, len(ids) - decode_steps)
-    chunks = [ids[:split]] + [[t] for t in ids[split:]]
+    step = prefill_chunk or split
+    chunks = [ids[i:i + step] for i in range(0, split, step)] + [[t] for t in ids[split:]]
     rows, position = [], 0
     output_names = [o.name for o in session.get_outputs()]
     for chunk in chunks:

@@ -23,23 +23,8 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def teacher_forced_logits(bundle, ids: list[int]) -> np.ndarray:
     """Logits at every position, prefilled in chunks through the KV cache as the runtime will."""
-    manifest = read_manifest(bundle)
-    config = model_config(manifest)
     session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    kv = (1, config.num_key_value_heads, 0, config.head_dim)
-    past = {f"past_key_values.{i}.{k}": np.zeros(kv, np.float32)
-            for i in range(config.num_hidden_layers) for k in ("key", "value")}
-    names = [o.name for o in session.get_outputs()]
-    rows = []
-    for start in range(0, len(ids), PREFILL_CHUNK):
-        chunk = ids[start:start + PREFILL_CHUNK]
-        feed = {"input_ids": np.array([chunk], np.int64),
-                "position_ids": np.arange(start, start + len(chunk), dtype=np.int64)[None], **past}
-        out = dict(zip(names, session.run(names, feed)))
-        rows.append(out["logits"][0])
-        past = {f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"]
-                for i in range(config.num_hidden_layers) for k in ("key", "value")}
-    return np.concatenate(rows)
+    return run_onnx_logits(session, model_config(read_manifest(bundle)), ids, 0, prefill_chunk=PREFILL_CHUNK)
 
 
 @pytest.fixture(scope="module")
