@@ -1,4 +1,4 @@
-"""The one exception type users see: it carries what went wrong and what to do about it."""
+"""The exception types users see: each carries what went wrong and what to do about it."""
 
 
 class EdgeLLMError(Exception):
@@ -12,3 +12,19 @@ class EdgeLLMError(Exception):
         self.message = message
         self.hint = hint
         super().__init__(message if not hint else f"{message} ({hint})")
+
+
+class BundleError(EdgeLLMError):
+    """A bundle folder is missing files, damaged, tampered with, or of a newer format."""
+
+
+class InvalidSettingError(EdgeLLMError, ValueError):
+    """A setting (sampling, threads, context length, ...) has a value outside its range."""
+
+
+class ContextOverflowError(EdgeLLMError):
+    """The prompt (or conversation) does not fit in the context window."""
+
+
+class MemoryBudgetError(EdgeLLMError):
+    """The model with the requested context does not fit in the memory available."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .bundle_format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
-from .errors import EdgeLLMError
+from .errors import BundleError as EdgeLLMError  # every manifest failure is a bundle problem
 from .model_config import ModelConfig
 
 REQUIRED_KEYS = ("format", "format_version", "model", "files", "graphs", "tensors", "tokenizer", "provenance")
