@@ -1,9 +1,13 @@
 """Lower the canonical model to an ONNX decoder graph for ONNX Runtime's CPU provider.
 
 Inputs:  input_ids int64 [B, S], position_ids int64 [B, S],
-         past_key_values.{i}.key / .value float32 [B, KV, P, D]
-Outputs: logits float32 [B, S, V], present.{i}.key / .value float32 [B, KV, P+S, D]
+         past_key_values.{i}.key / .value float32 [B, P, KV, D]   (the cache so far)
+Outputs: logits float32 [B, S, V],
+         new_key_values.{i}.key / .value float32 [B, S, KV, D]    (this call's slice only)
 The cache holds positions 0..P-1 in order; query s sees cache slots j <= position_ids[s].
+Position-major KV ([T, KV, D] per layer) makes both the valid prefix and the next slice
+contiguous in one preallocated buffer, so the runtime binds `past` to buffer[:, :P] and the
+new slice straight to buffer[:, P:P+S]: the cache is written in place, never reallocated.
 
 Matrices run through com.microsoft.MatMulNBits on the block layout the bundle stores; the
 embedding lookup gathers rows of the same quantized table (one copy for a tied head) and
@@ -130,22 +134,21 @@ class DecoderGraphBuilder:
         for fn in ("Cos", "Sin"):
             half = self.op(fn, [angles], f"{path}/{fn}")
             full = self.op("Concat", [half, half], f"{path}/{fn}_concat", axis=-1)  # [B,S,D]
-            tables.append(self.op("Unsqueeze", [full, self.const("const.axes.1", np.array([1], np.int64))],
-                                  f"{path}/{fn}_unsqueeze"))  # [B,1,S,D]
+            tables.append(self.op("Unsqueeze", [full, self.const("const.axes.2", np.array([2], np.int64))],
+                                  f"{path}/{fn}_unsqueeze"))  # [B,S,1,D]
         return tables[0], tables[1]
 
     def make_rope(self, x: str, cos: str, sin: str, path: str) -> str:
-        # x [B, heads, S, D]: x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]
+        # x [B, S, heads, D]: x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]
         x1, x2 = self.node("Split", [x], f"{path}/Split", outputs=2, axis=-1, num_outputs=2)
         rotated = self.op("Concat", [self.op("Neg", [x2], f"{path}/Neg"), x1], f"{path}/Concat", axis=-1)
         return self.op("Add", [self.op("Mul", [x, cos], f"{path}/Mul_cos"),
                                self.op("Mul", [rotated, sin], f"{path}/Mul_sin")], f"{path}/Add")
 
-    def heads_first(self, x: str, heads: int, path: str) -> str:
-        shaped = self.op("Reshape", [x, self.const(f"const.shape.heads{heads}",
-                                                   np.array([0, 0, heads, self.c.head_dim], np.int64))],
-                         f"{path}/Reshape")
-        return self.op("Transpose", [shaped], f"{path}/Transpose", perm=[0, 2, 1, 3])  # [B, heads, S, D]
+    def split_heads(self, x: str, heads: int, path: str) -> str:
+        return self.op("Reshape", [x, self.const(f"const.shape.heads{heads}",
+                                                 np.array([0, 0, heads, self.c.head_dim], np.int64))],
+                       f"{path}/Reshape")  # [B, S, heads, D]
 
     def make_attention(self, i: int, x: str, cos: str, sin: str, mask: str) -> str:
         c = self.c
@@ -154,26 +157,28 @@ class DecoderGraphBuilder:
         q = self.make_linear(x, f"{prefix}.q_proj", f"{path}/q_proj", bias)
         k = self.make_linear(x, f"{prefix}.k_proj", f"{path}/k_proj", bias)
         v = self.make_linear(x, f"{prefix}.v_proj", f"{path}/v_proj", bias)
-        q = self.make_rope(self.heads_first(q, c.num_attention_heads, f"{path}/q"), cos, sin, f"{path}/q_rope")
-        k = self.make_rope(self.heads_first(k, c.num_key_value_heads, f"{path}/k"), cos, sin, f"{path}/k_rope")
-        v = self.heads_first(v, c.num_key_value_heads, f"{path}/v")
-        present_k = self.op("Concat", [f"past_key_values.{i}.key", k], f"{path}/present_key", axis=2)
-        present_v = self.op("Concat", [f"past_key_values.{i}.value", v], f"{path}/present_value", axis=2)
-        self.nodes.append(helper.make_node("Identity", [present_k], [f"present.{i}.key"], name=f"{path}/out_key"))
-        self.nodes.append(helper.make_node("Identity", [present_v], [f"present.{i}.value"], name=f"{path}/out_value"))
+        q = self.make_rope(self.split_heads(q, c.num_attention_heads, f"{path}/q"), cos, sin, f"{path}/q_rope")
+        k = self.make_rope(self.split_heads(k, c.num_key_value_heads, f"{path}/k"), cos, sin, f"{path}/k_rope")
+        v = self.split_heads(v, c.num_key_value_heads, f"{path}/v")  # [B,S,KV,D]
+        self.nodes.append(helper.make_node("Identity", [k], [f"new_key_values.{i}.key"], name=f"{path}/new_key"))
+        self.nodes.append(helper.make_node("Identity", [v], [f"new_key_values.{i}.value"], name=f"{path}/new_value"))
+        all_k = self.op("Concat", [f"past_key_values.{i}.key", k], f"{path}/all_keys", axis=1)  # [B,T,KV,D]
+        all_v = self.op("Concat", [f"past_key_values.{i}.value", v], f"{path}/all_values", axis=1)
         # Grouped-query attention without repeating K/V: view the H query heads as [KV, G].
         group = c.num_attention_heads // c.num_key_value_heads
+        q = self.op("Transpose", [q], f"{path}/q_T", perm=[0, 2, 1, 3])  # [B,H,S,D]
         qg = self.op("Reshape", [q, self.const("const.shape.qgroups",
                                                np.array([0, c.num_key_value_heads, group, -1, c.head_dim], np.int64))],
                      f"{path}/q_groups")  # [B,KV,G,S,D]
-        kt = self.op("Unsqueeze", [self.op("Transpose", [present_k], f"{path}/k_T", perm=[0, 1, 3, 2]),
+        kt = self.op("Unsqueeze", [self.op("Transpose", [all_k], f"{path}/k_T", perm=[0, 2, 3, 1]),
                                    self.const("const.axes.2", np.array([2], np.int64))], f"{path}/k_u")  # [B,KV,1,D,T]
         scale = self.const("const.f32.attn_scale", np.array(1.0 / np.sqrt(c.head_dim), np.float32))
         scores = self.op("Mul", [self.op("MatMul", [qg, kt], f"{path}/QK"), scale], f"{path}/scale")  # [B,KV,G,S,T]
         scores = self.op("Where", [mask, scores, self.const("const.f32.-inf", np.array(-np.inf, np.float32))],
                          f"{path}/mask")
         probs = self.op("Softmax", [scores], f"{path}/Softmax", axis=-1)
-        vu = self.op("Unsqueeze", [present_v, self.const("const.axes.2", np.array([2], np.int64))], f"{path}/v_u")
+        vu = self.op("Unsqueeze", [self.op("Transpose", [all_v], f"{path}/v_T", perm=[0, 2, 1, 3]),
+                                   self.const("const.axes.2", np.array([2], np.int64))], f"{path}/v_u")  # [B,KV,1,T,D]
         out = self.op("MatMul", [probs, vu], f"{path}/PV")  # [B,KV,G,S,D]
         out = self.op("Transpose", [out], f"{path}/out_T", perm=[0, 3, 1, 2, 4])  # [B,S,KV,G,D]
         out = self.op("Reshape", [out, self.const("const.shape.merge_heads",
@@ -183,7 +188,7 @@ class DecoderGraphBuilder:
     def make_causal_mask(self, position_ids: str) -> str:
         """bool [B,1,1,S,T]: key slot j is visible to the query at position p when j <= p."""
         path = "/model/causal_mask"
-        past = self.op("Shape", ["past_key_values.0.key"], f"{path}/past_len", start=2, end=3)  # [1] = P
+        past = self.op("Shape", ["past_key_values.0.key"], f"{path}/past_len", start=1, end=2)  # [1] = P
         new = self.op("Shape", [position_ids], f"{path}/new_len", start=1, end=2)  # [1] = S
         total = self.op("Squeeze", [self.op("Add", [past, new], f"{path}/total")], f"{path}/Squeeze")
         slots = self.op("Range", [self.const("const.i64.scalar0", np.array(0, np.int64)), total,
@@ -225,15 +230,16 @@ class DecoderGraphBuilder:
         for i in range(c.num_hidden_layers):
             x = self.make_layer(i, x, cos, sin, mask)
         self.make_head(x)
-        kv_shape = ["batch", c.num_key_value_heads, "past_sequence", c.head_dim]
-        present_shape = ["batch", c.num_key_value_heads, "total_sequence", c.head_dim]
+        kv_shape = ["batch", "past_sequence", c.num_key_value_heads, c.head_dim]
+        new_kv_shape = ["batch", "sequence", c.num_key_value_heads, c.head_dim]
         inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
                   helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", c.vocab_size])]
         for i in range(c.num_hidden_layers):
             for kind in ("key", "value"):
                 inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
-                outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present_shape))
+                outputs.append(helper.make_tensor_value_info(f"new_key_values.{i}.{kind}", TensorProto.FLOAT,
+                                                             new_kv_shape))
         graph = helper.make_graph(self.nodes, f"edgellm-{c.architecture}", inputs, outputs)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                         helper.make_opsetid(MS_DOMAIN, 1)],

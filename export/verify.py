@@ -38,7 +38,7 @@ def run_onnx_logits(session, config: ModelConfig, ids: list[int], decode_steps: 
                     prefill_chunk: int | None = None) -> np.ndarray:
     """Logits [S, V]: all but the last `decode_steps` tokens prefilled (in chunks of
     `prefill_chunk` if given), then the rest one token at a time through the KV cache."""
-    kv = (1, config.num_key_value_heads, 0, config.head_dim)
+    kv = (1, 0, config.num_key_value_heads, config.head_dim)
     past = {f"past_key_values.{i}.{k}": np.zeros(kv, np.float32)
             for i in range(config.num_hidden_layers) for k in ("key", "value")}
     split = max(1, len(ids) - decode_steps)
@@ -51,8 +51,8 @@ def run_onnx_logits(session, config: ModelConfig, ids: list[int], decode_steps: 
                 "position_ids": np.arange(position, position + len(chunk), dtype=np.int64)[None], **past}
         outputs = dict(zip(output_names, session.run(output_names, feed)))
         rows.append(outputs["logits"][0])
-        past = {f"past_key_values.{i}.{k}": outputs[f"present.{i}.{k}"]
-                for i in range(config.num_hidden_layers) for k in ("key", "value")}
+        past = {name: np.concatenate([value, outputs[f"new_key_values.{name.split('.', 1)[1]}"]], axis=1)
+                for name, value in past.items()}
         position += len(chunk)
     return np.concatenate(rows)
 
