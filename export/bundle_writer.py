@@ -73,7 +73,7 @@ def matrix_index(tensors: dict[str, Tensor]) -> dict[str, dict]:
             out[name] = {"format": tensor.format, "bits": tensor.bits, "block": tensor.block,
                          "rows": tensor.rows, "cols": tensor.cols, "source_format": tensor.source_format,
                          "qweight": f"{name}.qweight", "scales": f"{name}.scales",
-                         "zero_points": f"{name}.zero_points" if tensor.zero_points is not None else None}
+                         "mins": f"{name}.mins" if tensor.mins is not None else None}
     return out
 
 

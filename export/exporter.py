@@ -31,10 +31,6 @@ Progress = Callable[[str, float], None]  # (stage description, fraction done 0..
 @dataclass(frozen=True)
 class ExportOptions:
     quant: QuantOptions = field(default_factory=QuantOptions)
-    # MatMulNBits accuracy level: 0 computes in fp32 (the bundle then equals the reference to
-    # ~1e-11 NMSE); 4 quantizes activations to int8 per block, like llama.cpp, faster where MLAS
-    # has int8 kernels for the format, at ~1e-4 NMSE.
-    accuracy_level: int = 0
     verify: bool = True
     force: bool = False
 
@@ -96,7 +92,7 @@ def export_model(source: str | Path, output: Path, options: ExportOptions = Expo
     from .onnx_graph import build_decoder_graph
 
     progress("building ONNX graph", 0.45)
-    graph, arrays = build_decoder_graph(model.config, tensors, options.accuracy_level)
+    graph, arrays = build_decoder_graph(model.config, tensors)
     staging = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -112,8 +108,7 @@ def export_model(source: str | Path, output: Path, options: ExportOptions = Expo
             from .verify import verify_onnx
 
             reference = ReferenceModel(model.config, {n: as_float(t) for n, t in tensors.items()})
-            verification = verify_onnx(staging / ONNX_CPU_FILE, model.config, reference, make_encoder(model),
-                                       options.accuracy_level)
+            verification = verify_onnx(staging / ONNX_CPU_FILE, model.config, reference, make_encoder(model))
             if not verification["passed"]:
                 raise EdgeLLMError(
                     f"verification failed: ONNX Runtime vs reference worst NMSE {verification['worst_nmse']:.3g} "
@@ -154,8 +149,7 @@ def build_manifest(model: CanonicalModel, tensors: dict, index: dict, quant_repo
         "graphs": {"cpu": {"file": ONNX_CPU_FILE, "inputs": ["input_ids", "position_ids", "past_key_values.{i}.key",
                                                              "past_key_values.{i}.value"],
                            "outputs": ["logits", "new_key_values.{i}.key", "new_key_values.{i}.value"],
-                           "kv_layout": "[batch, sequence, kv_heads, head_dim] float32",
-                           "accuracy_level": options.accuracy_level}},
+                           "kv_layout": "[batch, sequence, kv_heads, head_dim] float32"}},
         "tensors": index,
         "matrices": matrix_index(tensors),
         "quantization": {"options": options.quant.to_dict(), **quant_report},

@@ -79,6 +79,10 @@ def _config_from_metadata(meta: dict, path: Path, tensor_names: set[str]) -> tup
     rope_dims = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
     if rope_dims != head_dim:
         raise EdgeLLMError(f"{path}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported")
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):  # llama3 scaling arrives as the rope_freqs tensor instead
+        raise EdgeLLMError(f"{path}: RoPE scaling {scaling!r} is not supported",
+                           "supported: none, or Llama 3's rope_freqs tensor")
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
     config = ModelConfig(
         architecture=family,

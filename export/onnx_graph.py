@@ -34,21 +34,23 @@ MS_DOMAIN = "com.microsoft"
 def quant_initializers(name: str, tensor: BlockQuantTensor) -> dict[str, np.ndarray]:
     """The arrays stored for one quantized matrix, keyed by initializer name."""
     arrays = {f"{name}.qweight": tensor.packed_codes(), f"{name}.scales": np.ascontiguousarray(tensor.scales)}
-    if tensor.zero_points is not None:
-        arrays[f"{name}.zero_points"] = np.ascontiguousarray(tensor.zero_points)
+    if tensor.mins is not None:
+        arrays[f"{name}.mins"] = np.ascontiguousarray(tensor.mins)
     return arrays
 
 
 class DecoderGraphBuilder:
     """Base builder for llama-family decoders; families override only what differs."""
 
-    def __init__(self, config: ModelConfig, tensors: dict, accuracy_level: int = 4):
+    def __init__(self, config: ModelConfig, tensors: dict, accuracy_level: int = 0):
+        # accuracy_level 0: MatMulNBits in fp32. Level 4 (int8 activations) measured NMSE ~7e-3
+        # on SmolLM2's logits, far noisier than llama.cpp's Q8_1 activations, so it is not offered.
         self.c = config
         self.tensors = tensors
         self.accuracy_level = accuracy_level
         self.nodes: list[onnx.NodeProto] = []
         self.arrays: dict[str, np.ndarray] = {}  # initializers, in the order they are first used
-        self._counter = 0
+        self._block_sums: dict[tuple[str, int], str] = {}  # (activation, block) -> [B,S,n_blocks]
 
     # -- small helpers --------------------------------------------------------------------
     def node(self, op: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "", **attrs) -> list[str]:
@@ -69,13 +71,73 @@ class DecoderGraphBuilder:
 
     # -- building blocks --------------------------------------------------------------------
     def make_matmul(self, x: str, name: str, path: str) -> str:
+        """x [B,S,K] @ W.T for a block-quantized W [N,K]."""
         t: BlockQuantTensor = self.tensors[name]
-        arrays = quant_initializers(name, t)
-        for key, value in arrays.items():
-            self.const(key, value)
-        inputs = list(arrays)
-        return self.op("MatMulNBits", [x, *inputs], f"{path}/MatMulNBits", domain=MS_DOMAIN,
-                       K=t.cols, N=t.rows, bits=t.bits, block_size=t.block, accuracy_level=self.accuracy_level)
+        self.const(f"{name}.qweight", t.packed_codes())
+        self.const(f"{name}.scales", np.ascontiguousarray(t.scales))
+        inputs = [x, f"{name}.qweight", f"{name}.scales"]
+        if t.mins is not None:  # codes*scale + min: integer zero point 0 here, the min term below
+            zero = np.zeros(t.rows * -(-t.n_blocks * t.bits // 8), np.uint8)
+            inputs.append(self.const(f"const.zero_points.u{t.bits}.{t.rows}x{t.n_blocks}", zero))
+        if t.bits == 8:
+            return self.make_int8_matmul(x, name, t, path)
+        y = self.op("MatMulNBits", inputs, f"{path}/MatMulNBits", domain=MS_DOMAIN, K=t.cols, N=t.rows,
+                    bits=t.bits, block_size=t.block, accuracy_level=self.accuracy_level)
+        if t.mins is None:
+            return y
+        mins_t = self.op("Transpose", [self.const(f"{name}.mins", np.ascontiguousarray(t.mins))],
+                         f"{path}/mins_T", perm=[1, 0])  # [n_blocks, N], folded at load
+        min_term = self.op("MatMul", [self.block_sums(x, t), mins_t], f"{path}/MatMul_mins")
+        return self.op("Add", [y, min_term], f"{path}/Add_mins")
+
+    def make_int8_matmul(self, x: str, name: str, t: BlockQuantTensor, path: str) -> str:
+        """int8 codes c as two 4-bit halves: (c - 128)*d = 16d*hi + d*lo - 128d.
+
+        ONNX Runtime's MatMulNBits has a fast fp32 kernel for 4 bits but not for 8 (there 8 bits
+        is fast only with int8 activations, which cost accuracy), so the stored int8 codes are
+        split into nibble planes by ops ONNX Runtime folds into constants at load.
+        """
+        codes = f"{name}.qweight"  # uint8 [N, n_blocks, block]
+        scales = f"{name}.scales"
+        u8 = lambda v, tag: self.const(f"const.u8.{tag}", np.array(v, np.uint8))  # noqa: E731
+        planes = {"lo": self.op("BitwiseAnd", [codes, u8(15, "15")], f"{path}/lo"),
+                  "hi": self.op("BitShift", [codes, u8(4, "4")], f"{path}/hi", direction="RIGHT")}
+        starts = {parity: self.const(f"const.i64.start{parity}", np.array([parity], np.int64)) for parity in (0, 1)}
+        end = self.const("const.i64.end", np.array([t.block], np.int64))
+        axis = self.const("const.axes.-1", np.array([-1], np.int64))
+        step = self.const("const.i64.step2", np.array([2], np.int64))
+        zero = self.const(f"const.zero_points.u4.{t.rows}x{t.n_blocks}",
+                          np.zeros(t.rows * -(-t.n_blocks // 2), np.uint8))
+        scale16 = self.op("Mul", [scales, self.const("const.f32.16", np.array(16, np.float32))], f"{path}/scale16")
+        terms = []
+        for plane, scale in (("hi", scale16), ("lo", scales)):
+            even = self.op("Slice", [planes[plane], starts[0], end, axis, step], f"{path}/{plane}_even")
+            odd = self.op("Slice", [planes[plane], starts[1], end, axis, step], f"{path}/{plane}_odd")
+            packed = self.op("BitwiseOr", [even, self.op("BitShift", [odd, u8(4, "4")], f"{path}/{plane}_odd_shift",
+                                                         direction="LEFT")], f"{path}/{plane}_pack")
+            terms.append(self.op("MatMulNBits", [x, packed, scale, zero], f"{path}/MatMulNBits_{plane}",
+                                 domain=MS_DOMAIN, K=t.cols, N=t.rows, bits=4, block_size=t.block,
+                                 accuracy_level=self.accuracy_level))
+        scales_t = self.op("Transpose", [self.op("Mul", [scales, self.const("const.f32.128", np.array(128, np.float32))],
+                                                 f"{path}/scale128")], f"{path}/scale128_T", perm=[1, 0])
+        offset = self.op("MatMul", [self.block_sums(x, t), scales_t], f"{path}/MatMul_offset")
+        return self.op("Sub", [self.op("Add", terms, f"{path}/Add_planes"), offset], f"{path}/Sub_offset")
+
+    def block_sums(self, x: str, t: BlockQuantTensor) -> str:
+        """[B,S,n_blocks]: sums of x over each quant block (shared by matrices reading the same x)."""
+        key = (x, t.block)
+        if key not in self._block_sums:
+            path = f"{x.rsplit('/', 1)[0]}/block_sums{t.block}"
+            padded = x
+            if t.n_blocks * t.block != t.cols:
+                pads = np.array([0, 0, 0, 0, 0, t.n_blocks * t.block - t.cols], np.int64)
+                padded = self.op("Pad", [x, self.const(f"{path}.pads", pads)], f"{path}/Pad")
+            blocks = self.op("Reshape", [padded, self.const(f"const.shape.blocks{t.n_blocks}x{t.block}",
+                                                            np.array([0, 0, t.n_blocks, t.block], np.int64))],
+                             f"{path}/Reshape")
+            self._block_sums[key] = self.op("ReduceSum", [blocks, self.const("const.axes.-1", np.array([-1], np.int64))],
+                                            f"{path}/ReduceSum", keepdims=0)
+        return self._block_sums[key]
 
     def make_linear(self, x: str, prefix: str, path: str, bias: bool = False) -> str:
         y = self.make_matmul(x, f"{prefix}.weight", path)
@@ -91,8 +153,7 @@ class DecoderGraphBuilder:
         name = "model.embed_tokens.weight"
         t: BlockQuantTensor = self.tensors[name]
         path = "/model/embed_tokens"
-        arrays = quant_initializers(name, t)
-        for key, value in arrays.items():
+        for key, value in quant_initializers(name, t).items():
             self.const(key, value)
         packed = self.op("Gather", [f"{name}.qweight", ids], f"{path}/Gather_qweight", axis=0)  # [B,S,nb,blob]
         if t.bits == 4:
@@ -107,15 +168,15 @@ class DecoderGraphBuilder:
                              f"{path}/codes")
         codes = self.op("Cast", [packed], f"{path}/Cast", to=TensorProto.FLOAT)  # [B,S,nb,block]
         axis = self.const("const.axes.-1", np.array([-1], np.int64))
-        if t.zero_points is not None:
-            zp = self.op("Gather", [f"{name}.zero_points", ids], f"{path}/Gather_zero_points", axis=0)
-            zp = self.op("Unsqueeze", [zp, axis], f"{path}/zp_u")
-        else:
-            zp = self.const(f"const.f32.zp{t.bits}", np.array(2 ** (t.bits - 1), np.float32))
-        centered = self.op("Sub", [codes, zp], f"{path}/Sub")
         scales = self.op("Unsqueeze", [self.op("Gather", [f"{name}.scales", ids], f"{path}/Gather_scales", axis=0),
                                        axis], f"{path}/scales_u")
-        values = self.op("Mul", [centered, scales], f"{path}/Mul")
+        if t.mins is not None:  # codes*scale + min
+            mins = self.op("Unsqueeze", [self.op("Gather", [f"{name}.mins", ids], f"{path}/Gather_mins", axis=0),
+                                         axis], f"{path}/mins_u")
+            values = self.op("Add", [self.op("Mul", [codes, scales], f"{path}/Mul"), mins], f"{path}/Add")
+        else:  # (codes - implied zero point) * scale
+            zp = self.const(f"const.f32.zp{t.bits}", np.array(2 ** (t.bits - 1), np.float32))
+            values = self.op("Mul", [self.op("Sub", [codes, zp], f"{path}/Sub"), scales], f"{path}/Mul")
         flat = self.op("Reshape", [values, self.const("const.shape.00-1", np.array([0, 0, -1], np.int64))],
                        f"{path}/Reshape")
         if t.n_blocks * t.block != t.cols:  # padded last block
@@ -253,5 +314,5 @@ class DecoderGraphBuilder:
 BUILDERS = {"llama": DecoderGraphBuilder, "mistral": DecoderGraphBuilder, "qwen2": DecoderGraphBuilder}
 
 
-def build_decoder_graph(config: ModelConfig, tensors: dict, accuracy_level: int = 4):
-    return BUILDERS[config.architecture](config, tensors, accuracy_level).build()
+def build_decoder_graph(config: ModelConfig, tensors: dict):
+    return BUILDERS[config.architecture](config, tensors).build()

@@ -1,22 +1,22 @@
 """Block quantization formats, defined once in numpy (the C header mirrors these, bit-exact).
 
 Every quantized matrix is [rows, cols] with blocks of `block` consecutive values along cols
-(the input dimension), and dequantizes as
+(the input dimension). Formats (bits per weight: codes + fp32 scale (+ fp32 min), blocks of 32):
 
-    w[r, b*block + i] = (code[r, b, i] - zero_point[r, b]) * scale[r, b]
-
-Formats (bits per weight counts codes + fp32 scale + fp32 zero point, per block of 32):
-  int4_asym  codes 0..15, fp32 scale, fp32 zero point      (4 + 64/32 = 6.0 bpw)
-             GGUF Q4_1 (w = d*q + m) maps exactly: code=q, scale=d, zero_point=-m/d.
-  int4_sym   codes 0..15, fp32 scale, zero point 8 implied  (4 + 32/32 = 5.0 bpw)
-             GGUF Q4_0 (w = d*(q - 8)) maps exactly: code=q, scale=d.
-  int8_sym   codes 0..255, fp32 scale, zero point 128 implied (8 + 32/32 = 9.0 bpw)
-             GGUF Q8_0 (w = d*q, q int8) maps exactly: code=q+128, scale=d.
+  int4_asym  w = code * scale + min,   codes 0..15   (4 + 64/32 = 6.0 bpw)
+             GGUF Q4_1 (w = d*q + m) maps bit-exactly: code=q, scale=d, min=m.
+  int4_sym   w = (code - 8) * scale,   codes 0..15   (4 + 32/32 = 5.0 bpw)
+             GGUF Q4_0 (w = d*(q - 8)) maps bit-exactly: code=q, scale=d.
+  int8_sym   w = (code - 128) * scale, codes 0..255  (8 + 32/32 = 9.0 bpw)
+             GGUF Q8_0 (w = d*q, q int8) maps bit-exactly: code=q+128, scale=d.
 
 Storage is ONNX Runtime's MatMulNBits layout, which the native engine maps too:
-  qweight      uint8 [rows, n_blocks, block*bits/8]; 4-bit: byte k = code[2k] | code[2k+1] << 4
-  scales       float32 [rows, n_blocks]
-  zero_points  float32 [rows, n_blocks] (int4_asym only)
+  qweight  uint8 [rows, n_blocks, block*bits/8]; 4-bit: byte k = code[2k] | code[2k+1] << 4
+  scales   float32 [rows, n_blocks]
+  mins     float32 [rows, n_blocks] (int4_asym only)
+The minimum is kept as its own term rather than folded into a float zero point (-m/d): that is
+exact, and ONNX Runtime runs MatMulNBits with float zero points ~20x slower than with integer
+ones. The graph computes x.w = MatMulNBits(x; codes, scale, zero point 0) + blocksum(x) . min.
 GGUF Q4_0/Q4_1 nibble order differs (low nibbles are values 0..15 of a block, high nibbles
 16..31), so GGUF blocks are re-ordered here at export time, never at load time.
 """
@@ -29,7 +29,7 @@ import numpy as np
 
 from edgellm.errors import EdgeLLMError
 
-FORMATS = {  # name -> (bits, symmetric zero point or None)
+FORMATS = {  # name -> (bits, implied zero point; None: scale + min)
     "int4_asym": (4, None),
     "int4_sym": (4, 8.0),
     "int8_sym": (8, 128.0),
@@ -46,7 +46,7 @@ class BlockQuantTensor:
     block: int
     codes: np.ndarray  # uint8 [rows, n_blocks, block], values 0 .. 2**bits - 1
     scales: np.ndarray  # float32 [rows, n_blocks]
-    zero_points: np.ndarray | None  # float32 [rows, n_blocks] for int4_asym, else None
+    mins: np.ndarray | None  # float32 [rows, n_blocks] for int4_asym, else None
     source_format: str = ""  # provenance, e.g. "gguf:Q4_1" or "f32"
 
     @property
@@ -57,20 +57,19 @@ class BlockQuantTensor:
     def n_blocks(self) -> int:
         return self.codes.shape[1]
 
-    def zero_point_array(self) -> np.ndarray:  # float32 [rows, n_blocks]
-        if self.zero_points is not None:
-            return self.zero_points
-        return np.full(self.scales.shape, FORMATS[self.format][1], np.float32)
-
     def dequantize(self) -> np.ndarray:  # float32 [rows, cols]
-        values = (self.codes.astype(np.float32) - self.zero_point_array()[..., None]) * self.scales[..., None]
+        codes = self.codes.astype(np.float32)
+        if self.mins is not None:
+            values = codes * self.scales[..., None] + self.mins[..., None]
+        else:
+            values = (codes - np.float32(FORMATS[self.format][1])) * self.scales[..., None]
         return values.reshape(self.rows, -1)[:, : self.cols]
 
     def take_rows(self, index: np.ndarray) -> "BlockQuantTensor":
         """The same tensor with its rows re-ordered (whole blocks move, values are unchanged)."""
-        zp = None if self.zero_points is None else self.zero_points[index]
+        mins = None if self.mins is None else self.mins[index]
         return BlockQuantTensor(self.format, self.rows, self.cols, self.block, self.codes[index],
-                                self.scales[index], zp, self.source_format)
+                                self.scales[index], mins, self.source_format)
 
     def packed_codes(self) -> np.ndarray:  # uint8 [rows, n_blocks, block*bits/8], MatMulNBits order
         if self.bits == 8:
@@ -105,15 +104,7 @@ def from_gguf_q4_1(raw: np.ndarray, rows: int, cols: int) -> BlockQuantTensor:
     blocks = _gguf_blocks(raw, rows, cols, 20)  # d f16, m f16, qs[16]
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    codes = _gguf_nibbles(blocks[..., 4:])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        zero_points = np.where(d != 0, -m / d, 0).astype(np.float32)
-    # A block whose scale is 0 holds m 32 times: code 1, zero point 0 and scale m say exactly that.
-    flat = d == 0
-    if flat.any():
-        codes[flat] = 1
-        d = np.where(flat, m, d)
-    return BlockQuantTensor("int4_asym", rows, cols, 32, codes, d, zero_points, "gguf:Q4_1")
+    return BlockQuantTensor("int4_asym", rows, cols, 32, _gguf_nibbles(blocks[..., 4:]), d, m, "gguf:Q4_1")
 
 
 def from_gguf_q4_0(raw: np.ndarray, rows: int, cols: int) -> BlockQuantTensor:
@@ -156,12 +147,7 @@ def quantize(weight: np.ndarray, fmt: str, block: int = 32, source_format: str =
         scale = ((hi - lo) / np.float32(15)).astype(np.float32)
         inv = np.where(scale == 0, np.float32(0), np.float32(1) / np.where(scale == 0, 1, scale))
         codes = np.trunc((x - lo[..., None]) * inv[..., None] + np.float32(0.5)).clip(0, 15).astype(np.uint8)
-        zero = np.where(scale == 0, np.float32(0), -lo * inv).astype(np.float32)
-        # Flat block (all values equal lo): code 1, zero point 0, scale lo represents it exactly.
-        flat = scale == 0
-        codes[flat] = 1
-        scale = np.where(flat, lo, scale).astype(np.float32)
-        return BlockQuantTensor(fmt, rows, cols, block, codes, scale, zero, source_format)
+        return BlockQuantTensor(fmt, rows, cols, block, codes, scale, lo.astype(np.float32), source_format)
     if fmt == "int4_sym":
         index = np.abs(x).argmax(axis=-1)[..., None]
         signed_max = np.take_along_axis(x, index, axis=-1)[..., 0]

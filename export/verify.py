@@ -23,9 +23,9 @@ VERIFY_PROMPTS = (
 )
 DECODE_STEPS = 4  # the last tokens of each prompt go through the single-token decode path
 
-# An export fails when ONNX Runtime strays further than this from the reference, by MatMulNBits
-# accuracy level: fp32 math must agree to rounding; int8 activations add ~1e-4 NMSE of noise.
-THRESHOLDS = {0: {"max_nmse": 1e-6, "min_top1": 0.98}, 4: {"max_nmse": 1e-3, "min_top1": 0.9}}
+# An export fails when ONNX Runtime strays further than this from the reference. The graph
+# computes in fp32 over the same dequantized weights, so only summation order differs (~1e-11).
+THRESHOLDS = {"max_nmse": 1e-6, "min_top1": 0.98}
 
 
 def nmse(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -58,7 +58,7 @@ def run_onnx_logits(session, config: ModelConfig, ids: list[int], decode_steps: 
 
 
 def verify_onnx(model_path: Path, config: ModelConfig, reference: ReferenceModel, encode,
-                accuracy_level: int = 0, prompts=VERIFY_PROMPTS, threads: int | None = None) -> dict:
+                prompts=VERIFY_PROMPTS, threads: int | None = None) -> dict:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -77,8 +77,8 @@ def verify_onnx(model_path: Path, config: ModelConfig, reference: ReferenceModel
                      "max_abs": float(np.abs(actual - expected).max()) if finite else float("inf")})
     worst_nmse = max(r["nmse"] for r in rows)
     mean_top1 = float(np.mean([r["top1"] for r in rows]))
-    limits = THRESHOLDS.get(accuracy_level, THRESHOLDS[4])
+    limits = THRESHOLDS
     passed = all(r["finite"] for r in rows) and worst_nmse <= limits["max_nmse"] and mean_top1 >= limits["min_top1"]
     return {"engine": "onnxruntime-cpu", "against": "numpy reference (dequantized weights)",
             "prompts": rows, "worst_nmse": worst_nmse, "mean_top1": mean_top1,
-            "accuracy_level": accuracy_level, "thresholds": limits, "passed": passed}
+            "thresholds": limits, "passed": passed}

@@ -15,7 +15,7 @@ def summarize(manifest: dict[str, Any], bundle: Path) -> dict[str, Any]:
     matrices = manifest.get("matrices", {})
     params = sum(int(m["rows"]) * int(m["cols"]) for m in matrices.values())
     for name, entry in manifest["tensors"].items():
-        if name.split(".")[-1] not in ("qweight", "scales", "zero_points") and not name.endswith("inv_freq"):
+        if name.split(".")[-1] not in ("qweight", "scales", "mins") and not name.endswith("inv_freq"):
             count = 1
             for dim in entry["shape"]:
                 count *= dim

@@ -36,7 +36,6 @@ def export(
     symmetric: bool = typer.Option(False, help="int4 with an implied zero point instead of scale + minimum."),
     keep_8bit: List[str] = typer.Option(["model.embed_tokens.weight", "lm_head.weight"], "--keep-8bit",
                                         help="Tensor names (or fnmatch patterns) kept at 8 bits; repeatable."),
-    accuracy_level: int = typer.Option(0, help="MatMulNBits accuracy level: 0 = fp32, 4 = int8 activations."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check ONNX Runtime against the reference."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
 ) -> None:
@@ -50,7 +49,7 @@ def export(
             output = default_bundle_dir()
             output.parent.mkdir(parents=True, exist_ok=True)
         run_export(source, output, bits=bits, block=block, symmetric=symmetric, keep_8bit=tuple(keep_8bit),
-                   accuracy_level=accuracy_level, verify=verify, force=force)
+                   verify=verify, force=force)
     except EdgeLLMError as error:
         fail(error)
 

@@ -19,7 +19,7 @@ def require_export_extras() -> None:
 
 
 def run_export(source: str, output: Path, *, bits: int, block: int, symmetric: bool, keep_8bit: tuple[str, ...],
-               accuracy_level: int, verify: bool, force: bool) -> None:
+               verify: bool, force: bool) -> None:
     require_export_extras()
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -29,7 +29,7 @@ def run_export(source: str, output: Path, *, bits: int, block: int, symmetric: b
     from .export.quantize import QuantOptions
 
     options = ExportOptions(QuantOptions(bits=bits, block=block, symmetric=symmetric, keep_8bit=keep_8bit),
-                            accuracy_level=accuracy_level, verify=verify, force=force)
+                            verify=verify, force=force)
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description:<60.60}"), BarColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as bar:

@@ -34,10 +34,11 @@ def reference_from_bundle(bundle, manifest) -> ReferenceModel:
     tensors = {}
     for name, m in manifest["matrices"].items():
         codes = unpack_codes(np.asarray(weights.array(m["qweight"])), m["bits"]).astype(np.float32)
-        zp = (np.asarray(weights.array(m["zero_points"])) if m["zero_points"]
-              else np.float32(2 ** (m["bits"] - 1)))
-        zp = zp[..., None] if np.ndim(zp) else zp
-        values = (codes - zp) * np.asarray(weights.array(m["scales"]))[..., None]
+        scales = np.asarray(weights.array(m["scales"]))[..., None]
+        if m["mins"]:
+            values = codes * scales + np.asarray(weights.array(m["mins"]))[..., None]
+        else:
+            values = (codes - np.float32(2 ** (m["bits"] - 1))) * scales
         tensors[name] = values.reshape(m["rows"], -1)[:, : m["cols"]]
     for name in manifest["tensors"]:
         base = name.rsplit(".", 1)[0]
@@ -89,7 +90,7 @@ def test_weights_bin_index_matches_the_onnx_external_data_and_the_hashes(tmp_pat
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_onnx_runtime_with_kv_cache_equals_the_reference_read_from_weights_bin(tmp_path, arch):
-    _, bundle, manifest = export_tiny(tmp_path, arch, False, ExportOptions(accuracy_level=0), heads=6, kv_heads=2,
+    _, bundle, manifest = export_tiny(tmp_path, arch, False, heads=6, kv_heads=2,
                                       hidden=96)
     reference = reference_from_bundle(bundle, manifest)
     session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])

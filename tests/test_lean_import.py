@@ -17,7 +17,8 @@ from pathlib import Path
 BLOCKED = ("onnx", "gguf", "safetensors", "torch", "transformers")
 
 RUNTIME_MODULES = ("edgellm", "edgellm.cli", "edgellm.manifest", "edgellm.model_config", "edgellm.bundle_info",
-                   "edgellm.default_model")
+                   "edgellm.default_model", "edgellm.streaming", "edgellm.sampling", "edgellm.settings",
+                   "edgellm.weights")
 
 # Installed first thing in the child interpreter, before anything from edgellm is imported.
 BLOCKER = textwrap.dedent(f"""

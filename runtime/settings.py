@@ -1,0 +1,89 @@
+"""Runtime policy, layered: explicit arguments (CLI flags) > environment > bundle manifest > defaults.
+
+Facts about the model come from the manifest; this holds only choices about how to run it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import InvalidSettingError
+
+BACKENDS = ("onnxruntime",)
+DEFAULT_CONTEXT = 2048
+DEFAULT_PREFILL_CHUNK = 128
+
+ENVIRONMENT = {  # variable -> field
+    "EDGELLM_BACKEND": "backend",
+    "EDGELLM_THREADS": "threads",
+    "EDGELLM_CONTEXT": "context_length",
+    "EDGELLM_PREFILL_CHUNK": "prefill_chunk",
+    "EDGELLM_MAX_MEMORY": "max_memory",
+}
+
+
+def parse_bytes(value: str | int | None, field_name: str = "max_memory") -> int | None:
+    """'512M', '2G', '1.5GiB', '300000000' -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?B)?\s*", str(value), re.IGNORECASE)
+    if not match:
+        raise InvalidSettingError(f"{field_name} must be a size like 512M or 2G, got {value!r}")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * 1024 ** " KMGT".index(unit or " "))
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    backend: str = "onnxruntime"
+    threads: int = 0  # 0 = one per core
+    context_length: int = 0  # 0 = min(model's trained context, DEFAULT_CONTEXT)
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # tokens per prefill call
+    max_memory: int | None = None  # bytes; None = what the machine has available
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # ONNX Runtime execution providers, in order
+    provider_options: tuple[Mapping[str, Any], ...] = field(default=())
+    verify_weights: bool = False  # hash weights.bin against the manifest at load (slow on big models)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise InvalidSettingError(f"unknown backend {self.backend!r}", f"available: {', '.join(BACKENDS)}")
+        for name in ("threads", "context_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise InvalidSettingError(f"{name} must be a whole number >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
+            raise InvalidSettingError(f"prefill_chunk must be >= 1, got {self.prefill_chunk!r}")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise InvalidSettingError(f"max_memory must be positive, got {self.max_memory!r}")
+
+    @property
+    def thread_count(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+    def context_for(self, trained_context: int) -> int:
+        return self.context_length or min(trained_context, DEFAULT_CONTEXT)
+
+    @classmethod
+    def resolve(cls, environ: Mapping[str, str] | None = None, **explicit: Any) -> "RuntimeSettings":
+        """Defaults, overridden by EDGELLM_* environment variables, overridden by `explicit` (not None)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for variable, name in ENVIRONMENT.items():
+            if variable in environ:
+                values[name] = environ[variable]
+        values.update({k: v for k, v in explicit.items() if v is not None})
+        for name in ("threads", "context_length", "prefill_chunk"):
+            if name in values and isinstance(values[name], str):
+                try:
+                    values[name] = int(values[name])
+                except ValueError:
+                    raise InvalidSettingError(f"{name} must be a whole number, got {values[name]!r}") from None
+        if "max_memory" in values:
+            values["max_memory"] = parse_bytes(values["max_memory"])
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise InvalidSettingError(f"unknown runtime settings: {', '.join(sorted(unknown))}")
+        return cls(**values)
