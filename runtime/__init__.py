@@ -8,4 +8,11 @@ from .errors import BundleError, ContextOverflowError, EdgeLLMError, InvalidSett
 
 __version__ = "0.1.0"
 
-__all__ = ["BundleError", "ContextOverflowError", "EdgeLLMError", "InvalidSettingError", "MemoryBudgetError", "__version__"]
+
+def load(bundle, settings=None, **overrides):
+    """Open a bundle folder and load it on a backend (see edgellm.model.Model)."""
+    from .model import Model
+
+    return Model.load(bundle, settings, **overrides)
+
+__all__ = ["load", "BundleError", "ContextOverflowError", "EdgeLLMError", "InvalidSettingError", "MemoryBudgetError", "__version__"]

@@ -1,0 +1,20 @@
+"""Engines that run a bundle's decoder over a KV cache. All sit behind `Backend`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InvalidSettingError
+from ..settings import RuntimeSettings
+from .base import Backend
+
+
+def create_backend(bundle: Path, manifest: dict, settings: RuntimeSettings, context_length: int) -> Backend:
+    if settings.backend == "onnxruntime":
+        from .onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(bundle, manifest, settings, context_length)
+    raise InvalidSettingError(f"unknown backend {settings.backend!r}")
+
+
+__all__ = ["Backend", "create_backend"]

@@ -1,0 +1,90 @@
+"""ONNX Runtime backend: runs model.onnx with the KV cache in preallocated buffers.
+
+The graph reads the cache so far (past_key_values.{i}.*, [1, P, KV, D]) and writes only the new
+slice (new_key_values.{i}.*, [1, S, KV, D]). With IO binding both are views of one buffer per
+layer and tensor, [1, context, KV, D]: the past is buffer[:, :P], the new slice is bound to
+buffer[:, P:P+S], so ONNX Runtime writes the cache in place and nothing is reallocated per token.
+Logits go to a preallocated [1, prefill_chunk, V] buffer the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..bundle_format import ONNX_CPU_FILE
+from ..errors import BundleError, InvalidSettingError
+from ..model_config import ModelConfig
+from ..settings import RuntimeSettings
+from .base import Backend
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Path, manifest: dict, settings: RuntimeSettings, context_length: int,
+                 config: ModelConfig | None = None):
+        import onnxruntime as ort
+
+        from ..manifest import model_config
+
+        self.config = config or model_config(manifest)
+        self.context_length = context_length
+        self.prefill_chunk = min(settings.prefill_chunk, context_length)
+        self.position = 0
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = settings.thread_count
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        available = ort.get_available_providers()
+        missing = [p for p in settings.providers if p not in available]
+        if missing:
+            raise InvalidSettingError(f"ONNX Runtime execution provider(s) {', '.join(missing)} not available",
+                                      f"available here: {', '.join(available)}")
+        provider_options = list(settings.provider_options) or [{} for _ in settings.providers]
+        try:
+            self.session = ort.InferenceSession(str(Path(bundle) / ONNX_CPU_FILE), options,
+                                                providers=list(settings.providers),
+                                                provider_options=provider_options)
+        except Exception as exc:  # ORT raises its own types for a bad or mismatched graph
+            raise BundleError(f"{Path(bundle) / ONNX_CPU_FILE}: ONNX Runtime cannot load it ({exc})",
+                              "the bundle is damaged or from an incompatible exporter; export it again") from None
+        c = self.config
+        cache_shape = (1, context_length, c.num_key_value_heads, c.head_dim)  # [1, T, KV, D]
+        self.cache = {f"{i}.{kind}": np.zeros(cache_shape, np.float32)
+                      for i in range(c.num_hidden_layers) for kind in ("key", "value")}
+        self.logits = np.zeros((1, self.prefill_chunk, c.vocab_size), np.float32)  # [1, chunk, V]
+        self.row_bytes = c.num_key_value_heads * c.head_dim * 4  # one position of one layer's K or V
+        self.binding = self.session.io_binding()
+
+    def _forward_chunk(self, token_ids: Sequence[int], all_logits: bool) -> np.ndarray:
+        s, p = len(token_ids), self.position
+        c = self.config
+        binding = self.binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        ids = np.asarray(token_ids, np.int64).reshape(1, s)
+        positions = np.arange(p, p + s, dtype=np.int64).reshape(1, s)
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("position_ids", positions)
+        for name, buffer in self.cache.items():
+            base = buffer.ctypes.data
+            binding.bind_input(f"past_key_values.{name}", "cpu", 0, np.float32,
+                               [1, p, c.num_key_value_heads, c.head_dim], base)
+            binding.bind_output(f"new_key_values.{name}", "cpu", 0, np.float32,
+                                [1, s, c.num_key_value_heads, c.head_dim], base + p * self.row_bytes)
+        binding.bind_output("logits", "cpu", 0, np.float32, [1, s, c.vocab_size], self.logits.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        self.position = p + s
+        return self.logits[0, :s].copy() if all_logits else self.logits[0, s - 1].copy()
+
+    def close(self) -> None:
+        self.session = None
+        self.cache = {}
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "context_length": self.context_length,
+                "providers": self.session.get_providers() if self.session else [],
+                "threads": self.session.get_session_options().intra_op_num_threads if self.session else 0}

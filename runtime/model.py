@@ -1,0 +1,128 @@
+"""`edgellm.load(bundle)`: a loaded model with the streaming API on top of the one decode loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Mapping, Sequence
+
+from .backends import create_backend
+from .bundle_format import WEIGHTS_FILE, file_sha256
+from .chat_template import render_chat
+from .errors import BundleError, ContextOverflowError, EdgeLLMError
+from .generation import Chunk, Generator, join_chunks
+from .manifest import model_config, read_manifest
+from .memory import MemoryEstimate, check_budget
+from .sampling import SamplingParams
+from .settings import RuntimeSettings
+from .tokenizer import BundleTokenizer
+
+if TYPE_CHECKING:
+    from .chat import ChatSession
+
+
+class Model:
+    """A bundle loaded on a backend. Facts come from the manifest, policy from `settings`."""
+
+    def __init__(self, bundle: Path, manifest: dict, settings: RuntimeSettings):
+        started = time.perf_counter()
+        self.bundle = Path(bundle)
+        self.manifest = manifest
+        self.settings = settings
+        self.config = model_config(manifest)
+        self.context_length = settings.context_for(self.config.max_position_embeddings)
+        if self.context_length > self.config.max_position_embeddings:
+            raise ContextOverflowError(f"a context of {self.context_length} tokens is longer than the model was "
+                                       f"trained for ({self.config.max_position_embeddings})",
+                                       f"use --context {self.config.max_position_embeddings} or less")
+        self.memory: MemoryEstimate = check_budget(self.bundle, self.config, settings.backend, self.context_length,
+                                                   settings.prefill_chunk, settings.max_memory)
+        if settings.verify_weights:
+            self.verify_weights()
+        self.tokenizer = BundleTokenizer(self.bundle, manifest)
+        self.backend = create_backend(self.bundle, manifest, settings, self.context_length)
+        self.chat_template: str | None = manifest.get("chat_template")
+        self.load_seconds = time.perf_counter() - started
+        self.generator = Generator(self.backend, self.tokenizer, self.config.vocab_size, self.load_seconds)
+
+    @classmethod
+    def load(cls, bundle: str | Path, settings: RuntimeSettings | None = None, **overrides: Any) -> "Model":
+        """Open a bundle folder. `overrides` are RuntimeSettings fields (threads=, context_length=, ...)."""
+        settings = settings or RuntimeSettings.resolve(**overrides)
+        return cls(Path(bundle), read_manifest(Path(bundle)), settings)
+
+    # -- integrity ----------------------------------------------------------------------------
+    def verify_weights(self) -> None:
+        """Hash weights.bin against the manifest (a tampered or damaged file fails here)."""
+        expected = self.manifest["files"][WEIGHTS_FILE]["sha256"]
+        if file_sha256(self.bundle / WEIGHTS_FILE) != expected:
+            raise BundleError(f"{self.bundle / WEIGHTS_FILE}: sha256 differs from the manifest",
+                              "the file was modified or damaged; export the bundle again")
+
+    # -- prompts ------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise EdgeLLMError("this bundle has no chat template", "use a raw prompt (--raw) instead")
+        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           special_tokens=self.tokenizer.special_tokens)
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        return self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+
+    # -- the streaming API ----------------------------------------------------------------------
+    def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 256, stop: Sequence[str] = (),
+               sampling: SamplingParams | None = None, cancel: threading.Event | None = None,
+               **sampling_overrides: Any) -> Iterator[Chunk]:
+        """Stream the continuation of a raw prompt (text or token ids)."""
+        params = (sampling or SamplingParams()).with_overrides(**sampling_overrides) if sampling_overrides \
+            else (sampling or SamplingParams())
+        if isinstance(stop, str):
+            stop = [stop]
+        return self.generator.stream(self._prompt_ids(prompt), params, max_tokens, stop, cancel=cancel)
+
+    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> str:
+        text, _ = join_chunks(self.stream(prompt, **kwargs))
+        return text
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> Iterator[Chunk]:
+        """Stream the assistant's reply to a conversation rendered with the bundle's chat template."""
+        return self.stream(self.render_chat(messages), **kwargs)
+
+    async def astream(self, prompt: str | Sequence[int], **kwargs: Any) -> AsyncIterator[Chunk]:
+        """`stream` for asyncio servers: each step runs in a worker thread, the event loop stays free.
+        Cancelling the consuming task cancels the generation and releases the model."""
+        cancel = threading.Event()
+        chunks = self.stream(prompt, cancel=cancel, **kwargs)
+        done = object()
+        try:
+            while True:
+                chunk = await asyncio.to_thread(next, chunks, done)
+                if chunk is done:
+                    return
+                yield chunk
+        finally:
+            cancel.set()
+            await asyncio.to_thread(chunks.close)
+
+    def chat_session(self, system: str | None = None, **defaults: Any) -> "ChatSession":
+        from .chat import ChatSession
+
+        return ChatSession(self, system, **defaults)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def load(bundle: str | Path, settings: RuntimeSettings | None = None, **overrides: Any) -> Model:
+    return Model.load(bundle, settings, **overrides)
