@@ -21,10 +21,10 @@ def fail(error: EdgeLLMError) -> None:
 
 
 def default_bundle_dir() -> Path:
-    from os import environ
+    """Where the default model's bundle lives (exported there on first use)."""
+    from .run_command import default_bundle_dir as folder
 
-    cache = Path(environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgellm" / "bundles"
-    return cache / "smollm2-135m-instruct"
+    return folder()
 
 
 @app.command()
@@ -69,6 +69,86 @@ def info(
             typer.echo(json.dumps(summarize(manifest, bundle), indent=2, ensure_ascii=False))
         else:
             print_info(manifest, bundle)
+    except EdgeLLMError as error:
+        fail(error)
+
+
+SETTINGS_HELP = "Runtime settings (flags > EDGELLM_* environment > defaults)."
+
+
+def runtime_settings(threads, context, max_memory, backend, verify_weights) -> dict:
+    return {"threads": threads, "context_length": context, "max_memory": max_memory, "backend": backend,
+            "verify_weights": verify_weights or None}
+
+
+def sampling_flags(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty,
+                   seed) -> dict:
+    return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+            "repetition_penalty": repeat_penalty, "presence_penalty": presence_penalty,
+            "frequency_penalty": frequency_penalty, "seed": seed}
+
+
+_threads = typer.Option(None, "--threads", help="CPU threads (default: one per core).")
+_context = typer.Option(None, "--context", help="Context length in tokens (default: min(trained, 2048)).")
+_max_memory = typer.Option(None, "--max-memory", help="Refuse to load beyond this much memory, e.g. 512M, 2G.")
+_backend = typer.Option(None, "--backend", help="Engine: onnxruntime.")
+_verify_weights = typer.Option(False, "--verify-weights", help="Hash weights.bin against the manifest at load.")
+_temperature = typer.Option(None, help="0 = greedy. Default 0.8.")
+_top_k = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off). Default 40.")
+_top_p = typer.Option(None, "--top-p", help="Nucleus sampling (1 = off). Default 0.95.")
+_min_p = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability. Default 0.05.")
+_repeat_penalty = typer.Option(None, "--repeat-penalty", help="Repetition penalty over the last 64 tokens (1 = off).")
+_presence_penalty = typer.Option(None, "--presence-penalty", help="OpenAI presence penalty, -2..2.")
+_frequency_penalty = typer.Option(None, "--frequency-penalty", help="OpenAI frequency penalty, -2..2.")
+_seed = typer.Option(None, "--seed", help="Same seed and settings give the same tokens.")
+_max_tokens = typer.Option(256, "--max-tokens", "-n", help="Most tokens to generate.")
+_stop = typer.Option([], "--stop", help="Stop string (repeatable); never printed.")
+_stats = typer.Option(False, "--stats", help="Print timing and memory stats to stderr at the end.")
+_system = typer.Option(None, "--system", help="System prompt (chat mode).")
+
+
+@app.command(context_settings={"allow_interspersed_args": True})
+def run(
+    args: List[str] = typer.Argument(..., metavar="[BUNDLE] PROMPT", help="Bundle folder (optional) and prompt ('-': stdin)."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="Wrap the prompt in the chat template (default when the bundle has one)."),
+    system: Optional[str] = _system, max_tokens: int = _max_tokens, stop: List[str] = _stop,
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per chunk."), show_stats: bool = _stats,
+    temperature: Optional[float] = _temperature, top_k: Optional[int] = _top_k, top_p: Optional[float] = _top_p,
+    min_p: Optional[float] = _min_p, repeat_penalty: Optional[float] = _repeat_penalty,
+    presence_penalty: Optional[float] = _presence_penalty, frequency_penalty: Optional[float] = _frequency_penalty,
+    seed: Optional[int] = _seed, threads: Optional[int] = _threads, context: Optional[int] = _context,
+    max_memory: Optional[str] = _max_memory, backend: Optional[str] = _backend, verify_weights: bool = _verify_weights,
+) -> None:
+    """Stream the answer to a prompt. Without a bundle, uses SmolLM2-135M-Instruct (exported on first use)."""
+    try:
+        from .run_command import run_prompt
+
+        run_prompt(args, chat=chat, system=system, max_tokens=max_tokens, stop=stop, as_json=as_json,
+                   show_stats=show_stats, settings=runtime_settings(threads, context, max_memory, backend, verify_weights),
+                   sampling=sampling_flags(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
+                                           frequency_penalty, seed))
+    except EdgeLLMError as error:
+        fail(error)
+
+
+@app.command()
+def chat(
+    bundle: Optional[str] = typer.Argument(None, help="Bundle folder (default: SmolLM2-135M-Instruct)."),
+    system: Optional[str] = _system, max_tokens: int = _max_tokens, stop: List[str] = _stop, show_stats: bool = _stats,
+    temperature: Optional[float] = _temperature, top_k: Optional[int] = _top_k, top_p: Optional[float] = _top_p,
+    min_p: Optional[float] = _min_p, repeat_penalty: Optional[float] = _repeat_penalty,
+    presence_penalty: Optional[float] = _presence_penalty, frequency_penalty: Optional[float] = _frequency_penalty,
+    seed: Optional[int] = _seed, threads: Optional[int] = _threads, context: Optional[int] = _context,
+    max_memory: Optional[str] = _max_memory, backend: Optional[str] = _backend, verify_weights: bool = _verify_weights,
+) -> None:
+    """Interactive multi-turn chat in the terminal (/reset, /exit)."""
+    try:
+        from .run_command import chat_loop
+
+        chat_loop(bundle, system=system, max_tokens=max_tokens, stop=stop, show_stats=show_stats,
+                  settings=runtime_settings(threads, context, max_memory, backend, verify_weights),
+                  sampling=sampling_flags(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
+                                          frequency_penalty, seed))
     except EdgeLLMError as error:
         fail(error)
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .bundle_format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
+from .bundle_format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, file_sha256
 from .errors import BundleError as EdgeLLMError  # every manifest failure is a bundle problem
 from .model_config import ModelConfig
 
@@ -32,10 +32,26 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     if manifest["format_version"] > FORMAT_VERSION:
         raise EdgeLLMError(f"{path}: format version {manifest['format_version']} is newer than this edgellm "
                            f"understands ({FORMAT_VERSION})", "upgrade edgellm")
-    for name in manifest["files"]:
-        if not (bundle / name).is_file():
-            raise EdgeLLMError(f"{bundle / name}: missing", "the bundle is incomplete; export it again")
+    check_files(bundle, manifest)
     return manifest
+
+
+HASH_AT_LOAD_LIMIT = 16 * 2**20  # smaller files are hashed at every load; weights.bin on request
+
+
+def check_files(bundle: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists exists with its recorded size; small ones also match their sha256."""
+    for name, entry in manifest["files"].items():
+        path = bundle / name
+        if not path.is_file():
+            raise EdgeLLMError(f"{path}: missing", "the bundle is incomplete; export it again")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise EdgeLLMError(f"{path}: {size} bytes, the manifest says {entry['bytes']}",
+                               "the file is truncated or was replaced; export the bundle again")
+        if size <= HASH_AT_LOAD_LIMIT and file_sha256(path) != entry["sha256"]:
+            raise EdgeLLMError(f"{path}: sha256 differs from the manifest",
+                               "the file was modified or damaged; export the bundle again")
 
 
 def model_config(manifest: dict[str, Any]) -> ModelConfig:

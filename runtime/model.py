@@ -77,13 +77,17 @@ class Model:
     # -- the streaming API ----------------------------------------------------------------------
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 256, stop: Sequence[str] = (),
                sampling: SamplingParams | None = None, cancel: threading.Event | None = None,
-               **sampling_overrides: Any) -> Iterator[Chunk]:
-        """Stream the continuation of a raw prompt (text or token ids)."""
+               stop_token_ids: Sequence[int] | None = None, **sampling_overrides: Any) -> Iterator[Chunk]:
+        """Stream the continuation of a raw prompt (text or token ids).
+
+        `stop` strings end the answer and are never shown; generation also ends at the manifest's
+        end-of-sequence ids unless `stop_token_ids` replaces them (() = never stop early).
+        `sampling_overrides` are SamplingParams fields (temperature=0, top_k=..., seed=...)."""
         params = (sampling or SamplingParams()).with_overrides(**sampling_overrides) if sampling_overrides \
             else (sampling or SamplingParams())
         if isinstance(stop, str):
             stop = [stop]
-        return self.generator.stream(self._prompt_ids(prompt), params, max_tokens, stop, cancel=cancel)
+        return self.generator.stream(self._prompt_ids(prompt), params, max_tokens, stop, stop_token_ids, cancel)
 
     def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> str:
         text, _ = join_chunks(self.stream(prompt, **kwargs))

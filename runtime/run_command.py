@@ -1,0 +1,158 @@
+"""`edgellm run` and `edgellm chat`: terminal front ends over Model.stream."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .errors import EdgeLLMError, InvalidSettingError
+from .generation import Chunk
+from .sampling import SamplingParams
+from .settings import RuntimeSettings
+
+
+def default_bundle_dir() -> Path:
+    from os import environ
+
+    cache = Path(environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgellm" / "bundles"
+    return cache / "smollm2-135m-instruct"
+
+
+def ensure_default_bundle() -> Path:
+    """The default model's bundle, exported into the cache folder on first use."""
+    bundle = default_bundle_dir()
+    if (bundle / "manifest.json").is_file():
+        return bundle
+    from .export_command import run_export
+
+    print(f"first use: exporting the default model to {bundle}", file=sys.stderr)
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    run_export("default", bundle, bits=4, block=32, symmetric=False,
+               keep_8bit=("model.embed_tokens.weight", "lm_head.weight"), verify=True, force=True, quiet=True)
+    return bundle
+
+
+def open_model(bundle: str | None, **settings: Any):
+    from .model import Model
+
+    path = Path(bundle) if bundle else ensure_default_bundle()
+    return Model.load(path, RuntimeSettings.resolve(**settings))
+
+
+def sampling_from_flags(**flags: Any) -> SamplingParams:
+    return SamplingParams().with_overrides(**{k: v for k, v in flags.items() if v is not None})
+
+
+@contextmanager
+def cancel_on_interrupt() -> Iterator[threading.Event]:
+    """The first Ctrl-C ends the generation after the current token (output so far is kept);
+    a second one interrupts for real."""
+    cancel = threading.Event()
+
+    def handler(signum, frame):
+        if cancel.is_set():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield cancel
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def print_chunks(chunks: Iterator[Chunk], as_json: bool, show_stats: bool) -> Chunk | None:
+    last = None
+    for chunk in chunks:
+        last = chunk
+        if as_json:
+            record = {"text": chunk.text, "token": chunk.token_id, "finish_reason": chunk.finish_reason}
+            if chunk.stats is not None:
+                record["stats"] = chunk.stats.to_dict()
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    if not as_json:
+        sys.stdout.write("\n")
+    if show_stats and last is not None and last.stats is not None:
+        s = last.stats
+        print(f"[{last.finish_reason}] prompt {s.prompt_tokens} tok ({s.cached_tokens} cached), "
+              f"generated {s.generated_tokens} tok, first token {s.time_to_first_token * 1000:.0f} ms, "
+              f"prefill {s.prefill_tokens_per_second:.1f} tok/s, decode {s.decode_tokens_per_second:.1f} tok/s, "
+              f"load {s.load_seconds:.2f} s, peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB", file=sys.stderr)
+    return last
+
+
+def split_run_args(args: Sequence[str]) -> tuple[str | None, str]:
+    if len(args) == 1:
+        return None, args[0]
+    if len(args) == 2:
+        return args[0], args[1]
+    raise InvalidSettingError("usage: edgellm run [BUNDLE] PROMPT", "quote the prompt; use - to read it from stdin")
+
+
+def run_prompt(args: Sequence[str], *, chat: bool | None, system: str | None, max_tokens: int, stop: Sequence[str],
+               as_json: bool, show_stats: bool, settings: dict, sampling: dict) -> None:
+    bundle, prompt = split_run_args(args)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    params = sampling_from_flags(**sampling)
+    model = open_model(bundle, **settings)
+    use_chat = bool(model.chat_template) if chat is None else chat
+    if use_chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        prompt_ids = model.encode(model.render_chat(messages))
+    else:
+        if system:
+            raise InvalidSettingError("--system needs chat mode", "drop --raw or --system")
+        prompt_ids = model.encode(prompt)
+    with cancel_on_interrupt() as cancel:
+        print_chunks(model.stream(prompt_ids, max_tokens=max_tokens, stop=stop, sampling=params, cancel=cancel),
+                     as_json, show_stats)
+
+
+HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D); Ctrl-C stops a reply"
+
+
+def chat_loop(bundle: str | None, *, system: str | None, max_tokens: int, stop: Sequence[str], show_stats: bool,
+              settings: dict, sampling: dict) -> None:
+    params = sampling_from_flags(**sampling)
+    model = open_model(bundle, **settings)
+    session = model.chat_session(system, max_tokens=max_tokens, stop=stop, sampling=params)
+    name = model.manifest["model"].get("name") or model.config.architecture
+    print(f"{name} ({model.context_length}-token context). {HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            session.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print(HELP, file=sys.stderr)
+            continue
+        try:
+            with cancel_on_interrupt() as cancel:
+                print_chunks(session.send(text, cancel=cancel), False, show_stats)
+        except EdgeLLMError as error:  # a turn that does not fit: report, keep the session
+            print(f"error: {error}", file=sys.stderr)
+        if session.dropped_turns:
+            print(f"(context full: {session.dropped_turns} oldest turn(s) dropped so far)", file=sys.stderr)
