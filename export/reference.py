@@ -108,7 +108,8 @@ class ReferenceModel:
     def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray]):
         self.config = config
         self.w = {name: np.asarray(value, np.float32) for name, value in weights.items()}
-        self.inv_freq = rope_inv_freq(config, self.w.get("model.rotary_emb.freq_factors"))
+        stored = self.w.get("model.rotary_emb.inv_freq")  # a bundle stores the exact table it runs
+        self.inv_freq = stored if stored is not None else rope_inv_freq(config, self.w.get("model.rotary_emb.freq_factors"))
 
     def new_cache(self) -> KVCache:
         return KVCache()

@@ -11,12 +11,10 @@ import torch
 
 from edgellm.bundle_format import ALIGN
 from edgellm.export.exporter import ExportOptions, export_model
-from edgellm.export.quant_formats import unpack_codes
 from edgellm.export.quantize import QuantOptions
-from edgellm.export.reference import ReferenceModel
 from edgellm.export.verify import run_onnx_logits
 from edgellm.manifest import model_config, read_manifest
-from edgellm.weights import BundleWeights
+from bundle_reference import reference_from_bundle
 from tiny_models import make_tiny_model, save_tiny_model, tiny_vocab_size
 
 
@@ -26,25 +24,6 @@ def export_tiny(tmp_path, arch="llama", tie=False, options=ExportOptions(), **mo
     bundle = tmp_path / "bundle"
     manifest = export_model(folder, bundle, options)
     return model, bundle, manifest
-
-
-def reference_from_bundle(bundle, manifest) -> ReferenceModel:
-    """Dequantize every tensor straight from weights.bin through the manifest, as an engine would."""
-    weights = BundleWeights(bundle, manifest)
-    tensors = {}
-    for name, m in manifest["matrices"].items():
-        codes = unpack_codes(np.asarray(weights.array(m["qweight"])), m["bits"]).astype(np.float32)
-        scales = np.asarray(weights.array(m["scales"]))[..., None]
-        if m["mins"]:
-            values = codes * scales + np.asarray(weights.array(m["mins"]))[..., None]
-        else:
-            values = (codes - np.float32(2 ** (m["bits"] - 1))) * scales
-        tensors[name] = values.reshape(m["rows"], -1)[:, : m["cols"]]
-    for name in manifest["tensors"]:
-        base = name.rsplit(".", 1)[0]
-        if base not in manifest["matrices"] and not name.endswith("inv_freq"):
-            tensors[name] = np.asarray(weights.array(name))
-    return ReferenceModel(model_config(manifest), tensors)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])

@@ -1,0 +1,114 @@
+"""Bad input to the runtime: one clear error, a typed exception in Python, exit 1 in the CLI."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import edgellm
+from edgellm.errors import BundleError, ContextOverflowError, InvalidSettingError, MemoryBudgetError
+from edgellm.export.exporter import export_model
+from tiny_models import make_tiny_model, save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    bundle = folder / "bundle"
+    export_model(save_tiny_model(make_tiny_model("llama", tie=True), folder / "hf"), bundle)
+    return bundle
+
+
+@pytest.fixture
+def bundle(pristine, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(pristine, copy)
+    return copy
+
+
+def cli(*args, stdin=None):
+    done = subprocess.run([sys.executable, "-m", "edgellm", *args], capture_output=True, text=True, input=stdin,
+                          timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+    return lines[0]
+
+
+def test_a_missing_file_is_a_bundle_error(bundle):
+    (bundle / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match="tokenizer.json: missing"):
+        edgellm.load(bundle)
+    assert "tokenizer.json: missing" in cli("run", str(bundle), "hi")
+
+
+def test_a_truncated_weights_file_is_a_bundle_error(bundle):
+    data = (bundle / "weights.bin").read_bytes()
+    (bundle / "weights.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="truncated"):
+        edgellm.load(bundle)
+    assert "weights.bin" in cli("run", str(bundle), "hi")
+
+
+def test_a_modified_graph_fails_its_hash(bundle):
+    data = bytearray((bundle / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        edgellm.load(bundle)
+
+
+def test_tampered_weights_are_caught_when_verification_is_asked_for(bundle, monkeypatch):
+    data = bytearray((bundle / "weights.bin").read_bytes())
+    data[1000] ^= 0x01
+    (bundle / "weights.bin").write_bytes(bytes(data))
+    # Files above the limit (real weights) are only hashed on request; make this small one count as large.
+    monkeypatch.setattr("edgellm.manifest.HASH_AT_LOAD_LIMIT", 0)
+    edgellm.load(bundle).close()
+    with pytest.raises(BundleError, match="sha256"):
+        edgellm.load(bundle, verify_weights=True)
+    assert "sha256" in cli("run", str(bundle), "hi", "--verify-weights")
+
+
+def test_a_manifest_of_a_newer_format_is_refused(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="newer"):
+        edgellm.load(bundle)
+    assert "upgrade edgellm" in cli("run", str(bundle), "hi")
+
+
+def test_a_prompt_longer_than_the_context_is_refused(pristine):
+    long_prompt = "word " * 400
+    with edgellm.load(pristine, context_length=64) as model:
+        with pytest.raises(ContextOverflowError, match="context holds 64"):
+            model.generate(long_prompt, max_tokens=4)
+    assert "context" in cli("run", str(pristine), "--raw", "--context", "64", long_prompt)
+
+
+def test_a_context_that_does_not_fit_in_memory_is_refused_with_one_that_fits(pristine):
+    with pytest.raises(MemoryBudgetError, match="context of 256 tokens fits") as error:
+        edgellm.load(pristine, context_length=512, max_memory=90 * 2**20 + 3 * 2**20)
+    assert "--context" in str(error.value)
+    assert "--max-memory" in cli("run", str(pristine), "hi", "--context", "512", "--max-memory", "20M")
+
+
+@pytest.mark.parametrize("flags,field", [(["--temperature", "-1"], "temperature"), (["--top-p", "1.5"], "top_p"),
+                                         (["--top-k", "-2"], "top_k"), (["--min-p", "2"], "min_p")])
+def test_invalid_sampling_values_are_refused(pristine, flags, field):
+    assert field in cli("run", str(pristine), "hi", *flags)
+    with edgellm.load(pristine) as model:
+        name, value = flags[0].lstrip("-").replace("-", "_"), float(flags[1])
+        with pytest.raises(InvalidSettingError, match=field):
+            model.generate("hi", **{name: int(value) if name == "top_k" else value})
+
+
+def test_invalid_runtime_settings_are_refused(pristine):
+    with pytest.raises(InvalidSettingError, match="threads"):
+        edgellm.load(pristine, threads=-1)
+    assert "max_memory" in cli("run", str(pristine), "hi", "--max-memory", "lots")
+    assert "max_tokens" in cli("run", str(pristine), "hi", "--max-tokens", "0")
