@@ -1,0 +1,458 @@
+"""`edgellm bench`: how fast a bundle runs here, and how that compares with other engines on the same model.
+
+One JSON schema (SCHEMA), comparable across machines and commits:
+
+  machine    cpu, cores, cpu features, board, kernel variant, load average before and after
+  settings   runs, threads, prompt lengths, decode tokens, the context every engine gets
+  results    per engine: version, backend, and medians (with min and max) over the runs of
+               prefill_tok_s[L]  L prompt tokens / (prompt in -> first token out), fresh KV cache
+               decode_tok_s      decode_tokens one-token forwards (greedy, EOS ignored) after an L-token prompt
+               ttft_cold_s       spawning a fresh Python process -> its first token for a 16-token prompt
+                                 (imports and load included; the model file is in the page cache)
+               load_s            the model's load call, in process (imports not included)
+               peak_rss_mb       the worker process's maximum resident set (ru_maxrss)
+               background_cpu_cores  what other processes used while it was timed (from /proc/stat):
+                                 the noise gauge of a shared machine; `warnings` names disturbed engines
+  ratios     per peer and metric: the median over runs of edgellm / peer, each pair from the same run
+
+How it measures: every engine runs in its own worker process (edgellm.bench_worker), a fresh one per
+run, so imports, thread pools and resident memory never mix. Runs are interleaved (for each run, each
+engine once), so a burst of background load on a shared machine hits every engine alike; quote the
+medians and the ratios, not a single number. All engines get the same token ids, the same thread
+count and the same context. Every worker warms up on the longest prompt before it is timed.
+
+Peers: llama.cpp (llama-cpp-python) runs the GGUF the bundle was exported from; onnxruntime-genai
+runs an int4 model its own builder makes from the same weights (cached under
+~/.cache/edgellm/peers/). Note that the peers' weights are their own formats: the GGUF blocks as
+they are for llama.cpp, re-quantized symmetric int4 (lm_head included, int8 activations) for genai.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import EdgeLLMError, InvalidSettingError
+
+SCHEMA = "edgellm-bench/1"
+ENGINE = "edgellm"
+# The kernels edgellm's backend runs: ONNX Runtime's MLAS. The native engine will report the
+# variant it picked at load (ref, avx2, neon-dotprod, ...) here instead.
+KERNEL_VARIANT = "onnxruntime-mlas"
+TTFT_PROMPT_TOKENS = 16
+CONTEXT_MARGIN = 8  # tokens of room past the longest prompt and the decoded tokens
+WORKER_TIMEOUT_S = 900.0
+# Other processes using more than this many cores during a measurement make its numbers suspect
+# (llama.cpp's OpenMP threads, which spin at barriers, slow down tenfold when a core is taken).
+BACKGROUND_WARNING_CORES = 0.2
+# A fixed text, repeated: every engine sees the same ids and every run the same work.
+BENCH_TEXT = ("The lighthouse keeper climbed the spiral stairs each evening, counting the steps as his father had "
+              "taught him. From the lamp room he could see the fishing boats returning, the gulls circling the "
+              "harbor, and the long shadow of the cliffs stretching across the water. He wrote the weather in a "
+              "small notebook: wind from the west, a thin fog after sunset, the sea calm but restless. ")
+CPU_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni",
+                "avx512_bf16", "amx_tile", "amx_int8", "neon", "asimd", "asimdhp", "asimddp", "i8mm", "bf16",
+                "sve", "sve2")
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    module: str  # the import that proves it is installed
+    install_hint: str
+
+
+PEERS = {peer.name: peer for peer in (
+    Peer("llama.cpp", "llama_cpp", "install it with: pip install llama-cpp-python "
+                                   "(it compiles llama.cpp: needs a C compiler and cmake)"),
+    Peer("onnxruntime-genai", "onnxruntime_genai", "install it with: pip install onnxruntime-genai onnx-ir "
+                                                   "(its model builder also needs torch and transformers)"),
+)}
+GENAI_BUILD_MODULES = {"onnx_ir": "onnx-ir", "torch": "torch", "transformers": "transformers",
+                       "safetensors": "safetensors", "gguf": "gguf"}
+
+Progress = Callable[[str, float], None]
+
+
+# -- the public API -----------------------------------------------------------------------------------
+def run_bench(bundle: Path, *, runs: int = 5, prompt_lengths: tuple[int, ...] = (128, 512), decode_tokens: int = 128,
+              threads: int | None = None, compare: Sequence[str] = (), progress: Progress | None = None) -> dict:
+    """Benchmark `bundle` (and the peers in `compare`) and return the report (see the module docstring)."""
+    from .manifest import read_manifest
+    from .tokenizer import BundleTokenizer
+
+    report_progress = progress or (lambda description, fraction: None)
+    peers = check_peers(compare)
+    runs, prompt_lengths, decode_tokens, threads = _check_settings(runs, prompt_lengths, decode_tokens, threads)
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    context = max(max(prompt_lengths), TTFT_PROMPT_TOKENS) + decode_tokens + CONTEXT_MARGIN
+    trained = int(manifest["model"]["max_position_embeddings"])
+    if context > trained:
+        raise InvalidSettingError(f"the longest prompt and the decoded tokens need a context of {context} tokens; "
+                                  f"the model was trained for {trained}", "use shorter prompts or fewer decode tokens")
+
+    models = {ENGINE: str(bundle)}
+    for peer in peers:  # before any timing: a missing model or a first genai build fails or happens here
+        models[peer] = str(peer_model(peer, manifest, report_progress))
+
+    ids = _bench_ids(BundleTokenizer(bundle, manifest), max(max(prompt_lengths), TTFT_PROMPT_TOKENS))
+    job = {"threads": threads, "context": context, "first_token_prompt": ids[:TTFT_PROMPT_TOKENS],
+           "prompts": {str(length): ids[:length] for length in prompt_lengths},
+           "decode_after": min(prompt_lengths), "decode_tokens": decode_tokens}
+    loadavg_before = _loadavg()
+    engines = [ENGINE, *peers]
+    measured: dict[str, list[dict]] = {engine: [] for engine in engines}
+    for run in range(runs):
+        for index, engine in enumerate(engines):
+            report_progress(f"run {run + 1}/{runs}: {engine}", (run * len(engines) + index) / (runs * len(engines)))
+            measured[engine].append(run_worker({**job, "engine": engine, "model": models[engine]}))
+    report_progress("done", 1.0)
+
+    settings = {"runs": runs, "threads": threads, "prompt_lengths": list(prompt_lengths),
+                "decode_tokens": decode_tokens, "decode_after_prompt_tokens": min(prompt_lengths),
+                "ttft_prompt_tokens": TTFT_PROMPT_TOKENS, "context": context, "interleaved": True}
+    results = [_engine_result(engine, models[engine], measured[engine], measured[ENGINE], settings)
+               for engine in engines]
+    machine = {**machine_facts(), "loadavg_before": loadavg_before, "loadavg_after": _loadavg()}
+    warnings = [f"{result['engine']}: other processes used up to {result['background_cpu_cores']['max']:.2f} cores "
+                "while it was measured; rerun on a quiet machine before quoting these numbers"
+                for result in results if result["background_cpu_cores"]["max"] > BACKGROUND_WARNING_CORES]
+    return {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "edgellm": {"version": _edgellm_version(), "commit": _git_commit()}, "bundle": str(bundle),
+            "machine": machine, "settings": settings, "results": results,
+            "ratios": {peer: _ratios(measured[ENGINE], measured[peer], prompt_lengths, decode_tokens)
+                       for peer in peers},
+            "warnings": warnings}
+
+
+def print_bench(report: dict, console) -> None:
+    """The report as a rich table: metric x engine (median, and min-max below it), then edgellm / peer."""
+    from rich.table import Table
+
+    machine, settings = report["machine"], report["settings"]
+    results = report["results"]
+    peers = list(report.get("ratios", {}))
+    table = Table(title=f"edgellm bench: {machine['board']}, {machine['cpu']}, {settings['threads']} threads, "
+                        f"{settings['runs']} interleaved runs", title_justify="left",
+                  caption="median, and min-max over the runs below it; ratio = edgellm / peer (median of the "
+                          "per-run ratios); ↑ higher is better, ↓ lower is better", caption_justify="left")
+    table.add_column("metric")
+    for result in results:
+        table.add_column(f"{result['engine']}\n{result['version']}", justify="right")
+    for peer in peers:
+        table.add_column(f"edgellm /\n{peer}", justify="right")
+
+    rows = [(f"prefill {length} tok/s ↑", ("prefill_tok_s", str(length)), f"prefill_{length}", True, 1)
+            for length in settings["prompt_lengths"]]
+    rows += [("decode tok/s ↑", ("decode_tok_s",), "decode", True, 1),
+             ("first token, cold s ↓", ("ttft_cold_s",), "ttft_cold", False, 2),
+             ("load s ↓", ("load_s",), "load", False, 2),
+             ("peak RSS MB ↓", ("peak_rss_mb",), "peak_rss", False, 0),
+             ("other processes, cores", ("background_cpu_cores",), None, None, 2)]
+    for label, path, ratio_key, higher_is_better, digits in rows:
+        cells = []
+        for result in results:
+            stats = result
+            for key in path:
+                stats = stats[key]
+            cells.append(f"{stats['median']:.{digits}f}\n[dim]{stats['min']:.{digits}f}-{stats['max']:.{digits}f}[/]")
+        for peer in peers:
+            if ratio_key is None:
+                cells.append("")
+                continue
+            ratio = report["ratios"][peer][ratio_key]
+            better = ratio >= 1 if higher_is_better else ratio <= 1
+            cells.append(f"[{'green' if better else 'red'}]{ratio:.2f}x[/]")
+        table.add_row(label, *cells)
+    console.print(table)
+    console.print(f"kernel variant {machine['kernel_variant']}; decode after a {settings['decode_after_prompt_tokens']}"
+                  f"-token prompt; load average {machine['loadavg_before']} before, {machine['loadavg_after']} after")
+    for result in results:
+        console.print(f"[bold]{result['engine']}[/]: {result['backend']}; {result['model']}; "
+                      f"greedy tokens equal to edgellm's: {result['greedy_tokens_equal_to_edgellm']}")
+    for warning in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+# -- peers ---------------------------------------------------------------------------------------------
+def check_peers(compare: Sequence[str]) -> list[str]:
+    """The requested peers, in order, without duplicates; unknown or not installed -> EdgeLLMError."""
+    if isinstance(compare, str):
+        compare = [compare]
+    peers: list[str] = []
+    for name in compare:
+        if name == ENGINE or name in peers:
+            continue
+        if name not in PEERS:
+            raise EdgeLLMError(f"unknown engine to compare with: {name!r}", f"known peers: {', '.join(PEERS)}")
+        if importlib.util.find_spec(PEERS[name].module) is None:
+            raise EdgeLLMError(f"comparing with {name} needs the Python package {PEERS[name].module}, "
+                               "which is not installed", PEERS[name].install_hint)
+        peers.append(name)
+    return peers
+
+
+def peer_model(peer: str, manifest: dict, progress: Progress) -> Path:
+    """The model file or folder `peer` runs: the bundle's own source, or (genai) a model built from it."""
+    source = manifest["provenance"].get("source", {})
+    where = source.get("path")
+    if not where:
+        raise EdgeLLMError(f"{peer} needs the model the bundle was exported from, but the manifest names none",
+                           "export the bundle again from its GGUF or Hugging Face folder")
+    path = Path(where)
+    if not path.exists():
+        raise EdgeLLMError(f"{peer} needs the model the bundle was exported from, {path}, which is missing",
+                           "put the source back there or export the bundle again from where it is now")
+    if peer == "llama.cpp":
+        if source.get("format") != "gguf":
+            raise EdgeLLMError(f"llama.cpp runs GGUF files; this bundle was exported from a {source.get('format')} "
+                               f"source ({path})", "export the bundle from the GGUF to compare with llama.cpp")
+        _check_source_hash(path, source.get("sha256"))
+        return path
+    return genai_model(path, source, progress)
+
+
+def genai_model(source_path: Path, source: dict, progress: Progress) -> Path:
+    """An onnxruntime-genai model folder for the bundle's source, built once and cached."""
+    from importlib.metadata import version
+
+    key = (source.get("sha256") or "unknown")[:16]
+    folder = peer_cache_dir() / "onnxruntime-genai" / f"{key}-int4-cpu-genai{version('onnxruntime-genai')}"
+    if (folder / "genai_config.json").is_file():
+        return folder
+    missing = [package for module, package in GENAI_BUILD_MODULES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise EdgeLLMError(f"building the onnxruntime-genai model needs {', '.join(missing)}",
+                           f"install them with: pip install {' '.join(missing)}")
+    if source_path.is_file():
+        _check_source_hash(source_path, source.get("sha256"))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(folder.name + ".partial")
+    log = folder.with_name(folder.name + ".build.log")
+    progress(f"building the onnxruntime-genai model (once; log: {log})", 0.0)
+    shutil.rmtree(staging, ignore_errors=True)
+    with open(log, "w") as log_file:
+        done = subprocess.run([sys.executable, "-m", "edgellm.bench_worker", "build-genai", str(source_path),
+                               str(staging)], stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if done.returncode != 0 or not (staging / "genai_config.json").is_file():
+        shutil.rmtree(staging, ignore_errors=True)
+        raise EdgeLLMError(f"building the onnxruntime-genai model failed: {_tail(log.read_text(errors='replace'))}",
+                           f"the whole log is in {log}")
+    staging.rename(folder)
+    return folder
+
+
+def peer_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgellm" / "peers"
+
+
+def _check_source_hash(path: Path, expected: str | None) -> None:
+    from .bundle_format import file_sha256
+
+    if expected and file_sha256(path) != expected:
+        raise EdgeLLMError(f"{path} is not the file the bundle was exported from (its sha256 differs)",
+                           "a comparison needs the same model: export the bundle again from this file")
+
+
+# -- workers -------------------------------------------------------------------------------------------
+def run_worker(job: dict, timeout: float = WORKER_TIMEOUT_S) -> dict:
+    """Spawn a fresh worker for `job` and return its result, with ttft_cold_s measured from the spawn."""
+    with tempfile.TemporaryFile() as stderr:
+        spawned = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-m", "edgellm.bench_worker"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=stderr, bufsize=0)
+        process.stdin.write(json.dumps(job).encode())
+        process.stdin.close()
+        messages, first_token_at = [], None
+        try:
+            for message, arrived in _messages(process, spawned + timeout):
+                if message["event"] == "first_token":
+                    first_token_at = arrived
+                messages.append(message)
+            process.wait(timeout=max(1.0, spawned + timeout - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise EdgeLLMError(f"the {job['engine']} benchmark worker did not finish in {timeout:.0f} s") from None
+        finally:
+            process.stdout.close()
+        stderr.seek(0)
+        errors = stderr.read().decode(errors="replace")
+    final = messages[-1] if messages else {}
+    if final.get("event") == "error":
+        raise EdgeLLMError(f"the {job['engine']} benchmark worker failed: {final['message']}",
+                           final.get("hint") or "run it with fewer tokens, or look at the message above")
+    if final.get("event") != "result" or first_token_at is None or process.returncode != 0:
+        raise EdgeLLMError(f"the {job['engine']} benchmark worker died (exit {process.returncode}): {_tail(errors)}")
+    return {**final, "ttft_cold_s": first_token_at - spawned}
+
+
+def _messages(process: subprocess.Popen, deadline: float):
+    """(message, perf_counter when it arrived) for each JSON line the worker writes, until it closes."""
+    fd, pending = process.stdout.fileno(), b""
+    while True:
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            raise subprocess.TimeoutExpired(process.args, 0)
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            continue
+        chunk = os.read(fd, 1 << 16)
+        arrived = time.perf_counter()
+        if not chunk:
+            return
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield json.loads(line), arrived
+
+
+# -- the report ----------------------------------------------------------------------------------------
+def _stats(values: Sequence[float]) -> dict:
+    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4), "max": round(max(values), 4)}
+
+
+def _per_run(run: dict, prompt_lengths: Sequence[int], decode_tokens: int) -> dict[str, float]:
+    """The metrics of one run, keyed as in `ratios`."""
+    metrics = {f"prefill_{length}": length / run["prefill_s"][str(length)] for length in prompt_lengths}
+    metrics.update(decode=decode_tokens / run["decode_s"], ttft_cold=run["ttft_cold_s"], load=run["load_s"],
+                   peak_rss=run["peak_rss_mb"])
+    return metrics
+
+
+def _engine_result(engine: str, model: str, runs: list[dict], edgellm_runs: list[dict], settings: dict) -> dict:
+    lengths, decode_tokens = settings["prompt_lengths"], settings["decode_tokens"]
+    per_run = [_per_run(run, lengths, decode_tokens) for run in runs]
+    column = lambda key: [metrics[key] for metrics in per_run]  # noqa: E731
+    reference, greedy = edgellm_runs[0]["greedy_tokens"], runs[0]["greedy_tokens"]
+    same = next((i for i, (a, b) in enumerate(zip(reference, greedy)) if a != b), min(len(reference), len(greedy)))
+    first = runs[0]
+    return {"engine": engine, "version": first["version"], "backend": first["backend"],
+            "threads": settings["threads"], "model": f"{model} ({_size_mb(Path(model)):.1f} MB)",
+            "config": first["config"],
+            "prefill_tok_s": {str(length): _stats(column(f"prefill_{length}")) for length in lengths},
+            "decode_tok_s": _stats(column("decode")),
+            "ttft_cold_s": _stats(column("ttft_cold")),
+            "ttft_in_process_s": _stats([run["ttft_in_process_s"] for run in runs]),
+            "import_s": _stats([run["import_s"] for run in runs]),
+            "load_s": _stats(column("load")),
+            "peak_rss_mb": _stats(column("peak_rss")),
+            "background_cpu_cores": _stats([run["background_cpu_cores"] for run in runs]),
+            "greedy_tokens_equal_to_edgellm": f"{same}/{len(greedy)}"}
+
+
+def _ratios(edgellm_runs: list[dict], peer_runs: list[dict], prompt_lengths: Sequence[int],
+            decode_tokens: int) -> dict[str, float]:
+    """edgellm / peer for each metric: the median of the ratios of runs measured side by side."""
+    ours = [_per_run(run, prompt_lengths, decode_tokens) for run in edgellm_runs]
+    theirs = [_per_run(run, prompt_lengths, decode_tokens) for run in peer_runs]
+    return {key: round(statistics.median(a[key] / b[key] for a, b in zip(ours, theirs)), 3) for key in ours[0]}
+
+
+def _check_settings(runs: int, prompt_lengths: Sequence[int], decode_tokens: int,
+                    threads: int | None) -> tuple[int, tuple[int, ...], int, int]:
+    def whole(name: str, value: object, hint: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidSettingError(f"{name} must be a whole number >= 1, got {value!r}", hint)
+        return value
+
+    whole("runs", runs, "use 5 or more runs for medians worth quoting")
+    if isinstance(prompt_lengths, int):
+        prompt_lengths = (prompt_lengths,)
+    if not prompt_lengths:
+        raise InvalidSettingError("prompt_lengths is empty", "give at least one prompt length, e.g. 128")
+    lengths = tuple(sorted({whole("a prompt length", length, "e.g. 128 or 512") for length in prompt_lengths}))
+    whole("decode_tokens", decode_tokens, "e.g. 128")
+    threads = (os.cpu_count() or 1) if threads is None else whole("threads", threads, "e.g. the number of cores")
+    return runs, lengths, decode_tokens, threads
+
+
+def _bench_ids(tokenizer, count: int) -> list[int]:
+    ids = tokenizer.encode(BENCH_TEXT, add_bos=False)
+    return (ids * (count // len(ids) + 1))[:count]
+
+
+# -- the machine ---------------------------------------------------------------------------------------
+def machine_facts() -> dict[str, Any]:
+    """What the numbers depend on: cpu, cores, features, board, kernel variant."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    cpu = fields.get("model name") or fields.get("Hardware") or fields.get("Model") or platform.processor()
+    if not cpu and "CPU part" in fields:
+        cpu = f"implementer {fields.get('CPU implementer')} part {fields['CPU part']}"
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    memory_mb = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            memory_mb = int(meminfo.readline().split()[1]) // 1024  # MemTotal, KiB
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"cpu": cpu or "unknown", "cores": os.cpu_count(), "arch": platform.machine(),
+            "cpu_features": [feature for feature in CPU_FEATURES if feature in flags],
+            "memory_mb": memory_mb, "board": board_name(), "kernel_variant": KERNEL_VARIANT,
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
+
+
+def board_name() -> str:
+    try:
+        model = Path("/proc/device-tree/model").read_bytes().rstrip(b"\0").decode(errors="replace").strip()
+        if model:
+            return model
+    except OSError:
+        pass
+    return f"generic-{platform.machine()}"
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _edgellm_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _git_commit() -> str | None:
+    """The commit of the code being measured, when it runs from a git checkout."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
+def _size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
+def _tail(text: str, lines: int = 3) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:]) or "(no output)"
