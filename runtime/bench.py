@@ -141,6 +141,7 @@ def run_bench(bundle: Path, *, runs: int = 5, prompt_lengths: tuple[int, ...] = 
 
 def print_bench(report: dict, console) -> None:
     """The report as a rich table: metric x engine (median, and min-max below it), then edgellm / peer."""
+    from rich.markup import escape
     from rich.table import Table
 
     machine, settings = report["machine"], report["settings"]
@@ -179,13 +180,15 @@ def print_bench(report: dict, console) -> None:
             cells.append(f"[{'green' if better else 'red'}]{ratio:.2f}x[/]")
         table.add_row(label, *cells)
     console.print(table)
+    loadavg = lambda values: " ".join(f"{v:.2f}" for v in values) if values else "unknown"  # noqa: E731
     console.print(f"kernel variant {machine['kernel_variant']}; decode after a {settings['decode_after_prompt_tokens']}"
-                  f"-token prompt; load average {machine['loadavg_before']} before, {machine['loadavg_after']} after")
+                  f"-token prompt; load average {loadavg(machine['loadavg_before'])} before, "
+                  f"{loadavg(machine['loadavg_after'])} after")
     for result in results:
-        console.print(f"[bold]{result['engine']}[/]: {result['backend']}; {result['model']}; "
+        console.print(f"[bold]{result['engine']}[/]: {escape(result['backend'])}; {escape(result['model'])}; "
                       f"greedy tokens equal to edgellm's: {result['greedy_tokens_equal_to_edgellm']}")
     for warning in report.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
 
 # -- peers ---------------------------------------------------------------------------------------------
