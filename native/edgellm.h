@@ -1,0 +1,151 @@
+/* edgellm.h: the native kernels' one public header (plain C ABI).
+ *
+ * Conventions: the output pointer comes first, every length is an explicit element count, all
+ * memory belongs to the caller, functions return EL_OK (0) or a negative EL_E* status and never
+ * exit. The only global state is the kernel dispatch table (which variant runs), chosen once by
+ * el_init() from the CPU and EDGELLM_KERNELS.
+ *
+ * Weight block formats (mirror of export/quant_formats.py, bit-exact). A quantized matrix is
+ * [rows, cols] in blocks of `block` consecutive values along cols (the input dimension), stored
+ * PLANAR, one array per field, each row padded to n_blocks = ceil(cols / block) whole blocks:
+ *
+ *   qweight  uint8   [rows][n_blocks][block * bits / 8]
+ *            4-bit: byte k holds code 2k in its low nibble and code 2k+1 in its high nibble
+ *            (ONNX Runtime's MatMulNBits order; GGUF's Q4_0/Q4_1 order is re-packed at export)
+ *   scales   float32 [rows][n_blocks]
+ *   mins     float32 [rows][n_blocks]   int4_asym only
+ *
+ *   format      weight                    codes     bits per weight (block 32)
+ *   int4_asym   w = code * scale + min    0..15     4 + 64/32 = 6.0   (= GGUF Q4_1)
+ *   int4_sym    w = (code - 8) * scale    0..15     4 + 32/32 = 5.0   (= GGUF Q4_0)
+ *   int8_sym    w = (code - 128) * scale  0..255    8 + 32/32 = 9.0   (= GGUF Q8_0, code = q + 128)
+ *
+ * Block sizes 32, 64 and 128 are supported (a multiple of the activation block, 32).
+ *
+ * Activation blocks (el_block_q8a, like llama.cpp's Q8_1 with fp32 fields): x float32 [n] is cut
+ * into ceil(n / 32) blocks of 32, the last one zero-padded. Per block:
+ *   amax = max |x_i|;  d = amax / 127;  q_i = roundf(x_i / d) clamped to [-127, 127]
+ *   (round half away from zero); sum = sum_i q_i.  d == 0 gives q = 0. A block holding a NaN or
+ *   an infinity gets d = NaN, q = 0, sum = 0, so every product that reads it is NaN.
+ *
+ * Matrix-vector product, per row r and activation block j (weight block b = j / (block / 32)):
+ *   isum = sum_i (code_i - zp) * q_i  in int32   (zp = 0 int4_asym, 8 int4_sym, 128 int8_sym)
+ *   int4_asym: acc += scale[b] * d[j] * (float)isum + min[b] * d[j] * (float)sum[j]
+ *   sym:       acc += scale[b] * d[j] * (float)isum
+ * evaluated left to right in float32 without FMA, blocks in order, acc starting at 0.0f.
+ * Every variant vectorizes only the integer isum and shares this one float loop, so all
+ * variants give bit-identical y, and so does numpy running the same formula (runtime/native.py).
+ */
+#ifndef EDGELLM_H
+#define EDGELLM_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define EL_ABI_VERSION 1
+#define EL_QBLOCK 32 /* values per activation block */
+
+/* The declarations from here to EL_CDEF_END are read verbatim by native/build_ffi.py as the
+ * cffi cdef: plain C only (no macros, no expressions in array sizes). */
+/* EL_CDEF_BEGIN */
+enum el_status {
+    EL_OK = 0,
+    EL_EINVAL = -1,      /* a bad argument: NULL pointer, wrong length, unknown format */
+    EL_EUNSUPPORTED = -2, /* a variant this CPU or build lacks, a block size not supported */
+    EL_ENOMEM = -3,
+    EL_ETHREAD = -4       /* a thread could not be started */
+};
+
+enum el_format { EL_INT4_ASYM = 0, EL_INT4_SYM = 1, EL_INT8_SYM = 2 };
+
+/* One activation block: 40 bytes. */
+typedef struct {
+    float d;       /* scale: x_i ~ d * q_i; NaN if the block held a NaN or an infinity */
+    int32_t sum;   /* sum of q_i, for the min term of int4_asym and the zero points */
+    int8_t q[32];  /* round(x_i / d), in [-127, 127] */
+} el_block_q8a;
+
+/* A view of a quantized matrix (the caller keeps the arrays alive). */
+typedef struct {
+    int32_t format;          /* enum el_format */
+    int32_t rows, cols;      /* logical shape [rows, cols] */
+    int32_t block;           /* 32, 64 or 128 */
+    const uint8_t *qweight;  /* [rows][ceil(cols/block)][block*bits/8] */
+    const float *scales;     /* [rows][ceil(cols/block)] */
+    const float *mins;       /* [rows][ceil(cols/block)] for int4_asym, else NULL */
+} el_qmatrix;
+
+typedef struct el_pool el_pool;
+
+int el_abi_version(void);
+const char *el_status_string(int status);
+
+/* Kernel variants: "ref", "avx2", "avx512vnni" (x86-64), "neon", "dotprod", "i8mm" (aarch64).
+ * el_init picks the best one the CPU runs, or the one EDGELLM_KERNELS names (EL_EUNSUPPORTED if
+ * the CPU lacks it or the name is unknown). Safe to call more than once; it decides once. */
+int el_init(void);
+const char *el_variant(void);  /* the variant in use */
+/* Names of the variants this CPU runs, best last; returns how many (at most capacity stored). */
+int el_available_variants(const char **names, int32_t capacity);
+/* Switch variant (for tests and benchmarks; not while kernels run on other threads). */
+int el_set_variant(const char *name);
+
+/* A pool of n_threads - 1 workers plus the calling thread. Rows are split into contiguous
+ * ranges, one per thread, and each row is computed whole by one thread, so results do not
+ * depend on the thread count. A pool runs one job at a time (concurrent callers wait). */
+int el_pool_create(el_pool **out, int32_t n_threads);
+void el_pool_destroy(el_pool *pool);
+int el_pool_threads(const el_pool *pool);
+
+/* out [n_blocks] <- x [n], n_blocks == ceil(n / 32); rows of a batch are separate calls or
+ * n_rows > 1: x [n_rows][n] -> out [n_rows][n_blocks]. */
+int el_quantize_q8a(el_block_q8a *out, int32_t n_blocks, const float *x, int32_t n_rows, int32_t n);
+
+/* y [w->rows] = W x; x [n_blocks] with n_blocks == ceil(w->cols / 32). pool may be NULL. */
+int el_matvec(float *y, int32_t n_y, const el_qmatrix *w, const el_block_q8a *x, int32_t n_blocks,
+              el_pool *pool);
+
+/* Y [n_tokens][w->rows] = X W^T; x [n_tokens][n_blocks]. Equal, bit for bit, to n_tokens calls
+ * of el_matvec. */
+int el_matmul(float *y, int32_t n_tokens, int32_t n_y, const el_qmatrix *w, const el_block_q8a *x,
+              int32_t n_blocks, el_pool *pool);
+
+/* Float kernels over x [n_rows][n]; out may equal x. Variants agree with ref to a normalized
+ * MSE of 1e-10, not bit for bit. */
+/* out = x / sqrt(mean(x^2) + eps) * weight[n] */
+int el_rms_norm(float *out, const float *x, const float *weight, int32_t n_rows, int32_t n, float eps);
+/* Rotate-half RoPE (HF order: pairs (i, i + head_dim/2)) on x [n_heads][head_dim] with
+ * cos, sin [head_dim / 2] of one position. */
+int el_rope(float *out, const float *x, const float *cos_t, const float *sin_t, int32_t n_heads,
+            int32_t head_dim);
+/* cos_t, sin_t [half] <- cos/sin(position * inv_freq[i]), the angle rounded to float32. */
+int el_rope_tables(float *cos_t, float *sin_t, const float *inv_freq, int32_t half, float position);
+/* out = exp(x - max) / sum, per row. */
+int el_softmax(float *out, const float *x, int32_t n_rows, int32_t n);
+/* out = silu(gate) * up = gate / (1 + exp(-gate)) * up. */
+int el_silu_mul(float *out, const float *gate, const float *up, int32_t n);
+/* out = a + b (the residual add). */
+int el_add(float *out, const float *a, const float *b, int32_t n);
+/* EL_CDEF_END */
+
+#ifdef __cplusplus
+}
+#endif
+
+/* The code bytes of 32 consecutive weights of a row (the span one activation block meets):
+ * a weight row is a plain byte array of ceil(cols/block) * block * bits / 8 bytes, whatever the
+ * block size, and its 32-value span j starts at byte j * sizeof(el_codes_qN). */
+typedef struct { uint8_t qs[EL_QBLOCK / 2]; } el_codes_q4; /* codes 2k | 2k+1 << 4 */
+typedef struct { uint8_t qs[EL_QBLOCK]; } el_codes_q8;     /* code = q + 128 */
+
+#if !defined(__cplusplus)
+_Static_assert(sizeof(el_block_q8a) == 8 + EL_QBLOCK, "el_block_q8a: float d, int32 sum, 32 x int8");
+_Static_assert(sizeof(el_codes_q4) == 16, "4 bits per code");
+_Static_assert(sizeof(el_codes_q8) == 32, "8 bits per code");
+_Static_assert(sizeof(float) == 4, "fp32 scales and mins");
+#endif
+
+#endif /* EDGELLM_H */

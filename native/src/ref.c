@@ -1,0 +1,120 @@
+/* ref.c: the portable C definition of every kernel. SIMD variants must equal it bit for bit
+ * (quantization, integer block sums) or to a normalized MSE of 1e-10 (float kernels). */
+#include <float.h>
+#include <math.h>
+#include <string.h>
+
+#include "kernels.h"
+
+/* One activation block from n_valid <= 32 values (the rest count as zeros). */
+void el_quantize_block_ref(el_block_q8a *out, const float *x, int32_t n_valid) {
+    float amax = 0.0f;
+    int finite = 1;
+    for (int32_t i = 0; i < n_valid; i++) {
+        float a = fabsf(x[i]);
+        if (!(a <= FLT_MAX)) finite = 0; /* NaN or infinity */
+        else if (a > amax) amax = a;
+    }
+    memset(out->q, 0, sizeof out->q);
+    out->sum = 0;
+    if (!finite) {
+        out->d = NAN; /* poisons every product that reads this block */
+        return;
+    }
+    float d = amax / 127.0f;
+    out->d = d;
+    if (d == 0.0f) return; /* all zeros, or so small that d underflowed */
+    int32_t sum = 0;
+    for (int32_t i = 0; i < n_valid; i++) {
+        float r = roundf(x[i] / d); /* half away from zero */
+        if (r > 127.0f) r = 127.0f; /* only reachable when d is subnormal */
+        if (r < -127.0f) r = -127.0f;
+        out->q[i] = (int8_t)r;
+        sum += out->q[i];
+    }
+    out->sum = sum;
+}
+
+void el_quantize_q8a_ref(el_block_q8a *out, const float *x, int32_t n) {
+    for (int32_t i = 0; i < n; i += EL_QBLOCK) {
+        int32_t left = n - i;
+        el_quantize_block_ref(out++, x + i, left < EL_QBLOCK ? left : EL_QBLOCK);
+    }
+}
+
+int32_t el_isum_q4_block_ref(const uint8_t *codes16, const int8_t *q32) {
+    int32_t isum = 0;
+    for (int k = 0; k < EL_QBLOCK / 2; k++) {
+        isum += (int32_t)(codes16[k] & 0x0F) * q32[2 * k];
+        isum += (int32_t)(codes16[k] >> 4) * q32[2 * k + 1];
+    }
+    return isum;
+}
+
+int32_t el_isum_q8_block_ref(const uint8_t *codes32, const int8_t *q32) {
+    int32_t isum = 0;
+    for (int i = 0; i < EL_QBLOCK; i++) isum += ((int32_t)codes32[i] - 128) * q32[i];
+    return isum;
+}
+
+void el_isums_q4_ref(int32_t *isum, const uint8_t *codes, const el_block_q8a *x, int32_t nb) {
+    for (int32_t j = 0; j < nb; j++) isum[j] = el_isum_q4_block_ref(codes + 16 * j, x[j].q);
+}
+
+void el_isums_q8_ref(int32_t *isum, const uint8_t *codes, const el_block_q8a *x, int32_t nb) {
+    for (int32_t j = 0; j < nb; j++) isum[j] = el_isum_q8_block_ref(codes + 32 * j, x[j].q);
+}
+
+void el_rms_norm_ref(float *out, const float *x, const float *weight, int32_t n, float eps) {
+    float ss = 0.0f;
+    for (int32_t i = 0; i < n; i++) ss += x[i] * x[i];
+    float scale = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int32_t i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
+}
+
+void el_rope_ref(float *out, const float *x, const float *cos_t, const float *sin_t, int32_t n_heads,
+                 int32_t head_dim) {
+    int32_t half = head_dim / 2;
+    for (int32_t h = 0; h < n_heads; h++) {
+        const float *xh = x + (size_t)h * head_dim;
+        float *oh = out + (size_t)h * head_dim;
+        for (int32_t i = 0; i < half; i++) {
+            float x1 = xh[i], x2 = xh[i + half]; /* both read before either is written: in place is fine */
+            oh[i] = x1 * cos_t[i] - x2 * sin_t[i];
+            oh[i + half] = x2 * cos_t[i] + x1 * sin_t[i];
+        }
+    }
+}
+
+void el_softmax_ref(float *out, const float *x, int32_t n) {
+    float max = -INFINITY;
+    for (int32_t i = 0; i < n; i++) max = x[i] > max ? x[i] : max;
+    float sum = 0.0f;
+    for (int32_t i = 0; i < n; i++) {
+        out[i] = expf(x[i] - max);
+        sum += out[i];
+    }
+    for (int32_t i = 0; i < n; i++) out[i] = out[i] / sum;
+}
+
+void el_silu_mul_ref(float *out, const float *gate, const float *up, int32_t n) {
+    for (int32_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+void el_add_ref(float *out, const float *a, const float *b, int32_t n) {
+    for (int32_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+const el_kernels el_kernels_ref = {
+    .name = "ref",
+    .quantize_q8a = el_quantize_q8a_ref,
+    .isums_q4 = el_isums_q4_ref,
+    .isums_q8 = el_isums_q8_ref,
+    .isums_q4_2x2 = NULL,
+    .isums_q8_2x2 = NULL,
+    .rms_norm = el_rms_norm_ref,
+    .rope = el_rope_ref,
+    .softmax = el_softmax_ref,
+    .silu_mul = el_silu_mul_ref,
+    .add = el_add_ref,
+};

@@ -1,0 +1,345 @@
+/* test_kernels.c: every variant this CPU runs against the reference, on deterministic data.
+ * Integer paths (activation quantization, matvec, matmul) must be bit-identical; float kernels
+ * must agree to a normalized MSE of 1e-10. The reference itself is checked against the formula
+ * of edgellm.h written out naively here. Prints one line per check, then "N passed, N failed";
+ * exits non-zero on any failure. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../edgellm.h"
+
+static int n_passed, n_failed;
+
+static void report(int ok, const char *variant, const char *what, const char *detail) {
+    printf("%s %-10s %s%s%s\n", ok ? "ok  " : "FAIL", variant, what, detail[0] ? ": " : "", detail);
+    if (ok) n_passed++;
+    else n_failed++;
+}
+
+/* ---- deterministic data ------------------------------------------------------------------------ */
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint32_t rnd(void) { /* xorshift64* */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return (uint32_t)((rng_state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+static float uniform(float lo, float hi) { return lo + (hi - lo) * (float)(rnd() >> 8) / 16777216.0f; }
+static float normalish(void) { return uniform(-1, 1) + uniform(-1, 1) + uniform(-1, 1); }
+
+static const char *FORMAT_NAMES[] = {"int4_asym", "int4_sym", "int8_sym"};
+
+typedef struct { /* a random quantized matrix and its arrays */
+    el_qmatrix m;
+    uint8_t *qweight;
+    float *scales, *mins;
+} test_matrix;
+
+static test_matrix make_matrix(int32_t format, int32_t rows, int32_t cols, int32_t block) {
+    test_matrix t;
+    int32_t nwb = (cols + block - 1) / block;
+    size_t bytes = (size_t)rows * nwb * block / (format == EL_INT8_SYM ? 1 : 2);
+    t.qweight = malloc(bytes ? bytes : 1);
+    t.scales = malloc(sizeof(float) * (size_t)rows * nwb);
+    t.mins = format == EL_INT4_ASYM ? malloc(sizeof(float) * (size_t)rows * nwb) : NULL;
+    for (size_t i = 0; i < bytes; i++) t.qweight[i] = (uint8_t)rnd();
+    for (size_t i = 0; i < (size_t)rows * nwb; i++) {
+        t.scales[i] = uniform(0.001f, 0.05f);
+        if (t.mins) t.mins[i] = uniform(-0.4f, 0.0f);
+    }
+    t.m = (el_qmatrix){format, rows, cols, block, t.qweight, t.scales, t.mins};
+    return t;
+}
+
+static void free_matrix(test_matrix *t) {
+    free(t->qweight);
+    free(t->scales);
+    free(t->mins);
+}
+
+static float *random_floats(int32_t n) {
+    float *x = malloc(sizeof(float) * (size_t)(n ? n : 1));
+    for (int32_t i = 0; i < n; i++) x[i] = normalish();
+    return x;
+}
+
+static int same_bits(const void *a, const void *b, size_t bytes) { return memcmp(a, b, bytes) == 0; }
+
+static double nmse(const float *a, const float *ref, int32_t n) {
+    double num = 0, den = 0;
+    for (int32_t i = 0; i < n; i++) {
+        if (isnan(a[i]) != isnan(ref[i])) return INFINITY;
+        if (isnan(ref[i])) continue;
+        num += ((double)a[i] - ref[i]) * ((double)a[i] - ref[i]);
+        den += (double)ref[i] * ref[i];
+    }
+    return den ? num / den : num;
+}
+
+/* ---- the formula of edgellm.h, written out without any of the library's code ------------------- */
+
+static int32_t code_at(const test_matrix *t, int32_t r, int32_t c) {
+    const el_qmatrix *m = &t->m;
+    int32_t nwb = (m->cols + m->block - 1) / m->block;
+    if (m->format == EL_INT8_SYM) return t->qweight[(size_t)r * nwb * m->block + c];
+    uint8_t byte = t->qweight[(size_t)r * nwb * m->block / 2 + c / 2];
+    return c % 2 ? byte >> 4 : byte & 0x0F;
+}
+
+static float formula_row(const test_matrix *t, int32_t r, const el_block_q8a *x) {
+    const el_qmatrix *m = &t->m;
+    int32_t nwb = (m->cols + m->block - 1) / m->block, nb = (m->cols + 31) / 32;
+    int32_t zp = m->format == EL_INT4_ASYM ? 0 : m->format == EL_INT4_SYM ? 8 : 128;
+    float acc = 0.0f;
+    for (int32_t j = 0; j < nb; j++) {
+        int32_t isum = 0, b = j * 32 / m->block;
+        for (int32_t i = 0; i < 32; i++) isum += (code_at(t, r, 32 * j + i) - zp) * x[j].q[i];
+        float s = t->scales[(size_t)r * nwb + b], d = x[j].d;
+        if (m->format == EL_INT4_ASYM) acc += s * d * (float)isum + t->mins[(size_t)r * nwb + b] * d * (float)x[j].sum;
+        else acc += s * d * (float)isum;
+    }
+    return acc;
+}
+
+/* ---- checks ----------------------------------------------------------------------------------- */
+
+static const int32_t COLS[] = {32, 64, 96, 100, 288, 576, 1568};
+static const int32_t ROWS[] = {1, 3, 17, 64, 577};
+#define N_COLS ((int)(sizeof COLS / sizeof COLS[0]))
+#define N_ROWS ((int)(sizeof ROWS / sizeof ROWS[0]))
+
+/* Values whose x/d lands exactly on .5 (amax 127 makes d = 1), zeros, a subnormal, NaN, inf. */
+static float *quantize_corner_cases(int32_t *n_out) {
+    int32_t n = 32 * 6 + 7;
+    float *x = random_floats(n);
+    x[0] = 127.0f; x[1] = 2.5f; x[2] = -2.5f; x[3] = 0.5f; x[4] = -0.5f; x[5] = 126.5f; x[6] = -1.5f;
+    for (int i = 32; i < 64; i++) x[i] = 0.0f;
+    x[70] = 1e-40f; for (int i = 64; i < 96; i++) if (i != 70) x[i] = 0.0f;
+    x[100] = NAN;
+    x[140] = INFINITY;
+    *n_out = n;
+    return x;
+}
+
+
+static el_block_q8a *quantize_with(const char *variant, const float *x, int32_t n_rows, int32_t n) {
+    int32_t nb = (n + 31) / 32;
+    el_block_q8a *q = malloc(sizeof(el_block_q8a) * (size_t)nb * (n_rows ? n_rows : 1));
+    el_set_variant(variant);
+    if (el_quantize_q8a(q, nb, x, n_rows, n) != EL_OK) memset(q, 0x55, sizeof(el_block_q8a) * nb * n_rows);
+    return q;
+}
+
+static void check_reference_semantics(void) {
+    /* the ref quantizer on the corner cases, against the header's words */
+    int32_t n;
+    float *x = quantize_corner_cases(&n);
+    el_block_q8a *q = quantize_with("ref", x, 1, n);
+    int ok = q[0].d == 1.0f && q[0].q[1] == 3 && q[0].q[2] == -3 && q[0].q[3] == 1 && q[0].q[4] == -1 &&
+             q[0].q[5] == 127 && q[0].q[6] == -2 && q[1].d == 0.0f && q[1].sum == 0 && isnan(q[3].d) &&
+             q[3].sum == 0 && isnan(q[4].d) && q[6].q[7] == 0;
+    int32_t sum0 = 0;
+    for (int i = 0; i < 32; i++) sum0 += q[0].q[i];
+    report(ok && sum0 == q[0].sum, "ref", "quantize: ties away from zero, zero/NaN/inf blocks, padded tail", "");
+    free(q);
+    free(x);
+
+    /* the ref matvec against the formula written out above */
+    char detail[160] = "";
+    ok = 1;
+    for (int32_t f = 0; f < 3 && ok; f++)
+        for (int32_t block = 32; block <= 128 && ok; block *= 2)
+            for (int c = 0; c < N_COLS && ok; c++) {
+                int32_t rows = 17, cols = COLS[c], nb = (cols + 31) / 32;
+                test_matrix t = make_matrix(f, rows, cols, block);
+                float *xf = random_floats(cols), *y = malloc(sizeof(float) * rows);
+                el_block_q8a *xq = quantize_with("ref", xf, 1, cols);
+                el_matvec(y, rows, &t.m, xq, nb, NULL);
+                for (int32_t r = 0; r < rows && ok; r++) {
+                    float want = formula_row(&t, r, xq);
+                    if (!same_bits(&y[r], &want, sizeof want)) {
+                        ok = 0;
+                        snprintf(detail, sizeof detail, "%s block %d cols %d row %d: %.9g != %.9g",
+                                 FORMAT_NAMES[f], block, cols, r, y[r], want);
+                    }
+                }
+                free(xf), free(y), free(xq), free_matrix(&t);
+            }
+    report(ok, "ref", "matvec equals the formula of edgellm.h (3 formats, blocks 32/64/128)", detail);
+}
+
+static void check_variant_quantize(const char *variant) {
+    int32_t n;
+    float *x = quantize_corner_cases(&n);
+    el_block_q8a *want = quantize_with("ref", x, 1, n), *got = quantize_with(variant, x, 1, n);
+    int32_t nb = (n + 31) / 32;
+    /* NaN blocks: compare the fields (NaN != NaN), all others bit for bit */
+    int ok = 1;
+    for (int32_t j = 0; j < nb; j++) {
+        if (isnan(want[j].d)) ok &= isnan(got[j].d) && got[j].sum == 0 && same_bits(got[j].q, want[j].q, 32);
+        else ok &= same_bits(&got[j], &want[j], sizeof got[j]);
+    }
+    free(want), free(got), free(x);
+    char detail[64] = "";
+    for (int c = 0; c < N_COLS && ok; c++) {
+        int32_t cols = COLS[c] + 7, rows = 3; /* a partial last block on every size */
+        float *xs = random_floats(rows * cols);
+        for (int32_t i = 0; i < rows * cols; i += 5) xs[i] = (float)(int)(xs[i] * 8) / 2; /* many ties */
+        want = quantize_with("ref", xs, rows, cols);
+        got = quantize_with(variant, xs, rows, cols);
+        if (!same_bits(got, want, sizeof(el_block_q8a) * rows * ((cols + 31) / 32))) {
+            ok = 0;
+            snprintf(detail, sizeof detail, "cols %d", cols);
+        }
+        free(want), free(got), free(xs);
+    }
+    report(ok, variant, "quantize_q8a equals ref bit for bit (corner cases, tails)", detail);
+}
+
+/* matvec and matmul of `variant` against ref's matvec, all sizes, for one format and block */
+static void check_variant_products(const char *variant, int32_t format, int32_t block, el_pool *pools[3]) {
+    char what[128], detail[160] = "";
+    int ok = 1, checked = 0;
+    for (int c = 0; c < N_COLS && ok; c++)
+        for (int r = 0; r < N_ROWS && ok; r++) {
+            int32_t rows = ROWS[r], cols = COLS[c], nb = (cols + 31) / 32, n_tok = 5;
+            test_matrix t = make_matrix(format, rows, cols, block);
+            float *xf = random_floats(n_tok * cols);
+            el_block_q8a *xq = quantize_with("ref", xf, n_tok, cols);
+            float *want = malloc(sizeof(float) * n_tok * rows), *got = malloc(sizeof(float) * n_tok * rows);
+            el_set_variant("ref");
+            for (int32_t k = 0; k < n_tok; k++) el_matvec(want + k * rows, rows, &t.m, xq + k * nb, nb, NULL);
+            el_set_variant(variant);
+            for (int p = 0; p < 3 && ok; p++) { /* 1, 2 and 3 threads */
+                memset(got, 0, sizeof(float) * n_tok * rows);
+                el_matvec(got, rows, &t.m, xq, nb, pools[p]);
+                if (!same_bits(got, want, sizeof(float) * rows)) {
+                    ok = 0;
+                    snprintf(detail, sizeof detail, "matvec rows %d cols %d threads %d", rows, cols, p + 1);
+                }
+                for (int32_t tokens = 1; tokens <= n_tok && ok; tokens += 1) {
+                    memset(got, 0, sizeof(float) * n_tok * rows);
+                    el_matmul(got, tokens, rows, &t.m, xq, nb, pools[p]);
+                    if (!same_bits(got, want, sizeof(float) * tokens * rows)) {
+                        ok = 0;
+                        snprintf(detail, sizeof detail, "matmul tokens %d rows %d cols %d threads %d", tokens,
+                                 rows, cols, p + 1);
+                    }
+                }
+                checked++;
+            }
+            free(xf), free(xq), free(want), free(got), free_matrix(&t);
+        }
+    snprintf(what, sizeof what, "matvec+matmul %s block %d equal ref bit for bit (%d shapes x threads 1,2,3)",
+             FORMAT_NAMES[format], block, checked / 3);
+    report(ok, variant, what, detail);
+}
+
+static void check_variant_nan(const char *variant) {
+    int ok = 1;
+    for (int32_t f = 0; f < 3; f++) {
+        int32_t rows = 17, cols = 288, nb = 9;
+        test_matrix t = make_matrix(f, rows, cols, 32);
+        float *xf = random_floats(cols), y[17];
+        xf[200] = NAN;
+        el_block_q8a *xq = quantize_with(variant, xf, 1, cols);
+        el_matvec(y, rows, &t.m, xq, nb, NULL);
+        for (int32_t r = 0; r < rows; r++) ok &= isnan(y[r]) != 0;
+        free(xf), free(xq), free_matrix(&t);
+    }
+    report(ok, variant, "a NaN in x makes every output NaN", "");
+}
+
+static void check_variant_floats(const char *variant) {
+    char detail[128] = "";
+    int ok = 1;
+    const int32_t sizes[] = {1, 7, 64, 576, 1000};
+    for (int s = 0; s < 5; s++) {
+        int32_t n = sizes[s];
+        float *x = random_floats(n), *g = random_floats(n), *u = random_floats(n), *w = random_floats(n);
+        for (int32_t i = 0; i < n; i++) x[i] *= 4; /* a softmax with some spread */
+        float *a = malloc(sizeof(float) * n), *b = malloc(sizeof(float) * n);
+        struct { const char *name; double err; } results[4];
+        el_set_variant("ref"); el_rms_norm(a, x, w, 1, n, 1e-5f);
+        el_set_variant(variant); el_rms_norm(b, x, w, 1, n, 1e-5f);
+        results[0].name = "rms_norm", results[0].err = nmse(b, a, n);
+        el_set_variant("ref"); el_softmax(a, x, 1, n);
+        el_set_variant(variant); el_softmax(b, x, 1, n);
+        results[1].name = "softmax", results[1].err = nmse(b, a, n);
+        el_set_variant("ref"); el_silu_mul(a, g, u, n);
+        el_set_variant(variant); el_silu_mul(b, g, u, n);
+        results[2].name = "silu_mul", results[2].err = nmse(b, a, n);
+        el_set_variant("ref"); el_add(a, g, u, n);
+        el_set_variant(variant); el_add(b, g, u, n);
+        results[3].name = "add", results[3].err = nmse(b, a, n);
+        for (int k = 0; k < 4; k++)
+            if (!(results[k].err <= 1e-10)) {
+                ok = 0;
+                snprintf(detail, sizeof detail, "%s n %d nmse %.3g", results[k].name, n, results[k].err);
+            }
+        free(x), free(g), free(u), free(w), free(a), free(b);
+    }
+    /* RoPE: 9 heads of 64 (SmolLM2) and 3 heads of 6 (a tail) */
+    const int32_t shapes[2][2] = {{9, 64}, {3, 6}};
+    for (int s = 0; s < 2; s++) {
+        int32_t heads = shapes[s][0], dim = shapes[s][1], n = heads * dim;
+        float *x = random_floats(n), *a = malloc(sizeof(float) * n), *b = malloc(sizeof(float) * n);
+        float inv[32], c[32], sn[32];
+        for (int32_t i = 0; i < dim / 2; i++) inv[i] = powf(10000.0f, -2.0f * i / dim);
+        el_rope_tables(c, sn, inv, dim / 2, 37.0f);
+        el_set_variant("ref"); el_rope(a, x, c, sn, heads, dim);
+        el_set_variant(variant); el_rope(b, x, c, sn, heads, dim);
+        if (!(nmse(b, a, n) <= 1e-10)) {
+            ok = 0;
+            snprintf(detail, sizeof detail, "rope %dx%d", heads, dim);
+        }
+        free(x), free(a), free(b);
+    }
+    report(ok, variant, "rms_norm, rope, softmax, silu_mul, add within NMSE 1e-10 of ref", detail);
+}
+
+int main(void) {
+    int status = el_init();
+    const char *forced = getenv("EDGELLM_KERNELS");
+    if (status != EL_OK) {
+        printf("dispatch: EDGELLM_KERNELS=%s refused: %s\n", forced ? forced : "", el_status_string(status));
+        return 2;
+    }
+    const char *names[8];
+    int32_t count = el_available_variants(names, 8);
+    printf("dispatch: variant=%s available:", el_variant());
+    for (int32_t i = 0; i < count; i++) printf(" %s", names[i]);
+    printf("\n");
+    if (strcmp(el_variant(), "i8mm") == 0) printf("dispatch: i8mm runs matmul with SMMLA, matvec with SDOT\n");
+    const char *chosen = el_variant();
+
+    el_pool *pools[3] = {NULL, NULL, NULL};
+    for (int p = 0; p < 3; p++)
+        if (el_pool_create(&pools[p], p + 1) != EL_OK) {
+            printf("FAIL could not create a pool of %d threads\n", p + 1);
+            return 1;
+        }
+
+    check_reference_semantics();
+    for (int32_t i = 0; i < count; i++) {
+        const char *variant = names[i];
+        check_variant_quantize(variant);
+        for (int32_t f = 0; f < 3; f++) check_variant_products(variant, f, 32, pools);
+        if (strcmp(variant, "ref") != 0) {
+            check_variant_products(variant, EL_INT4_ASYM, 64, pools);
+            check_variant_products(variant, EL_INT8_SYM, 128, pools);
+        }
+        check_variant_nan(variant);
+        if (strcmp(variant, "ref") != 0) check_variant_floats(variant);
+    }
+    el_set_variant(chosen);
+    report(el_set_variant("no-such-variant") == EL_EUNSUPPORTED, "-", "an unknown variant is refused", "");
+    report(el_matvec(NULL, 0, NULL, NULL, 0, NULL) == EL_EINVAL, "-", "NULL arguments return EL_EINVAL", "");
+
+    for (int p = 0; p < 3; p++) el_pool_destroy(pools[p]);
+    printf("%d passed, %d failed\n", n_passed, n_failed);
+    return n_failed ? 1 : 0;
+}
