@@ -153,6 +153,40 @@ def chat(
         fail(error)
 
 
+@app.command()
+def bench(
+    bundle: Optional[str] = typer.Argument(None, help="Bundle folder (default: SmolLM2-135M-Instruct)."),
+    runs: int = typer.Option(5, "--runs", help="Interleaved runs per engine; medians are reported."),
+    prompt_lengths: List[int] = typer.Option([128, 512], "--prompt-length", help="Prefill lengths (repeatable)."),
+    decode_tokens: int = typer.Option(128, "--decode-tokens", help="Tokens decoded per run."),
+    threads: Optional[int] = _threads,
+    compare: List[str] = typer.Option([], "--compare", help="Peer engine: llama.cpp, onnxruntime-genai (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (schema edgellm-bench/1)."),
+) -> None:
+    """Measure prefill and decode speed, time to first token, load time and peak RSS, against peers."""
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from .bench import print_bench, run_bench
+        from .run_command import ensure_default_bundle
+
+        path = Path(bundle) if bundle else ensure_default_bundle()
+        console = Console(stderr=True)
+        with Progress(TextColumn("{task.description:<40.40}"), BarColumn(), TimeElapsedColumn(), console=console,
+                      transient=True, disable=not console.is_terminal) as bar:
+            task = bar.add_task("bench", total=1.0)
+            report = run_bench(path, runs=runs, prompt_lengths=tuple(prompt_lengths), decode_tokens=decode_tokens,
+                               threads=threads, compare=compare,
+                               progress=lambda stage, done: bar.update(task, description=stage, completed=done))
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+        else:
+            print_bench(report, Console())
+    except EdgeLLMError as error:
+        fail(error)
+
+
 def main() -> None:  # python -m edgellm
     app(prog_name="edgellm")
 
