@@ -1,0 +1,392 @@
+"""The native kernels (native/, C called through cffi): the one module that touches cffi.
+
+It loads the compiled extension `edgellm._native` (built at `pip install` by setup.py, optional),
+checks its ABI version, checks every numpy argument's dtype, contiguity and length and hands
+the buffers over without copying. cffi releases the GIL for each call, so other Python threads
+run while a kernel does. Nothing outside this module sees a cdata pointer.
+
+The formats and the math are documented in native/edgellm.h. The numpy definitions at the end
+of this module (`quantize_activations_numpy`, `matvec_numpy`) compute the same thing in the same
+order: the C reference, and every SIMD variant, equals them bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import EdgeLLMError
+
+ABI_VERSION = 1  # must equal EL_ABI_VERSION in native/edgellm.h
+Q8A_BLOCK = 32
+# One activation block: el_block_q8a {float d; int32_t sum; int8_t q[32];}, 40 bytes.
+Q8A_DTYPE = np.dtype([("d", "<f4"), ("sum", "<i4"), ("q", "i1", (Q8A_BLOCK,))])
+FORMATS = {"int4_asym": 0, "int4_sym": 1, "int8_sym": 2}  # enum el_format
+BITS = {"int4_asym": 4, "int4_sym": 4, "int8_sym": 8}
+ZERO_POINTS = {"int4_asym": 0, "int4_sym": 8, "int8_sym": 128}
+BLOCK_SIZES = (32, 64, 128)
+
+_HINT_BUILD = ("install a C compiler and the Python headers (apt-get install gcc python3-dev) and cffi, "
+               "then reinstall edgellm (pip install -e .)")
+
+_loaded = None  # (ffi, lib) once the extension imported and its ABI matched
+_load_error: EdgeLLMError | None = None
+
+
+def _open():
+    """(ffi, lib) of the extension, or EdgeLLMError saying why it cannot be used."""
+    global _loaded, _load_error
+    if _loaded is None and _load_error is None:
+        try:
+            from . import _native  # noqa: PLC0415 (optional: the build may have been skipped)
+        except ImportError as error:
+            _load_error = EdgeLLMError(
+                f"native backend unavailable: the C extension edgellm._native is not built ({error})", _HINT_BUILD)
+        else:
+            ffi, lib = _native.ffi, _native.lib
+            abi = lib.el_abi_version()
+            if abi != ABI_VERSION or lib.EL_ABI_VERSION != ABI_VERSION:
+                _load_error = EdgeLLMError(
+                    f"native backend unavailable: edgellm._native has ABI version {abi}, "
+                    f"this edgellm expects {ABI_VERSION}", "the extension is stale: " + _HINT_BUILD)
+            elif ffi.sizeof("el_block_q8a") != Q8A_DTYPE.itemsize:
+                _load_error = EdgeLLMError(
+                    f"native backend unavailable: el_block_q8a is {ffi.sizeof('el_block_q8a')} bytes, "
+                    f"expected {Q8A_DTYPE.itemsize}", _HINT_BUILD)
+            else:
+                _loaded = (ffi, lib)
+    if _load_error is not None:
+        raise _load_error
+    return _loaded
+
+
+def _load():
+    """(ffi, lib) with a kernel variant chosen (EDGELLM_KERNELS, if set, must name one this CPU runs)."""
+    ffi, lib = _open()
+    if lib.el_init() != lib.EL_OK and ffi.string(lib.el_variant()) == b"none":
+        raise EdgeLLMError(f"EDGELLM_KERNELS={os.environ.get('EDGELLM_KERNELS', '')!r} names a kernel variant "
+                           "this CPU does not run", f"choose one of: {', '.join(available_variants())}")
+    return ffi, lib
+
+
+def available() -> bool:
+    """True if the native kernels can run here."""
+    return unavailable_reason() is None
+
+
+def unavailable_reason() -> str | None:
+    try:
+        _load()
+    except EdgeLLMError as error:
+        return str(error)
+    return None
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        ffi, lib = _loaded
+        raise EdgeLLMError(f"native {what} failed: {ffi.string(lib.el_status_string(status)).decode()}")
+
+
+# ---- variants ----------------------------------------------------------------------------------
+
+def kernel_variant() -> str:
+    """The variant the kernels run: ref, avx2, avx512vnni, neon, dotprod or i8mm."""
+    ffi, lib = _load()
+    return ffi.string(lib.el_variant()).decode()
+
+
+def available_variants() -> list[str]:
+    """The variants this CPU runs, best last (the default is the last one)."""
+    ffi, lib = _open()
+    names = ffi.new("const char *[16]")
+    count = lib.el_available_variants(names, 16)
+    return [ffi.string(names[i]).decode() for i in range(count)]
+
+
+def set_variant(name: str) -> None:
+    """Switch variant (tests, benchmarks). Not while kernels run on other threads."""
+    ffi, lib = _open()  # not _load: a bad EDGELLM_KERNELS is what this may fix
+    if lib.el_set_variant(name.encode()) != lib.EL_OK:
+        raise EdgeLLMError(f"kernel variant {name!r} does not run on this CPU",
+                           f"choose one of: {', '.join(available_variants())}")
+
+
+@contextlib.contextmanager
+def using_variant(name: str):
+    """Run the block with kernel variant `name`, then restore the previous one."""
+    previous = kernel_variant()
+    set_variant(name)
+    try:
+        yield
+    finally:
+        set_variant(previous)
+
+
+# ---- argument checks: dtype, contiguity, length; never a copy ----------------------------------
+
+def _array(value, dtype, name: str, size: int | None = None) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise EdgeLLMError(f"{name} must be a numpy array, got {type(value).__name__}")
+    if value.ndim == 0 or value.shape[-1] == 0:
+        raise EdgeLLMError(f"{name} must have at least one element along its last axis, got shape {value.shape}")
+    if value.dtype != dtype:
+        raise EdgeLLMError(f"{name} must be {np.dtype(dtype)}, got {value.dtype}")
+    if not value.flags.c_contiguous:
+        raise EdgeLLMError(f"{name} must be C-contiguous", "pass np.ascontiguousarray(...)")
+    if size is not None and value.size != size:
+        raise EdgeLLMError(f"{name} has {value.size} elements, expected {size}")
+    return value
+
+
+def _out(out, shape: tuple, dtype, name: str = "out") -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype)
+    _array(out, dtype, name, int(np.prod(shape)))
+    if not out.flags.writeable:
+        raise EdgeLLMError(f"{name} is read-only")
+    return out
+
+
+def _ptr(ffi, ctype: str, array: np.ndarray):
+    return ffi.from_buffer(ctype, array)
+
+
+class ThreadPool:
+    """n_threads computing the rows of one product together (the caller's thread is one of them)."""
+
+    def __init__(self, n_threads: int):
+        ffi, lib = _load()
+        if not 1 <= n_threads <= 1024:
+            raise EdgeLLMError(f"thread count must be between 1 and 1024, got {n_threads}")
+        handle = ffi.new("el_pool **")
+        _check(lib.el_pool_create(handle, n_threads), "thread pool creation")
+        self._pool = ffi.gc(handle[0], lib.el_pool_destroy)
+        self.n_threads = n_threads
+
+    def close(self) -> None:
+        if self._pool is not None:
+            ffi, _ = _loaded
+            ffi.release(self._pool)  # runs el_pool_destroy now
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _pool_handle(pool: ThreadPool | None):
+    if pool is None:
+        return _loaded[0].NULL
+    if pool._pool is None:
+        raise EdgeLLMError("the thread pool is closed")
+    return pool._pool
+
+
+# ---- quantized matrices and activations --------------------------------------------------------
+
+@dataclass
+class QMatrix:
+    """A block-quantized [rows, cols] matrix in the layout of native/edgellm.h (and of weights.bin).
+
+    qweight uint8 [rows, n_blocks, block*bits/8], scales float32 [rows, n_blocks], mins float32
+    [rows, n_blocks] for int4_asym. The arrays are referenced, not copied: a memory-mapped
+    weights.bin stays on disk.
+    """
+
+    format: str
+    rows: int
+    cols: int
+    qweight: np.ndarray
+    scales: np.ndarray
+    mins: np.ndarray | None = None
+    block: int = 32
+    _struct: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise EdgeLLMError(f"unknown quantization format {self.format!r}", f"supported: {', '.join(FORMATS)}")
+        if self.block not in BLOCK_SIZES:
+            raise EdgeLLMError(f"the native kernels take blocks of {BLOCK_SIZES}, not {self.block}",
+                               "export the model with --block 32")
+        if self.rows < 0 or self.cols < 1:
+            raise EdgeLLMError(f"bad matrix shape [{self.rows}, {self.cols}]")
+        n_blocks = -(-self.cols // self.block)
+        _array(self.qweight, np.uint8, "qweight", self.rows * n_blocks * self.block * BITS[self.format] // 8)
+        _array(self.scales, np.float32, "scales", self.rows * n_blocks)
+        if self.format == "int4_asym":
+            if self.mins is None:
+                raise EdgeLLMError("int4_asym needs mins")
+            _array(self.mins, np.float32, "mins", self.rows * n_blocks)
+        elif self.mins is not None:
+            raise EdgeLLMError(f"{self.format} has no mins")
+        ffi, _ = _load()
+        buffers = (_ptr(ffi, "uint8_t[]", self.qweight), _ptr(ffi, "float[]", self.scales),
+                   _ptr(ffi, "float[]", self.mins) if self.mins is not None else ffi.NULL)
+        struct = ffi.new("el_qmatrix *")
+        struct.format, struct.rows, struct.cols, struct.block = FORMATS[self.format], self.rows, self.cols, self.block
+        struct.qweight, struct.scales, struct.mins = buffers
+        self._struct = struct
+        self._buffers = buffers  # the struct holds raw pointers; these keep the buffers exported
+
+    @property
+    def n_xblocks(self) -> int:
+        return -(-self.cols // Q8A_BLOCK)
+
+
+def quantize_activations(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x float32 [n] or [tokens, n] -> el_block_q8a blocks [ceil(n/32)] or [tokens, ceil(n/32)]."""
+    ffi, lib = _load()
+    _array(x, np.float32, "x")
+    if x.ndim not in (1, 2) or x.shape[-1] == 0:
+        raise EdgeLLMError(f"x must be [n] or [tokens, n], got shape {x.shape}")
+    n, n_rows = x.shape[-1], (x.shape[0] if x.ndim == 2 else 1)
+    n_blocks = -(-n // Q8A_BLOCK)
+    out = _out(out, x.shape[:-1] + (n_blocks,), Q8A_DTYPE)
+    _check(lib.el_quantize_q8a(_ptr(ffi, "el_block_q8a[]", out), n_blocks, _ptr(ffi, "float[]", x), n_rows, n),
+           "quantize_q8a")
+    return out
+
+
+def matvec(w: QMatrix, xq: np.ndarray, out: np.ndarray | None = None, pool: ThreadPool | None = None) -> np.ndarray:
+    """y float32 [rows] = W x for activation blocks xq [ceil(cols/32)]."""
+    ffi, lib = _load()
+    _array(xq, Q8A_DTYPE, "xq", w.n_xblocks)
+    out = _out(out, (w.rows,), np.float32)
+    _check(lib.el_matvec(_ptr(ffi, "float[]", out), w.rows, w._struct, _ptr(ffi, "el_block_q8a[]", xq),
+                         w.n_xblocks, _pool_handle(pool)), "matvec")
+    return out
+
+
+def matmul(w: QMatrix, xq: np.ndarray, out: np.ndarray | None = None, pool: ThreadPool | None = None) -> np.ndarray:
+    """Y float32 [tokens, rows] = X W^T for activation blocks xq [tokens, ceil(cols/32)]."""
+    ffi, lib = _load()
+    if xq.ndim != 2:
+        raise EdgeLLMError(f"xq must be [tokens, blocks], got shape {xq.shape}")
+    _array(xq, Q8A_DTYPE, "xq", xq.shape[0] * w.n_xblocks)
+    n_tokens = xq.shape[0]
+    out = _out(out, (n_tokens, w.rows), np.float32)
+    _check(lib.el_matmul(_ptr(ffi, "float[]", out), n_tokens, w.rows, w._struct, _ptr(ffi, "el_block_q8a[]", xq),
+                         w.n_xblocks, _pool_handle(pool)), "matmul")
+    return out
+
+
+# ---- float kernels ----------------------------------------------------------------------------
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
+    """x [n] or [rows, n] float32 -> x / sqrt(mean(x^2) + eps) * weight [n]."""
+    ffi, lib = _load()
+    _array(x, np.float32, "x")
+    n = x.shape[-1]
+    _array(weight, np.float32, "weight", n)
+    out = _out(out, x.shape, np.float32)
+    _check(lib.el_rms_norm(_ptr(ffi, "float[]", out), _ptr(ffi, "float[]", x), _ptr(ffi, "float[]", weight),
+                           x.size // n, n, eps), "rms_norm")
+    return out
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x [heads, head_dim] float32 rotated with cos, sin [head_dim/2] (rotate-half, HF order)."""
+    ffi, lib = _load()
+    _array(x, np.float32, "x")
+    if x.ndim != 2 or x.shape[1] % 2:
+        raise EdgeLLMError(f"x must be [heads, head_dim] with an even head_dim, got shape {x.shape}")
+    heads, head_dim = x.shape
+    _array(cos, np.float32, "cos", head_dim // 2)
+    _array(sin, np.float32, "sin", head_dim // 2)
+    out = _out(out, x.shape, np.float32)
+    _check(lib.el_rope(_ptr(ffi, "float[]", out), _ptr(ffi, "float[]", x), _ptr(ffi, "float[]", cos),
+                       _ptr(ffi, "float[]", sin), heads, head_dim), "rope")
+    return out
+
+
+def rope_tables(inv_freq: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin float32 [half] of angles float32(position) * inv_freq."""
+    ffi, lib = _load()
+    _array(inv_freq, np.float32, "inv_freq")
+    cos, sin = np.empty_like(inv_freq), np.empty_like(inv_freq)
+    _check(lib.el_rope_tables(_ptr(ffi, "float[]", cos), _ptr(ffi, "float[]", sin), _ptr(ffi, "float[]", inv_freq),
+                              inv_freq.size, float(position)), "rope_tables")
+    return cos, sin
+
+
+def softmax(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Softmax over the last axis of x [n] or [rows, n] float32."""
+    ffi, lib = _load()
+    _array(x, np.float32, "x")
+    n = x.shape[-1]
+    out = _out(out, x.shape, np.float32)
+    _check(lib.el_softmax(_ptr(ffi, "float[]", out), _ptr(ffi, "float[]", x), x.size // n, n), "softmax")
+    return out
+
+
+def silu_mul(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """silu(gate) * up, elementwise, float32."""
+    ffi, lib = _load()
+    _array(gate, np.float32, "gate")
+    _array(up, np.float32, "up", gate.size)
+    out = _out(out, gate.shape, np.float32)
+    _check(lib.el_silu_mul(_ptr(ffi, "float[]", out), _ptr(ffi, "float[]", gate), _ptr(ffi, "float[]", up),
+                           gate.size), "silu_mul")
+    return out
+
+
+def add(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """a + b, elementwise, float32 (the residual add)."""
+    ffi, lib = _load()
+    _array(a, np.float32, "a")
+    _array(b, np.float32, "b", a.size)
+    out = _out(out, a.shape, np.float32)
+    _check(lib.el_add(_ptr(ffi, "float[]", out), _ptr(ffi, "float[]", a), _ptr(ffi, "float[]", b), a.size), "add")
+    return out
+
+
+# ---- numpy definitions: what the C code computes, bit for bit -----------------------------------
+
+def quantize_activations_numpy(x: np.ndarray) -> np.ndarray:
+    """x float32 [..., n] -> Q8A_DTYPE [..., ceil(n/32)], as native/edgellm.h defines it."""
+    x = np.asarray(x, np.float32)
+    n = x.shape[-1]
+    n_blocks = -(-n // Q8A_BLOCK)
+    padded = np.zeros(x.shape[:-1] + (n_blocks * Q8A_BLOCK,), np.float32)
+    padded[..., :n] = x
+    blocks = padded.reshape(x.shape[:-1] + (n_blocks, Q8A_BLOCK))  # [..., blocks, 32]
+    magnitude = np.abs(blocks)
+    finite = np.all(magnitude <= np.finfo(np.float32).max, axis=-1)  # False for NaN and inf
+    amax = np.where(finite, np.where(finite[..., None], magnitude, 0).max(axis=-1), np.float32(0))
+    d = (amax / np.float32(127)).astype(np.float32)  # [..., blocks]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        scaled = blocks / np.where(d == 0, np.float32(1), d)[..., None]
+        whole = np.trunc(scaled)
+        rounded = whole + np.where(np.abs(scaled - whole) >= np.float32(0.5), np.sign(scaled), np.float32(0))
+    keep = (finite & (d != 0))[..., None]
+    q = np.where(keep, np.clip(rounded, -127, 127), 0).astype(np.int8)
+    out = np.empty(x.shape[:-1] + (n_blocks,), Q8A_DTYPE)
+    out["d"] = np.where(finite, d, np.float32(np.nan))
+    out["sum"] = q.sum(axis=-1, dtype=np.int32)
+    out["q"] = q
+    return out
+
+
+def matvec_numpy(fmt: str, codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, cols: int,
+                 xq: np.ndarray) -> np.ndarray:
+    """y float32 [rows] from unpacked codes uint8 [rows, n_blocks, block] (quant_formats' codes),
+    scales/mins [rows, n_blocks] and activation blocks xq [ceil(cols/32)], in the C order."""
+    rows, _, block = codes.shape
+    n_xblocks = -(-cols // Q8A_BLOCK)
+    c = codes.reshape(rows, -1)[:, : n_xblocks * Q8A_BLOCK].reshape(rows, n_xblocks, Q8A_BLOCK)
+    isum = ((c.astype(np.int64) - ZERO_POINTS[fmt]) * xq["q"].astype(np.int64)).sum(axis=-1)  # exact
+    isum = isum.astype(np.float32)  # [rows, n_xblocks]; |isum| < 2**24, so exact too
+    acc = np.zeros(rows, np.float32)
+    for j in range(n_xblocks):
+        b, d = j * Q8A_BLOCK // block, xq["d"][j]
+        if fmt == "int4_asym":
+            acc = acc + (scales[:, b] * d * isum[:, j] + mins[:, b] * d * np.float32(xq["sum"][j]))
+        else:
+            acc = acc + scales[:, b] * d * isum[:, j]
+    return acc
