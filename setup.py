@@ -16,9 +16,15 @@ def _warn(message: str) -> None:
 
 
 class OptionalBuildExt(build_ext):
-    """build_ext that turns a failed compile into a warning instead of a failed install."""
+    """build_ext that turns a failed compile into a warning instead of a failed install.
+
+    pip shows a successful build's output only with -v; edgellm.native says at run time that
+    the backend is unavailable and how to fix it."""
+
+    failed: set
 
     def run(self):
+        self.failed = set()
         try:
             super().run()
         except Exception as error:  # e.g. no compiler at all (DistutilsPlatformError)
@@ -28,7 +34,16 @@ class OptionalBuildExt(build_ext):
         try:
             super().build_extension(ext)
         except Exception as error:  # CompileError, LinkError, a missing Python.h, ...
+            self.failed.add(ext.name)
             _warn(f"could not build {ext.name} ({type(error).__name__}: {error})")
+
+    def copy_extensions_to_source(self):  # editable installs: skip what was not built
+        built = [ext for ext in self.extensions if ext.name not in self.failed]
+        self.extensions, everything = built, self.extensions
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = everything
 
 
 def _cffi_modules() -> dict:
