@@ -18,7 +18,9 @@ BLOCKED = ("onnx", "gguf", "safetensors", "torch", "transformers")
 
 RUNTIME_MODULES = ("edgellm", "edgellm.cli", "edgellm.manifest", "edgellm.model_config", "edgellm.bundle_info",
                    "edgellm.default_model", "edgellm.streaming", "edgellm.sampling", "edgellm.settings",
-                   "edgellm.weights")
+                   "edgellm.weights", "edgellm.model", "edgellm.generation", "edgellm.chat", "edgellm.chat_template",
+                   "edgellm.tokenizer", "edgellm.memory", "edgellm.run_command", "edgellm.bench",
+                   "edgellm.backends.onnxruntime_backend")
 
 # Installed first thing in the child interpreter, before anything from edgellm is imported.
 BLOCKER = textwrap.dedent(f"""
@@ -120,3 +122,24 @@ def test_export_without_the_export_extra_fails_with_one_line_saying_what_to_inst
     assert result.stdout.strip().splitlines()[-1] == "loaded:", shown
     assert not (tmp_path / "bundle").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+
+def test_a_bundle_loads_and_streams_with_the_export_packages_blocked(tmp_path):
+    from edgellm.export.exporter import export_model
+    from tiny_models import make_tiny_model, save_tiny_model
+
+    bundle = tmp_path / "bundle"
+    export_model(save_tiny_model(make_tiny_model("llama", tie=True), tmp_path / "hf"), bundle)
+    body = """
+        import json, sys
+        import edgellm
+
+        with edgellm.load(sys.argv[1]) as model:
+            chunks = list(model.chat([{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0,
+                                     stop_token_ids=()))
+        print(json.dumps({"generated": chunks[-1].stats.generated_tokens, "loaded": heavy_modules_loaded()}))
+    """
+    result = run_blocked(body, str(bundle), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"generated": 6, "loaded": []}
