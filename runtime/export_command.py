@@ -19,7 +19,7 @@ def require_export_extras() -> None:
 
 
 def run_export(source: str, output: Path, *, bits: int, block: int, symmetric: bool, keep_8bit: tuple[str, ...],
-               verify: bool, force: bool, quiet: bool = False) -> None:
+               verify: bool, force: bool) -> None:
     require_export_extras()
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -36,12 +36,9 @@ def run_export(source: str, output: Path, *, bits: int, block: int, symmetric: b
         task = bar.add_task("export", total=1.0)
         manifest = export_model(source, output, options,
                                 progress=lambda stage, done: bar.update(task, description=stage, completed=done))
-    out = Console(stderr=quiet)
+    out = Console()
     for warning in manifest["provenance"]["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
-    if quiet:
-        out.print(f"verification {'passed' if manifest['verification'].get('passed') else 'skipped'}")
-    else:
-        print_quantization(manifest, out)
-        print_verification(manifest, out)
+    print_quantization(manifest, out)
+    print_verification(manifest, out)
     out.print(f"bundle written to [bold]{output}[/bold] in {manifest['provenance']['export_seconds']:.1f} s")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import threading
 from contextlib import contextmanager
@@ -28,12 +29,17 @@ def ensure_default_bundle() -> Path:
     bundle = default_bundle_dir()
     if (bundle / "manifest.json").is_file():
         return bundle
-    from .export_command import run_export
+    from .export_command import require_export_extras
 
+    require_export_extras()
     print(f"first use: exporting the default model to {bundle}", file=sys.stderr)
     bundle.parent.mkdir(parents=True, exist_ok=True)
-    run_export("default", bundle, bits=4, block=32, symmetric=False,
-               keep_8bit=("model.embed_tokens.weight", "lm_head.weight"), verify=True, force=True, quiet=True)
+    # In a child process, so that the exporter's memory (float weights for verification) is not
+    # counted in this process's resident set for the rest of its life.
+    done = subprocess.run([sys.executable, "-m", "edgellm", "export", "default", "-o", str(bundle), "--force"],
+                          stdout=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise EdgeLLMError("exporting the default model failed (see the message above)")
     return bundle
 
 
