@@ -7,9 +7,8 @@ from transformers import PreTrainedTokenizerFast
 import edgellm
 from edgellm.chat_template import ChatTemplateError, render_chat
 from edgellm.errors import ContextOverflowError, InvalidSettingError
-from edgellm.export.exporter import export_model
 from edgellm.manifest import read_manifest
-from tiny_models import CHATML_TEMPLATE, make_tiny_model, save_tiny_model
+from tiny_models import CHATML_TEMPLATE
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi there"}],
@@ -53,11 +52,8 @@ def test_malformed_messages_are_refused(messages):
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    bundle = folder / "bundle"
-    export_model(save_tiny_model(make_tiny_model("llama", tie=True), folder / "hf"), bundle)
-    return bundle
+def tiny_bundle(tiny_llama_bundle):
+    return tiny_llama_bundle
 
 
 def test_a_long_chat_drops_the_oldest_turns_but_keeps_the_system_prompt(tiny_bundle):

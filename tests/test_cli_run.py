@@ -9,16 +9,11 @@ import time
 
 import pytest
 
-from edgellm.export.exporter import export_model
-from tiny_models import make_tiny_model, save_tiny_model
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    out = folder / "bundle"
-    export_model(save_tiny_model(make_tiny_model("llama", tie=True), folder / "hf"), out)
-    return out
+def bundle(tiny_llama_bundle):
+    return tiny_llama_bundle
 
 
 def edgellm(*args, stdin=None):

@@ -124,12 +124,8 @@ def test_export_without_the_export_extra_fails_with_one_line_saying_what_to_inst
     assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
 
 
-def test_a_bundle_loads_and_streams_with_the_export_packages_blocked(tmp_path):
-    from edgellm.export.exporter import export_model
-    from tiny_models import make_tiny_model, save_tiny_model
-
-    bundle = tmp_path / "bundle"
-    export_model(save_tiny_model(make_tiny_model("llama", tie=True), tmp_path / "hf"), bundle)
+def test_a_bundle_loads_and_streams_with_the_export_packages_blocked(tmp_path, tiny_llama_bundle):
+    bundle = tiny_llama_bundle
     body = """
         import json, sys
         import edgellm

@@ -9,16 +9,11 @@ import pytest
 
 import edgellm
 from edgellm.errors import BundleError, ContextOverflowError, InvalidSettingError, MemoryBudgetError
-from edgellm.export.exporter import export_model
-from tiny_models import make_tiny_model, save_tiny_model
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    bundle = folder / "bundle"
-    export_model(save_tiny_model(make_tiny_model("llama", tie=True), folder / "hf"), bundle)
-    return bundle
+def pristine(tiny_llama_bundle):
+    return tiny_llama_bundle
 
 
 @pytest.fixture

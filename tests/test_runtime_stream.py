@@ -10,8 +10,6 @@ import pytest
 
 import edgellm
 from edgellm.errors import EdgeLLMError
-from edgellm.export.exporter import export_model
-from tiny_models import make_tiny_model, save_tiny_model
 
 TEXTS = {
     "chinese": "我们在边缘设备上运行语言模型，速度很快。",
@@ -41,11 +39,8 @@ class ForcedLogits:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    bundle = folder / "bundle"
-    export_model(save_tiny_model(make_tiny_model("llama", tie=True), folder / "hf"), bundle)
-    with edgellm.load(bundle, context_length=256) as m:
+def model(tiny_llama_bundle):
+    with edgellm.load(tiny_llama_bundle, context_length=256) as m:
         yield m
 
 
