@@ -1,0 +1,153 @@
+"""`edgellm serve`: uvicorn around the app, with systemd's life cycle.
+
+  start     read the manifest (a bad bundle fails here, before binding), bind, load the model in
+            the background (GET /health: loading), warm it up, then READY=1
+  run       WATCHDOG=1 every WatchdogSec/2 while the generation loop is idle or moving
+  SIGTERM   STOPPING=1, refuse new requests (503), give admitted ones the grace period, cancel
+            what is left, close the listener, exit 0; a second SIGTERM or SIGINT exits at once
+
+Exit codes: 0 after a signal, 1 when the model could not be loaded (systemd's Restart=on-failure
+tries again; the message says why).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from ..errors import EdgeLLMError
+from ..settings import RuntimeSettings
+from . import systemd
+from .config import ServerConfig
+
+try:
+    import fastapi  # noqa: F401  (app.py's; checked here so that the message names the extra)
+    import uvicorn
+except ImportError as missing:
+    raise EdgeLLMError(f"the server needs fastapi and uvicorn ({missing.name} is not installed)",
+                       "pip install 'edgellm[serve]'") from None
+
+log = logging.getLogger("edgellm.server")
+
+# uvicorn's own backstop after our drain: connections still open then are closed.
+UVICORN_SHUTDOWN_TIMEOUT = 5.0
+JOURNAL_LEVELS = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """Under systemd (JOURNAL_STREAM set) a line is "<priority>message": journald stores the level
+    and adds the time itself. Elsewhere: "time level message"."""
+
+    def __init__(self, journal: bool):
+        super().__init__("%(message)s" if journal else "%(asctime)s %(levelname)s %(message)s")
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record).replace("\n", " | ")  # one record, one journal entry
+        return f"<{JOURNAL_LEVELS.get(record.levelno, 6)}>{text}" if self.journal else text
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JournalFormatter(journal=bool(os.environ.get("JOURNAL_STREAM"))))
+    for name in ("edgellm", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
+    logging.getLogger("uvicorn.access").disabled = True  # the app logs one line per request itself
+
+
+def run_server(bundle: str | Path, config: ServerConfig, settings: RuntimeSettings | None = None) -> int:
+    """Serve `bundle` until SIGTERM/SIGINT; returns the process exit code."""
+    configure_logging()
+    from .app import ServerState, create_app
+
+    exit_code = [0]
+    server_box: list = []
+
+    def on_fatal(error: BaseException) -> None:
+        exit_code[0] = 1
+        systemd.notify(f"STATUS=failed: {error}", f"ERRNO={getattr(error, 'errno', None) or 22}")
+        if server_box:
+            server_box[0].should_exit = True  # uvicorn then exits its loop
+
+    state = ServerState(bundle, config, settings, on_fatal=on_fatal)  # reads the manifest: EdgeLLMError here
+    app = create_app(state)
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
+                               timeout_graceful_shutdown=UVICORN_SHUTDOWN_TIMEOUT, lifespan="on",
+                               limit_concurrency=max(64, 4 * (config.max_queue + 1)), server_header=False)
+    server = DrainingServer(uv_config, state)
+    server_box.append(server)
+    systemd.notify("STATUS=loading the model")
+    asyncio.run(_serve(server, state, config))
+    if not server.started and exit_code[0] == 0:
+        exit_code[0] = 1  # could not bind (uvicorn logged why)
+    return exit_code[0]
+
+
+async def _serve(server: "DrainingServer", state, config: ServerConfig) -> None:
+    tasks = [asyncio.create_task(_announce_ready(server, state, config), name="edgellm-ready")]
+    timeout = systemd.watchdog_seconds()
+    if timeout:
+        # the worker may take up to the whole watchdog timeout for one step (a long prefill)
+        tasks.append(asyncio.create_task(systemd.watchdog(lambda: state.alive(timeout), timeout),
+                                         name="edgellm-watchdog"))
+    try:
+        await server.serve()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _announce_ready(server: "DrainingServer", state, config: ServerConfig) -> None:
+    await state.ready.wait()
+    while not server.started:  # the model may be ready before uvicorn has bound the socket
+        await asyncio.sleep(0.01)
+    if state.status != "ready":
+        return
+    log.info("ready: serving %s on http://%s:%d (queue %d, timeout %.0f s%s)", state.model_name, config.host,
+             config.port, config.max_queue, config.timeout, ", API key required" if config.api_key else "")
+    systemd.notify("READY=1", f"STATUS=serving {state.model_name} on {config.host}:{config.port}")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains instead of exiting at once.
+
+    uvicorn installs `handle_exit` as the signal handler (and re-raises caught signals after
+    serving, which would turn exit 0 into death by SIGTERM); overriding it keeps both in our hands.
+    """
+
+    def __init__(self, config: "uvicorn.Config", state) -> None:
+        super().__init__(config)
+        self.state = state
+        self.draining_since: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining_since is not None or self._loop is None:
+            log.warning("%s again: exiting now", signal.Signals(sig).name)
+            self.should_exit = self.force_exit = True
+            return
+        self.draining_since = time.monotonic()
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain(sig), name="edgellm-drain"))
+
+    async def _drain(self, sig: int) -> None:
+        grace = self.state.config.grace
+        log.info("%s: draining (no new requests; %.0f s for the ones admitted)", signal.Signals(sig).name, grace)
+        systemd.notify("STOPPING=1", "STATUS=draining")
+        try:
+            await self.state.drain(grace)
+        finally:
+            self.should_exit = True
