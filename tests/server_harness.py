@@ -66,7 +66,8 @@ class RunningServer:
 
         kwargs.setdefault("max_retries", 0)
         kwargs.setdefault("timeout", 60)
-        return OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "unused", **kwargs)
+        kwargs.setdefault("api_key", self.api_key or "unused")
+        return OpenAI(base_url=self.url + "/v1", **kwargs)
 
     def http(self, **kwargs) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
