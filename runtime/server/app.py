@@ -142,18 +142,19 @@ class ServerState:
         m = self.metrics
         if generation.cancel_reason is not None:
             m.cancelled.inc(1, generation.cancel_reason)
-        stats = generation.stats
         if generation.error is not None:
             m.generations.inc(1, "error")
         elif generation.final is not None:
             m.generations.inc(1, generation.finish_reason)
         elif generation.cancel_reason is not None:
             m.generations.inc(1, "cancelled")  # cancelled before it started
-        if stats is not None:
-            m.prompt_tokens.inc(stats.prompt_tokens)
-            m.generated_tokens.inc(stats.generated_tokens)
-            if stats.generated_tokens >= 2 and stats.decode_tokens_per_second > 0:
-                m.decode_speed.observe(stats.decode_tokens_per_second)
+        if generation.started is not None:
+            usage = _usage(generation)
+            m.prompt_tokens.inc(usage["prompt_tokens"])
+            m.generated_tokens.inc(usage["completion_tokens"])
+        stats = generation.stats
+        if stats is not None and stats.generated_tokens >= 2 and stats.decode_tokens_per_second > 0:
+            m.decode_speed.observe(stats.decode_tokens_per_second)
         if generation.first_token is not None:
             m.ttft.observe(generation.first_token - generation.arrived)
 
@@ -371,9 +372,9 @@ def _remaining(deadline: float) -> float:
 
 
 def _usage(generation: Generation) -> dict:
-    stats = generation.stats
+    stats = generation.stats  # None when the generation was cut short: count what was delivered
     prompt = stats.prompt_tokens if stats else len(generation.prompt_ids)
-    completion = stats.generated_tokens if stats else 0
+    completion = stats.generated_tokens if stats else generation.tokens
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": stats.cached_tokens if stats else 0}}
 

@@ -60,6 +60,7 @@ class Generation:
     final: Chunk | None = None  # the last chunk: finish_reason and stats
     started: float | None = None  # when the worker began it
     first_token: float | None = None
+    tokens: int = 0  # chunks that carried a token: the count for a generation cut short (no final stats)
     _chunks: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
     _on_cancel: Callable[["Generation"], None] | None = field(default=None, repr=False)
 
@@ -91,8 +92,10 @@ class Generation:
 
     # -- the worker's side -----------------------------------------------------------------
     def _push(self, chunk: Chunk) -> None:
-        if chunk.token_id is not None and self.first_token is None:
-            self.first_token = time.monotonic()
+        if chunk.token_id is not None:
+            self.tokens += 1
+            if self.first_token is None:
+                self.first_token = time.monotonic()
         if chunk.finish_reason is not None:
             self.final = chunk
         self._chunks.put_nowait(chunk)
