@@ -55,12 +55,13 @@ class ServiceOptions:
     api_key_file: str | None = None  # on the host; handed to the service with LoadCredential=
     environment: Mapping[str, str] = field(default_factory=dict)  # e.g. {"EDGELLM_KERNELS": "ref"}
     device_allow: tuple[str, ...] = ()  # e.g. ("/dev/fastrpc-cdsp rw",) for an NPU; turns PrivateDevices off
+    supplementary_groups: tuple[str, ...] = ()  # e.g. ("render",): the groups that own those device nodes
     ip_address_allow: tuple[str, ...] = ()  # who may connect when host is not loopback; () = anyone
 
     def __post_init__(self) -> None:
         if self.memory_max is not None and not isinstance(self.memory_max, int):
             object.__setattr__(self, "memory_max", parse_bytes(self.memory_max, "memory_max"))
-        for name in ("device_allow", "ip_address_allow"):
+        for name in ("device_allow", "supplementary_groups", "ip_address_allow"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = (value,)
@@ -163,7 +164,10 @@ def unreadable_by_service(paths: Sequence[Path]) -> list[str]:
     the way must be searchable by others, and the files readable by others."""
     problems = []
     for path in paths:
-        for directory in [*reversed(path.parents), path] if path.is_dir() else reversed(path.parents):
+        # Under ProtectHome=tmpfs a path in a home directory is bound into an empty home whose
+        # directories systemd creates searchable: only the path itself counts there.
+        ancestors = [] if _under_home(path) else list(reversed(path.parents))
+        for directory in [*ancestors, path] if path.is_dir() else ancestors:
             try:
                 mode = directory.stat().st_mode
             except OSError:
@@ -226,6 +230,9 @@ def render_unit(bundle: str | Path, *, board: str | Path | Mapping[str, Any] | N
         "BIND_READ_ONLY": " ".join(systemd_quote(str(p)) for p in hidden),
         "BUNDLE": systemd_quote(str(bundle)),
         "PRIVATE_DEVICES": "no" if options.device_allow else "yes",
+        # device nodes are owned by host groups, which a private user namespace would map away
+        "PRIVATE_USERS": "no" if options.device_allow else "yes",
+        "SUPPLEMENTARY_GROUPS": " ".join(options.supplementary_groups),
         "DEVICE_ALLOW": list(options.device_allow),
         "IP_ADDRESS_DENY": "any" if loopback or options.ip_address_allow else "",
         "IP_ADDRESS_ALLOW": "localhost" if loopback else " ".join(options.ip_address_allow),

@@ -65,7 +65,8 @@ VARIANTS = {
     "loopback": {},
     "a board with big cores, an NPU device and its own memory figure": {
         "board": {"service": {"cpu_affinity": "4-7", "memory_max": "1536M", "threads": 4, "nice": -5,
-                              "device_allow": ["/dev/fastrpc-cdsp rw"], "environment": {"EDGELLM_KERNELS": "ref"}}}},
+                              "device_allow": ["/dev/fastrpc-cdsp rw"], "supplementary_groups": ["render"],
+                              "environment": {"EDGELLM_KERNELS": "ref"}}}},
     "listening on the LAN with an allow list and an API key": {
         "host": "0.0.0.0", "ip_address_allow": ["192.168.1.0/24"], "api_key_file": "/etc/edgellm/api-key"},
     "listening on every address": {"host": "0.0.0.0", "port": 9000},
@@ -108,6 +109,10 @@ def test_memory_max_is_the_estimate_plus_the_server_and_headroom_unless_the_boar
     assert found["MemoryMax"] == [f"{math.ceil((needed + SERVER_OVERHEAD) * MEMORY_HEADROOM / MIB)}M"]
     board = directives(render_unit(bundle, board={"service": {"memory_max": "1G", "cpu_affinity": "4-7"}}))
     assert board["MemoryMax"] == ["1024M"] and board["CPUAffinity"] == ["4-7"]
+    npu = directives(render_unit(bundle, device_allow=["/dev/fastrpc-cdsp rw", "/dev/dri/renderD128 rw"],
+                                 supplementary_groups=["render"]))
+    assert npu["DeviceAllow"] == ["/dev/fastrpc-cdsp rw", "/dev/dri/renderD128 rw"]
+    assert npu["PrivateDevices"] == ["no"] and npu["PrivateUsers"] == ["no"] and npu["SupplementaryGroups"] == ["render"]
 
 
 def test_a_board_profile_toml_gives_overrides_and_flags_beat_it(bundle, tmp_path):
