@@ -140,13 +140,18 @@ def _under_home(path: Path) -> bool:
 
 
 def python_paths() -> list[Path]:
-    """What the service's Python reads: its installation, its venv, edgellm and sys.path entries."""
+    """What the service's Python reads: its installation, its venv, its site-packages and edgellm
+    itself (an editable install's source folder)."""
+    import site
+
     import edgellm
 
     candidates = [Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix),
                   Path(os.path.realpath(sys.executable)).parent.parent, Path(edgellm.__file__).resolve().parent]
-    candidates += [Path(p).resolve() for p in sys.path if p and Path(p).exists()]
-    return _outermost(candidates)
+    candidates += [Path(p) for p in site.getsitepackages()]
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        candidates.append(Path(site.getusersitepackages()))
+    return _outermost([p.resolve() for p in candidates if p.exists()])
 
 
 def _outermost(paths: Sequence[Path]) -> list[Path]:

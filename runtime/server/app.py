@@ -97,6 +97,8 @@ class ServerState:
                          self.model_name, self.bundle, time.perf_counter() - started, self.settings.backend,
                          self.model.context_length, self.model.memory.describe())
             await asyncio.to_thread(warm_up, self.model)
+        except asyncio.CancelledError:  # the server stopped before the model was ready
+            raise
         except BaseException as error:  # EdgeLLMError, MemoryError, a broken backend: the service cannot run
             self.status, self.fatal = "failed", error
             log.error("loading %s failed: %s", self.bundle, error)
@@ -125,6 +127,8 @@ class ServerState:
 
     async def close(self) -> None:
         """After serving: cancel what is left (serve.py has drained already), free the model."""
+        if self._loader is not None and not self._loader.done():
+            self._loader.cancel()
         if self.queue is not None:
             await self.queue.drain(0.001)
             await self.queue.close()
