@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 from .errors import EdgeLLMError, InvalidSettingError
 from .manifest import model_config, read_manifest
 from .memory import MIB, estimate
-from .settings import RuntimeSettings, parse_bytes
+from .settings import BACKENDS, RuntimeSettings, parse_bytes
 
 UNIT_NAME = "edgellm.service"
 UNIT_PATH = Path("/etc/systemd/system") / UNIT_NAME
@@ -123,7 +123,10 @@ def memory_max_for(bundle: Path, manifest: dict, options: ServiceOptions) -> int
                                        backend=options.backend)
     config = model_config(manifest)
     context = settings.context_for(config.max_position_embeddings)
-    needed = estimate(bundle, config, settings.backend, context, settings.prefill_chunk).total + SERVER_OVERHEAD
+    # A backend picked at load time ("auto") is sized for the hungriest one it could pick.
+    backends = [settings.backend] if settings.backend in BACKENDS else list(BACKENDS)
+    needed = max(estimate(bundle, config, backend, context, settings.prefill_chunk).total for backend in backends)
+    needed += SERVER_OVERHEAD
     return math.ceil(needed * MEMORY_HEADROOM / MIB) * MIB
 
 

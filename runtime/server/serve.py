@@ -79,6 +79,9 @@ def run_server(bundle: str | Path, config: ServerConfig, settings: RuntimeSettin
             server_box[0].should_exit = True  # uvicorn then exits its loop
 
     state = ServerState(bundle, config, settings, on_fatal=on_fatal)  # reads the manifest: EdgeLLMError here
+    if not config.loopback_only and not config.api_key:
+        log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
+                    "(pass --api-key-file or set EDGELLM_API_KEY)", config.host)
     app = create_app(state)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
                                timeout_graceful_shutdown=UVICORN_SHUTDOWN_TIMEOUT, lifespan="on",
