@@ -3,6 +3,7 @@ a schemathesis run against the server's own OpenAPI document finds no 5xx."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -67,10 +68,13 @@ def test_a_body_that_is_not_a_json_object_is_a_400(server, body, param):
     ({"messages": [{"role": "user", "content": 5}]}, None),
     ({"stop": 7}, None),
     ({"logit_bias": {"12": "a lot"}}, None),
+    ({"messages": [{"role": "user", "content": "\ud800 half a surrogate pair"}]}, None),
+    ({"stop": ["\udfff"]}, None),
 ])
 def test_wrong_types_are_a_400_naming_the_field(server, change, param):
+    body = json.dumps({**CHAT, **change}).encode()  # ASCII JSON: surrogates travel as \\uXXXX escapes
     with server.http() as http:
-        response = http.post("/v1/chat/completions", json={**CHAT, **change})
+        response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     error = assert_openai_error(response, 400)
     if param:
         assert error["param"] == param

@@ -92,6 +92,25 @@ class _GenerationRequest(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        """JSON can spell lone UTF-16 surrogates ("\\ud800"), which no tokenizer can encode."""
+        pending = [data]
+        while pending:
+            item = pending.pop()
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("text must be valid Unicode; it holds an unpaired surrogate") from None
+            elif isinstance(item, dict):
+                pending.extend(item.keys())
+                pending.extend(item.values())
+            elif isinstance(item, list):
+                pending.extend(item)
+        return data
+
     @model_validator(mode="after")
     def _refuse_what_cannot_be_honoured(self) -> "_GenerationRequest":
         for name, value in (self.model_extra or {}).items():
