@@ -22,19 +22,27 @@
  *
  * Block sizes 32, 64 and 128 are supported (a multiple of the activation block, 32).
  *
- * Activation blocks (el_block_q8a, like llama.cpp's Q8_1 with fp32 fields): x float32 [n] is cut
- * into ceil(n / 32) blocks of 32, the last one zero-padded. Per block:
- *   amax = max |x_i|;  d = amax / 127;  q_i = roundf(x_i / d) clamped to [-127, 127]
- *   (round half away from zero); sum = sum_i q_i.  d == 0 gives q = 0. A block holding a NaN or
- *   an infinity gets d = NaN, q = 0, sum = 0, so every product that reads it is NaN.
+ * Activation blocks (el_block_q16a): x float32 [n] is cut into ceil(n / 32) blocks of 32, the
+ * last one zero-padded, and each value kept to 16 bits as two int8 planes, so that the products
+ * still run on int8 hardware (VNNI, SDOT, SMMLA) at about the accuracy of float activations
+ * (int8 alone, as llama.cpp's Q8_1, costs a normalized MSE of ~4e-4 on the logits: enough to
+ * change greedy tokens). Per block, in float32, round() rounding half away from zero:
+ *   amax = max |x_i|;  c = amax / 127;  s_i = x_i / c
+ *   qh_i = round(s_i) clamped to [-127, 127];  ql_i = round((s_i - qh_i) * 256) clamped to [-127, 127]
+ *   d = c / 256;  q16_i = 256 * qh_i + ql_i;  sum = sum_i q16_i;   so x_i ~ d * q16_i (error <= c/512)
+ * c == 0 gives q = 0. A block holding a NaN or an infinity gets d = NaN, q = 0, sum = 0, so every
+ * product that reads it is NaN.
  *
  * Matrix-vector product, per row r and activation block j (weight block b = j / (block / 32)):
- *   isum = sum_i (code_i - zp) * q_i  in int32   (zp = 0 int4_asym, 8 int4_sym, 128 int8_sym)
- *   int4_asym: acc += scale[b] * d[j] * (float)isum + min[b] * d[j] * (float)sum[j]
- *   sym:       acc += scale[b] * d[j] * (float)isum
- * evaluated left to right in float32 without FMA, blocks in order, acc starting at 0.0f.
- * Every variant vectorizes only the integer isum and shares this one float loop, so all
- * variants give bit-identical y, and so does numpy running the same formula (runtime/native.py).
+ *   isum_j = sum_i (code_i - zp) * q16_i  exactly, in int32   (zp = 0 int4_asym, 8 int4_sym,
+ *            128 int8_sym; |isum| < 2^31)
+ *   int4_asym: t_j = (scale[b] * d[j]) * (float)isum_j + (min[b] * d[j]) * (float)sum[j]
+ *   sym:       t_j = (scale[b] * d[j]) * (float)isum_j
+ *   eight lanes, lane[j % 8] += t_j in block order, each starting at 0.0f, then
+ *   y[r] = ((lane0 + lane4) + (lane2 + lane6)) + ((lane1 + lane5) + (lane3 + lane7))
+ * in float32 without FMA. The lanes are what a 256-bit vector of floats holds (AVX2; two
+ * 128-bit vectors on NEON), so every variant vectorizes the float work too and still gives the
+ * same bits as the scalar reference, and as numpy running the formula (runtime/native.py).
  */
 #ifndef EDGELLM_H
 #define EDGELLM_H
@@ -45,7 +53,7 @@
 extern "C" {
 #endif
 
-#define EL_ABI_VERSION 1
+#define EL_ABI_VERSION 2
 #define EL_QBLOCK 32 /* values per activation block */
 
 /* The declarations from here to EL_CDEF_END are read verbatim by native/build_ffi.py as the
@@ -56,17 +64,19 @@ enum el_status {
     EL_EINVAL = -1,      /* a bad argument: NULL pointer, wrong length, unknown format */
     EL_EUNSUPPORTED = -2, /* a variant this CPU or build lacks, a block size not supported */
     EL_ENOMEM = -3,
-    EL_ETHREAD = -4       /* a thread could not be started */
+    EL_ETHREAD = -4,      /* a thread could not be started */
+    EL_ERANGE = -5        /* a position past the context, a chunk past max_chunk, a token id past the vocabulary */
 };
 
 enum el_format { EL_INT4_ASYM = 0, EL_INT4_SYM = 1, EL_INT8_SYM = 2 };
 
-/* One activation block: 40 bytes. */
+/* One activation block: 72 bytes; x_i ~ d * (256 * qh_i + ql_i). */
 typedef struct {
-    float d;       /* scale: x_i ~ d * q_i; NaN if the block held a NaN or an infinity */
-    int32_t sum;   /* sum of q_i, for the min term of int4_asym and the zero points */
-    int8_t q[32];  /* round(x_i / d), in [-127, 127] */
-} el_block_q8a;
+    float d;        /* the fine scale amax / 127 / 256; NaN if the block held a NaN or an infinity */
+    int32_t sum;    /* sum of 256 * qh_i + ql_i, for the min term of int4_asym and the zero points */
+    int8_t qh[32];  /* the high plane: round(x_i / (256 d)), in [-127, 127] */
+    int8_t ql[32];  /* the low plane: the remainder in 1/256ths, in [-127, 127] */
+} el_block_q16a;
 
 /* A view of a quantized matrix (the caller keeps the arrays alive). */
 typedef struct {
@@ -102,15 +112,15 @@ int el_pool_threads(const el_pool *pool);
 
 /* out [n_blocks] <- x [n], n_blocks == ceil(n / 32); rows of a batch are separate calls or
  * n_rows > 1: x [n_rows][n] -> out [n_rows][n_blocks]. */
-int el_quantize_q8a(el_block_q8a *out, int32_t n_blocks, const float *x, int32_t n_rows, int32_t n);
+int el_quantize_q16a(el_block_q16a *out, int32_t n_blocks, const float *x, int32_t n_rows, int32_t n);
 
 /* y [w->rows] = W x; x [n_blocks] with n_blocks == ceil(w->cols / 32). pool may be NULL. */
-int el_matvec(float *y, int32_t n_y, const el_qmatrix *w, const el_block_q8a *x, int32_t n_blocks,
+int el_matvec(float *y, int32_t n_y, const el_qmatrix *w, const el_block_q16a *x, int32_t n_blocks,
               el_pool *pool);
 
 /* Y [n_tokens][w->rows] = X W^T; x [n_tokens][n_blocks]. Equal, bit for bit, to n_tokens calls
  * of el_matvec. */
-int el_matmul(float *y, int32_t n_tokens, int32_t n_y, const el_qmatrix *w, const el_block_q8a *x,
+int el_matmul(float *y, int32_t n_tokens, int32_t n_y, const el_qmatrix *w, const el_block_q16a *x,
               int32_t n_blocks, el_pool *pool);
 
 /* Float kernels over x [n_rows][n]; out may equal x. Variants agree with ref to a normalized
@@ -142,7 +152,7 @@ typedef struct { uint8_t qs[EL_QBLOCK / 2]; } el_codes_q4; /* codes 2k | 2k+1 <<
 typedef struct { uint8_t qs[EL_QBLOCK]; } el_codes_q8;     /* code = q + 128 */
 
 #if !defined(__cplusplus)
-_Static_assert(sizeof(el_block_q8a) == 8 + EL_QBLOCK, "el_block_q8a: float d, int32 sum, 32 x int8");
+_Static_assert(sizeof(el_block_q16a) == 8 + 2 * EL_QBLOCK, "el_block_q16a: float d, int32 sum, 2 x 32 x int8");
 _Static_assert(sizeof(el_codes_q4) == 16, "4 bits per code");
 _Static_assert(sizeof(el_codes_q8) == 32, "8 bits per code");
 _Static_assert(sizeof(float) == 4, "fp32 scales and mins");

@@ -20,10 +20,12 @@ import numpy as np
 
 from .errors import EdgeLLMError
 
-ABI_VERSION = 1  # must equal EL_ABI_VERSION in native/edgellm.h
-Q8A_BLOCK = 32
-# One activation block: el_block_q8a {float d; int32_t sum; int8_t q[32];}, 40 bytes.
-Q8A_DTYPE = np.dtype([("d", "<f4"), ("sum", "<i4"), ("q", "i1", (Q8A_BLOCK,))])
+ABI_VERSION = 2  # must equal EL_ABI_VERSION in native/edgellm.h
+ACT_BLOCK = 32
+# One activation block: el_block_q16a {float d; int32_t sum; int8_t qh[32]; int8_t ql[32];}, 72 bytes;
+# x_i ~ d * (256 * qh_i + ql_i).
+Q16A_DTYPE = np.dtype([("d", "<f4"), ("sum", "<i4"), ("qh", "i1", (ACT_BLOCK,)), ("ql", "i1", (ACT_BLOCK,))])
+LANES = 8  # the float accumulation of a product: lane j % 8 takes block j (edgellm.h)
 FORMATS = {"int4_asym": 0, "int4_sym": 1, "int8_sym": 2}  # enum el_format
 BITS = {"int4_asym": 4, "int4_sym": 4, "int8_sym": 8}
 ZERO_POINTS = {"int4_asym": 0, "int4_sym": 8, "int8_sym": 128}
@@ -52,10 +54,10 @@ def _open():
                 _load_error = EdgeLLMError(
                     f"native backend unavailable: edgellm._native has ABI version {abi}, "
                     f"this edgellm expects {ABI_VERSION}", "the extension is stale: " + _HINT_BUILD)
-            elif ffi.sizeof("el_block_q8a") != Q8A_DTYPE.itemsize:
+            elif ffi.sizeof("el_block_q16a") != Q16A_DTYPE.itemsize:
                 _load_error = EdgeLLMError(
-                    f"native backend unavailable: el_block_q8a is {ffi.sizeof('el_block_q8a')} bytes, "
-                    f"expected {Q8A_DTYPE.itemsize}", _HINT_BUILD)
+                    f"native backend unavailable: el_block_q16a is {ffi.sizeof('el_block_q16a')} bytes, "
+                    f"expected {Q16A_DTYPE.itemsize}", _HINT_BUILD)
             else:
                 _loaded = (ffi, lib)
     if _load_error is not None:
@@ -236,29 +238,29 @@ class QMatrix:
 
     @property
     def n_xblocks(self) -> int:
-        return -(-self.cols // Q8A_BLOCK)
+        return -(-self.cols // ACT_BLOCK)
 
 
 def quantize_activations(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """x float32 [n] or [tokens, n] -> el_block_q8a blocks [ceil(n/32)] or [tokens, ceil(n/32)]."""
+    """x float32 [n] or [tokens, n] -> el_block_q16a blocks [ceil(n/32)] or [tokens, ceil(n/32)]."""
     ffi, lib = _load()
     _array(x, np.float32, "x")
     if x.ndim not in (1, 2) or x.shape[-1] == 0:
         raise EdgeLLMError(f"x must be [n] or [tokens, n], got shape {x.shape}")
     n, n_rows = x.shape[-1], (x.shape[0] if x.ndim == 2 else 1)
-    n_blocks = -(-n // Q8A_BLOCK)
-    out = _out(out, x.shape[:-1] + (n_blocks,), Q8A_DTYPE)
-    _check(lib.el_quantize_q8a(_ptr(ffi, "el_block_q8a[]", out), n_blocks, _ptr(ffi, "float[]", x), n_rows, n),
-           "quantize_q8a")
+    n_blocks = -(-n // ACT_BLOCK)
+    out = _out(out, x.shape[:-1] + (n_blocks,), Q16A_DTYPE)
+    _check(lib.el_quantize_q16a(_ptr(ffi, "el_block_q16a[]", out), n_blocks, _ptr(ffi, "float[]", x), n_rows, n),
+           "quantize_q16a")
     return out
 
 
 def matvec(w: QMatrix, xq: np.ndarray, out: np.ndarray | None = None, pool: ThreadPool | None = None) -> np.ndarray:
     """y float32 [rows] = W x for activation blocks xq [ceil(cols/32)]."""
     ffi, lib = _load()
-    _array(xq, Q8A_DTYPE, "xq", w.n_xblocks)
+    _array(xq, Q16A_DTYPE, "xq", w.n_xblocks)
     out = _out(out, (w.rows,), np.float32)
-    _check(lib.el_matvec(_ptr(ffi, "float[]", out), w.rows, w._struct, _ptr(ffi, "el_block_q8a[]", xq),
+    _check(lib.el_matvec(_ptr(ffi, "float[]", out), w.rows, w._struct, _ptr(ffi, "el_block_q16a[]", xq),
                          w.n_xblocks, _pool_handle(pool)), "matvec")
     return out
 
@@ -268,10 +270,10 @@ def matmul(w: QMatrix, xq: np.ndarray, out: np.ndarray | None = None, pool: Thre
     ffi, lib = _load()
     if xq.ndim != 2:
         raise EdgeLLMError(f"xq must be [tokens, blocks], got shape {xq.shape}")
-    _array(xq, Q8A_DTYPE, "xq", xq.shape[0] * w.n_xblocks)
+    _array(xq, Q16A_DTYPE, "xq", xq.shape[0] * w.n_xblocks)
     n_tokens = xq.shape[0]
     out = _out(out, (n_tokens, w.rows), np.float32)
-    _check(lib.el_matmul(_ptr(ffi, "float[]", out), n_tokens, w.rows, w._struct, _ptr(ffi, "el_block_q8a[]", xq),
+    _check(lib.el_matmul(_ptr(ffi, "float[]", out), n_tokens, w.rows, w._struct, _ptr(ffi, "el_block_q16a[]", xq),
                          w.n_xblocks, _pool_handle(pool)), "matmul")
     return out
 
@@ -348,29 +350,49 @@ def add(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
 
 # ---- numpy definitions: what the C code computes, bit for bit -----------------------------------
 
+def _round_q(s: np.ndarray) -> np.ndarray:
+    """roundf (half away from zero) clamped to [-127, 127], in float32 like the C code."""
+    whole = np.trunc(s)
+    rounded = whole + np.where(np.abs(s - whole) >= np.float32(0.5), np.sign(s), np.float32(0))
+    return np.clip(rounded, -127, 127).astype(np.float32)
+
+
 def quantize_activations_numpy(x: np.ndarray) -> np.ndarray:
-    """x float32 [..., n] -> Q8A_DTYPE [..., ceil(n/32)], as native/edgellm.h defines it."""
+    """x float32 [..., n] -> Q16A_DTYPE [..., ceil(n/32)], as native/edgellm.h defines it."""
     x = np.asarray(x, np.float32)
     n = x.shape[-1]
-    n_blocks = -(-n // Q8A_BLOCK)
-    padded = np.zeros(x.shape[:-1] + (n_blocks * Q8A_BLOCK,), np.float32)
+    n_blocks = -(-n // ACT_BLOCK)
+    padded = np.zeros(x.shape[:-1] + (n_blocks * ACT_BLOCK,), np.float32)
     padded[..., :n] = x
-    blocks = padded.reshape(x.shape[:-1] + (n_blocks, Q8A_BLOCK))  # [..., blocks, 32]
+    blocks = padded.reshape(x.shape[:-1] + (n_blocks, ACT_BLOCK))  # [..., blocks, 32]
     magnitude = np.abs(blocks)
     finite = np.all(magnitude <= np.finfo(np.float32).max, axis=-1)  # False for NaN and inf
     amax = np.where(finite, np.where(finite[..., None], magnitude, 0).max(axis=-1), np.float32(0))
-    d = (amax / np.float32(127)).astype(np.float32)  # [..., blocks]
+    c = (amax / np.float32(127)).astype(np.float32)  # [..., blocks]: the coarse scale
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        scaled = blocks / np.where(d == 0, np.float32(1), d)[..., None]
-        whole = np.trunc(scaled)
-        rounded = whole + np.where(np.abs(scaled - whole) >= np.float32(0.5), np.sign(scaled), np.float32(0))
-    keep = (finite & (d != 0))[..., None]
-    q = np.where(keep, np.clip(rounded, -127, 127), 0).astype(np.int8)
-    out = np.empty(x.shape[:-1] + (n_blocks,), Q8A_DTYPE)
-    out["d"] = np.where(finite, d, np.float32(np.nan))
-    out["sum"] = q.sum(axis=-1, dtype=np.int32)
-    out["q"] = q
+        s = (blocks / np.where(c == 0, np.float32(1), c)[..., None]).astype(np.float32)
+        qh = _round_q(s)
+        ql = _round_q(((s - qh) * np.float32(256)).astype(np.float32))  # s - qh is exact
+    keep = (finite & (c != 0))[..., None]
+    qh = np.where(keep, qh, 0).astype(np.int8)
+    ql = np.where(keep, ql, 0).astype(np.int8)
+    out = np.empty(x.shape[:-1] + (n_blocks,), Q16A_DTYPE)
+    out["d"] = np.where(finite, (c / np.float32(256)).astype(np.float32), np.float32(np.nan))
+    out["sum"] = (256 * qh.astype(np.int32) + ql).sum(axis=-1, dtype=np.int32)
+    out["qh"] = qh
+    out["ql"] = ql
     return out
+
+
+def activation_values(xq: np.ndarray) -> np.ndarray:
+    """int64 [..., blocks, 32]: the 16-bit values 256 * qh + ql of activation blocks."""
+    return 256 * xq["qh"].astype(np.int64) + xq["ql"].astype(np.int64)
+
+
+def reduce_lanes(lanes: np.ndarray) -> np.ndarray:
+    """[..., 8] float32 -> [...]: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), in float32."""
+    l = lanes
+    return ((l[..., 0] + l[..., 4]) + (l[..., 2] + l[..., 6])) + ((l[..., 1] + l[..., 5]) + (l[..., 3] + l[..., 7]))
 
 
 def matvec_numpy(fmt: str, codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, cols: int,
@@ -378,15 +400,15 @@ def matvec_numpy(fmt: str, codes: np.ndarray, scales: np.ndarray, mins: np.ndarr
     """y float32 [rows] from unpacked codes uint8 [rows, n_blocks, block] (quant_formats' codes),
     scales/mins [rows, n_blocks] and activation blocks xq [ceil(cols/32)], in the C order."""
     rows, _, block = codes.shape
-    n_xblocks = -(-cols // Q8A_BLOCK)
-    c = codes.reshape(rows, -1)[:, : n_xblocks * Q8A_BLOCK].reshape(rows, n_xblocks, Q8A_BLOCK)
-    isum = ((c.astype(np.int64) - ZERO_POINTS[fmt]) * xq["q"].astype(np.int64)).sum(axis=-1)  # exact
-    isum = isum.astype(np.float32)  # [rows, n_xblocks]; |isum| < 2**24, so exact too
-    acc = np.zeros(rows, np.float32)
+    n_xblocks = -(-cols // ACT_BLOCK)
+    c = codes.reshape(rows, -1)[:, : n_xblocks * ACT_BLOCK].reshape(rows, n_xblocks, ACT_BLOCK)
+    isum = ((c.astype(np.int64) - ZERO_POINTS[fmt]) * activation_values(xq)).sum(axis=-1)  # exact, |isum| < 2**31
+    isum = isum.astype(np.float32)  # [rows, n_xblocks], rounded to float32 as (float)isum in C
+    lanes = np.zeros((rows, LANES), np.float32)
     for j in range(n_xblocks):
-        b, d = j * Q8A_BLOCK // block, xq["d"][j]
+        b, d = j * ACT_BLOCK // block, xq["d"][j]
+        term = (scales[:, b] * d) * isum[:, j]
         if fmt == "int4_asym":
-            acc = acc + (scales[:, b] * d * isum[:, j] + mins[:, b] * d * np.float32(xq["sum"][j]))
-        else:
-            acc = acc + scales[:, b] * d * isum[:, j]
-    return acc
+            term = term + (mins[:, b] * d) * np.float32(xq["sum"][j])
+        lanes[:, j % LANES] += term
+    return reduce_lanes(lanes)

@@ -50,7 +50,8 @@ def assert_same_bits(got: np.ndarray, want: np.ndarray, what: str) -> None:
 def assert_same_blocks(got: np.ndarray, want: np.ndarray, what: str) -> None:
     assert_same_bits(got["d"], want["d"], f"{what} d")
     np.testing.assert_array_equal(got["sum"], want["sum"], err_msg=f"{what} sum")
-    np.testing.assert_array_equal(got["q"], want["q"], err_msg=f"{what} q")
+    np.testing.assert_array_equal(got["qh"], want["qh"], err_msg=f"{what} qh")
+    np.testing.assert_array_equal(got["ql"], want["ql"], err_msg=f"{what} ql")
 
 
 def nmse(got: np.ndarray, want: np.ndarray) -> float:
@@ -84,7 +85,7 @@ def numpy_matvec(tensor, xq: np.ndarray) -> np.ndarray:
 # ---- activation quantization --------------------------------------------------------------------
 
 def test_the_extension_reports_its_abi_version_and_a_variant_this_cpu_runs():
-    assert native.ABI_VERSION == 1
+    assert native.ABI_VERSION == 2
     assert VARIANTS[0] == "ref"
     assert native.kernel_variant() in VARIANTS
     if os.environ.get("EDGELLM_KERNELS"):
@@ -100,7 +101,9 @@ def test_the_c_reference_quantizes_activations_exactly_like_the_numpy_definition
         got = native.quantize_activations(x)
     want = native.quantize_activations_numpy(x)
     assert_same_blocks(got, want, "ref vs numpy")
-    assert list(got[0]["q"][:7]) == [127, 3, -3, 1, -1, 127, -2]  # half away from zero
+    assert list(got[0]["qh"][:7]) == [127, 3, -3, 1, -1, 127, -2]  # half away from zero
+    assert got[0]["d"] == np.float32(1 / 256)  # amax 127: the coarse scale is 1
+    assert list(got[0]["ql"][:7]) == [0, -127, 127, -127, 127, -127, 127]  # the remainders -+128/256 clamp
     assert got[1]["d"] == 0 and got[1]["sum"] == 0
     assert np.isnan(got[3]["d"]) and np.isnan(got[4]["d"]) and got[3]["sum"] == 0
 
@@ -132,7 +135,7 @@ def test_the_c_reference_matvec_equals_the_numpy_definition_over_quant_formats_c
             got = native.matvec(w, xq)
         assert_same_bits(got, numpy_matvec(tensor, xq), f"{fmt} block {block} cols {cols}")
         # and it is the product of the dequantized weights and the dequantized activations
-        x_hat = (xq["d"][:, None] * xq["q"].astype(np.float32)).reshape(-1)[:cols]
+        x_hat = (xq["d"][:, None] * native.activation_values(xq).astype(np.float32)).reshape(-1)[:cols]
         exact = tensor.dequantize().astype(np.float64) @ x_hat.astype(np.float64)
         assert nmse(got, exact) < 1e-10
 

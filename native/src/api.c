@@ -1,7 +1,8 @@
 /* api.c: the public entry points. Each checks its arguments, picks the current variant and
- * splits rows over the pool; the float accumulation of the matrix products lives here, once. */
+ * splits rows over the pool; the one reduction of the products' eight float lanes lives here. */
 #include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 
 #include "kernels.h"
 
@@ -16,6 +17,7 @@ const char *el_status_string(int status) {
     case EL_EUNSUPPORTED: return "not supported by this CPU or build";
     case EL_ENOMEM: return "out of memory";
     case EL_ETHREAD: return "could not start a thread";
+    case EL_ERANGE: return "out of range (position past the context, chunk too long, token id past the vocabulary)";
     default: return "unknown status";
     }
 }
@@ -24,48 +26,64 @@ static int32_t ceil_div(int32_t a, int32_t b) { return (a + b - 1) / b; }
 
 /* ---- quantized matrix products ---------------------------------------------------------------- */
 
-/* Adds blocks j0 .. j0+n-1 of one row to acc, in block order, exactly as edgellm.h states.
- * Every variant's products go through this one loop (compiled once, -ffp-contract=off), which is
- * what makes them bit-identical. */
-static float combine_row(int32_t format, float acc, const int32_t *isum, const el_block_q8a *x,
-                         const float *scales, const float *mins, int32_t j0, int32_t n, int32_t shift) {
-    switch (format) {
-    case EL_INT4_ASYM:
-        for (int32_t j = j0; j < j0 + n; j++) {
-            float d = x[j].d;
-            acc += scales[j >> shift] * d * (float)isum[j - j0] + mins[j >> shift] * d * (float)x[j].sum;
+/* The lanes' one reduction order (edgellm.h), shared by every variant. */
+static float reduce_lanes(const float *l) {
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+void el_prepare_blocks(float *d, int32_t *sum, int8_t *pairs, const el_block_q16a *x, int32_t first, int32_t count) {
+    for (int32_t j = first; j < first + count; j++) {
+        d[j] = x[j].d;
+        sum[j] = x[j].sum;
+        int8_t *pair = pairs + (size_t)(j / 2) * EL_PAIR_BYTES + (j % 2) * 16;
+        for (int i = 0; i < 16; i++) {
+            pair[i] = x[j].qh[2 * i];
+            pair[32 + i] = x[j].qh[2 * i + 1];
+            pair[64 + i] = x[j].ql[2 * i];
+            pair[96 + i] = x[j].ql[2 * i + 1];
         }
-        break;
-    case EL_INT4_SYM:
-        for (int32_t j = j0; j < j0 + n; j++)
-            acc += scales[j >> shift] * x[j].d * (float)(isum[j - j0] - 8 * x[j].sum);
-        break;
-    default: /* EL_INT8_SYM: isum already holds sum (code - 128) * q */
-        for (int32_t j = j0; j < j0 + n; j++) acc += scales[j >> shift] * x[j].d * (float)isum[j - j0];
-        break;
     }
-    return acc;
 }
 
 typedef struct {
     float *y;                /* [n_tokens][rows] */
     const el_qmatrix *w;
-    const el_block_q8a *x;   /* [n_tokens][nb] */
-    int32_t nb, n_tokens;
+    el_acts x;               /* from the first token on */
+    int32_t n_tokens;
     const el_kernels *k;
 } matmul_job;
 
 static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
     const el_qmatrix *w = job->w;
-    const int32_t nb = job->nb, n_tokens = job->n_tokens, rows = w->rows;
-    const int q4 = w->format != EL_INT8_SYM;
+    const el_kernels *k = job->k;
+    const int32_t nb = job->x.nb, n_tokens = job->n_tokens, rows = w->rows, format = w->format;
+    const el_block_q16a *x = job->x.q;
+    const float *xd = job->x.d;
+    const int32_t *xsum = job->x.sum;
+    const int q4 = format != EL_INT8_SYM;
     const size_t span = q4 ? 16 : 32;                           /* code bytes per 32 values */
     const int32_t n_wblocks = ceil_div(w->cols, w->block);
     const size_t row_bytes = (size_t)n_wblocks * (size_t)w->block / (q4 ? 2 : 1);
     const int32_t shift = w->block == 32 ? 0 : w->block == 64 ? 1 : 2;
-    el_isums_fn isums = q4 ? job->k->isums_q4 : job->k->isums_q8;
-    el_isums_2x2_fn isums_2x2 = q4 ? job->k->isums_q4_2x2 : job->k->isums_q8_2x2;
+    el_isums_fn isums = q4 ? k->isums_q4 : k->isums_q8;
+    el_isums_2x2_fn isums_2x2 = q4 ? k->isums_q4_2x2 : k->isums_q8_2x2;
     int32_t isum[4 * CHUNK];
+
+    if (w->block == 32 && (q4 ? k->row_q4 != NULL : k->row_q8 != NULL)) { /* the fused row kernels */
+        const size_t pair_stride = (size_t)((nb + 1) / 2) * EL_PAIR_BYTES;
+        for (int32_t r = r0; r < r1; r++) {
+            const uint8_t *codes = w->qweight + (size_t)r * row_bytes;
+            const float *sc = w->scales + (size_t)r * n_wblocks;
+            const float *mn = w->mins ? w->mins + (size_t)r * n_wblocks : NULL;
+            for (int32_t t = 0; t < n_tokens; t++) {
+                size_t o = (size_t)t * nb;
+                job->y[(size_t)t * rows + r] =
+                    q4 ? k->row_q4(format, codes, sc, mn, job->x.pairs + t * pair_stride, xd + o, xsum + o, nb)
+                       : k->row_q8(codes, sc, x + o, xd + o, xsum + o, nb);
+            }
+        }
+        return;
+    }
 
     int32_t r = r0;
     if (isums_2x2 && n_tokens >= 2) {
@@ -75,50 +93,61 @@ static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
             const float *m0 = w->mins ? w->mins + (size_t)r * n_wblocks : NULL, *m1 = m0 ? m0 + n_wblocks : NULL;
             int32_t t = 0;
             for (; t + 2 <= n_tokens; t += 2) {
-                const el_block_q8a *x0 = job->x + (size_t)t * nb, *x1 = x0 + nb;
-                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                size_t o0 = (size_t)t * nb, o1 = o0 + nb;
+                float lanes[4][8] = {{0}};
                 for (int32_t j0 = 0; j0 < nb; j0 += CHUNK) {
-                    int32_t n = nb - j0 < CHUNK ? nb - j0 : CHUNK;
-                    isums_2x2(isum, CHUNK, c0 + j0 * span, c1 + j0 * span, x0 + j0, x1 + j0, n);
-                    acc[0] = combine_row(w->format, acc[0], isum, x0, s0, m0, j0, n, shift);
-                    acc[1] = combine_row(w->format, acc[1], isum + CHUNK, x1, s0, m0, j0, n, shift);
-                    acc[2] = combine_row(w->format, acc[2], isum + 2 * CHUNK, x0, s1, m1, j0, n, shift);
-                    acc[3] = combine_row(w->format, acc[3], isum + 3 * CHUNK, x1, s1, m1, j0, n, shift);
+                    int32_t n = nb - j0 < CHUNK ? nb - j0 : CHUNK, b0 = j0 >> shift;
+                    isums_2x2(isum, CHUNK, c0 + j0 * span, c1 + j0 * span, x + o0 + j0, x + o1 + j0, n);
+                    k->combine(lanes[0], format, isum, xd + o0 + j0, xsum + o0 + j0, s0 + b0, m0 ? m0 + b0 : NULL, n, shift);
+                    k->combine(lanes[1], format, isum + CHUNK, xd + o1 + j0, xsum + o1 + j0, s0 + b0, m0 ? m0 + b0 : NULL, n, shift);
+                    k->combine(lanes[2], format, isum + 2 * CHUNK, xd + o0 + j0, xsum + o0 + j0, s1 + b0, m1 ? m1 + b0 : NULL, n, shift);
+                    k->combine(lanes[3], format, isum + 3 * CHUNK, xd + o1 + j0, xsum + o1 + j0, s1 + b0, m1 ? m1 + b0 : NULL, n, shift);
                 }
-                job->y[(size_t)t * rows + r] = acc[0];
-                job->y[(size_t)(t + 1) * rows + r] = acc[1];
-                job->y[(size_t)t * rows + r + 1] = acc[2];
-                job->y[(size_t)(t + 1) * rows + r + 1] = acc[3];
+                job->y[(size_t)t * rows + r] = reduce_lanes(lanes[0]);
+                job->y[(size_t)(t + 1) * rows + r] = reduce_lanes(lanes[1]);
+                job->y[(size_t)t * rows + r + 1] = reduce_lanes(lanes[2]);
+                job->y[(size_t)(t + 1) * rows + r + 1] = reduce_lanes(lanes[3]);
             }
-            for (; t < n_tokens; t++) { /* an odd last token: one row at a time */
-                const el_block_q8a *x = job->x + (size_t)t * nb;
-                for (int32_t rr = 0; rr < 2; rr++) {
-                    float acc = 0.0f;
+            if (t < n_tokens) { /* an odd last token: the two rows one at a time, below */
+                for (int32_t rr = r; rr < r + 2; rr++) {
+                    const uint8_t *codes = w->qweight + (size_t)rr * row_bytes;
+                    const float *sc = w->scales + (size_t)rr * n_wblocks;
+                    const float *mn = w->mins ? w->mins + (size_t)rr * n_wblocks : NULL;
+                    size_t o = (size_t)t * nb;
+                    float lanes[8] = {0};
                     for (int32_t j0 = 0; j0 < nb; j0 += CHUNK) {
-                        int32_t n = nb - j0 < CHUNK ? nb - j0 : CHUNK;
-                        isums(isum, (rr ? c1 : c0) + j0 * span, x + j0, n);
-                        acc = combine_row(w->format, acc, isum, x, rr ? s1 : s0, rr ? m1 : m0, j0, n, shift);
+                        int32_t n = nb - j0 < CHUNK ? nb - j0 : CHUNK, b0 = j0 >> shift;
+                        isums(isum, codes + j0 * span, x + o + j0, n);
+                        k->combine(lanes, format, isum, xd + o + j0, xsum + o + j0, sc + b0, mn ? mn + b0 : NULL, n, shift);
                     }
-                    job->y[(size_t)t * rows + r + rr] = acc;
+                    job->y[(size_t)t * rows + rr] = reduce_lanes(lanes);
                 }
             }
         }
     }
     for (; r < r1; r++) {
         const uint8_t *codes = w->qweight + (size_t)r * row_bytes;
-        const float *s = w->scales + (size_t)r * n_wblocks;
-        const float *m = w->mins ? w->mins + (size_t)r * n_wblocks : NULL;
+        const float *sc = w->scales + (size_t)r * n_wblocks;
+        const float *mn = w->mins ? w->mins + (size_t)r * n_wblocks : NULL;
         for (int32_t t = 0; t < n_tokens; t++) {
-            const el_block_q8a *x = job->x + (size_t)t * nb;
-            float acc = 0.0f;
+            size_t o = (size_t)t * nb;
+            float lanes[8] = {0};
             for (int32_t j0 = 0; j0 < nb; j0 += CHUNK) {
-                int32_t n = nb - j0 < CHUNK ? nb - j0 : CHUNK;
-                isums(isum, codes + j0 * span, x + j0, n);
-                acc = combine_row(w->format, acc, isum, x, s, m, j0, n, shift);
+                int32_t n = nb - j0 < CHUNK ? nb - j0 : CHUNK, b0 = j0 >> shift;
+                isums(isum, codes + j0 * span, x + o + j0, n);
+                k->combine(lanes, format, isum, xd + o + j0, xsum + o + j0, sc + b0, mn ? mn + b0 : NULL, n, shift);
             }
-            job->y[(size_t)t * rows + r] = acc;
+            job->y[(size_t)t * rows + r] = reduce_lanes(lanes);
         }
     }
+}
+
+void el_matmul_rows(const el_kernels *k, float *y, const el_qmatrix *w, const el_acts *x, int32_t t0,
+                    int32_t n_tokens, int32_t r0, int32_t r1) {
+    if (r0 >= r1 || n_tokens <= 0) return;
+    size_t o = (size_t)t0 * x->nb, pair_stride = (size_t)((x->nb + 1) / 2) * EL_PAIR_BYTES;
+    matmul_job job = {y, w, {x->q + o, x->d + o, x->sum + o, x->pairs + t0 * pair_stride, x->nb}, n_tokens, k};
+    matmul_range(&job, r0, r1);
 }
 
 /* Thread ith of nth takes one contiguous range of rows. */
@@ -139,7 +168,7 @@ static int check_matrix(const el_qmatrix *w) {
     return EL_OK;
 }
 
-int el_matmul(float *y, int32_t n_tokens, int32_t n_y, const el_qmatrix *w, const el_block_q8a *x,
+int el_matmul(float *y, int32_t n_tokens, int32_t n_y, const el_qmatrix *w, const el_block_q16a *x,
               int32_t n_blocks, el_pool *pool) {
     int status = check_matrix(w);
     if (status != EL_OK) return status;
@@ -147,20 +176,33 @@ int el_matmul(float *y, int32_t n_tokens, int32_t n_y, const el_qmatrix *w, cons
     const el_kernels *k = el_kernels_current();
     if (!k) return EL_EUNSUPPORTED;
     if (n_tokens == 0 || w->rows == 0) return EL_OK;
-    matmul_job job = {y, w, x, n_blocks, n_tokens, k};
-    el_pool_run(pool, matmul_thread, &job);
-    return EL_OK;
+    size_t count = (size_t)n_tokens * (size_t)n_blocks, pair_stride = (size_t)((n_blocks + 1) / 2) * EL_PAIR_BYTES;
+    float *xd = malloc(sizeof(float) * count);
+    int32_t *xsum = malloc(sizeof(int32_t) * count);
+    int8_t *pairs = malloc((size_t)n_tokens * pair_stride);
+    int status_alloc = xd && xsum && pairs ? EL_OK : EL_ENOMEM;
+    if (status_alloc == EL_OK) {
+        for (int32_t t = 0; t < n_tokens; t++)
+            el_prepare_blocks(xd + (size_t)t * n_blocks, xsum + (size_t)t * n_blocks, pairs + t * pair_stride,
+                              x + (size_t)t * n_blocks, 0, n_blocks);
+        matmul_job job = {y, w, {x, xd, xsum, pairs, n_blocks}, n_tokens, k};
+        el_pool_run(pool, matmul_thread, &job);
+    }
+    free(xd);
+    free(xsum);
+    free(pairs);
+    return status_alloc;
 }
 
-int el_matvec(float *y, int32_t n_y, const el_qmatrix *w, const el_block_q8a *x, int32_t n_blocks, el_pool *pool) {
+int el_matvec(float *y, int32_t n_y, const el_qmatrix *w, const el_block_q16a *x, int32_t n_blocks, el_pool *pool) {
     return el_matmul(y, 1, n_y, w, x, n_blocks, pool);
 }
 
-int el_quantize_q8a(el_block_q8a *out, int32_t n_blocks, const float *x, int32_t n_rows, int32_t n) {
+int el_quantize_q16a(el_block_q16a *out, int32_t n_blocks, const float *x, int32_t n_rows, int32_t n) {
     if (!out || !x || n < 1 || n_rows < 0 || n_blocks != ceil_div(n, EL_QBLOCK)) return EL_EINVAL;
     const el_kernels *k = el_kernels_current();
     if (!k) return EL_EUNSUPPORTED;
-    for (int32_t r = 0; r < n_rows; r++) k->quantize_q8a(out + (size_t)r * n_blocks, x + (size_t)r * n, n);
+    for (int32_t r = 0; r < n_rows; r++) k->quantize_q16a(out + (size_t)r * n_blocks, x + (size_t)r * n, n);
     return EL_OK;
 }
 

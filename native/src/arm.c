@@ -44,9 +44,23 @@ static inline float32x4_t exp_f32x4(float32x4_t x) {
 
 /* ---- NEON ------------------------------------------------------------------------------------ */
 
-/* Same arithmetic as el_quantize_block_ref: IEEE division, and FCVTAS rounds half away from
- * zero exactly like roundf. */
-static void quantize_q8a_neon(el_block_q8a *out, const float *x, int32_t n) {
+/* roundf (FCVTAS rounds half away from zero), clamped to [-127, 127], as float and as int32 */
+static inline int32x4_t round_q_neon(float32x4_t s, float32x4_t *as_float) {
+    int32x4_t q = vmaxq_s32(vminq_s32(vcvtaq_s32_f32(s), vdupq_n_s32(127)), vdupq_n_s32(-127));
+    *as_float = vcvtq_f32_s32(q);
+    return q;
+}
+
+/* eight int32x4 in [-127, 127] -> 32 int8 in order */
+static inline void store_q32(int8_t *out, const int32x4_t q[8]) {
+    int16x8_t a = vcombine_s16(vmovn_s32(q[0]), vmovn_s32(q[1])), b = vcombine_s16(vmovn_s32(q[2]), vmovn_s32(q[3]));
+    int16x8_t c = vcombine_s16(vmovn_s32(q[4]), vmovn_s32(q[5])), d = vcombine_s16(vmovn_s32(q[6]), vmovn_s32(q[7]));
+    vst1q_s8(out, vcombine_s8(vmovn_s16(a), vmovn_s16(b)));
+    vst1q_s8(out + 16, vcombine_s8(vmovn_s16(c), vmovn_s16(d)));
+}
+
+/* Same arithmetic as el_quantize_block_ref: IEEE division, the same roundings and clamps. */
+static void quantize_q16a_neon(el_block_q16a *out, const float *x, int32_t n) {
     int32_t i = 0;
     for (; i + EL_QBLOCK <= n; i += EL_QBLOCK, out++) {
         float32x4_t v[8], vmax = vdupq_n_f32(0.0f);
@@ -61,26 +75,26 @@ static void quantize_q8a_neon(el_block_q8a *out, const float *x, int32_t n) {
             el_quantize_block_ref(out, x + i, EL_QBLOCK);
             continue;
         }
-        float d = vmaxvq_f32(vmax) / 127.0f;
-        out->d = d;
-        if (d == 0.0f) {
-            vst1q_s8(out->q, vdupq_n_s8(0));
-            vst1q_s8(out->q + 16, vdupq_n_s8(0));
+        float c = vmaxvq_f32(vmax) / 127.0f;
+        out->d = c / 256.0f;
+        if (c == 0.0f) {
+            for (int k = 0; k < 2; k++) {
+                vst1q_s8(out->qh + 16 * k, vdupq_n_s8(0));
+                vst1q_s8(out->ql + 16 * k, vdupq_n_s8(0));
+            }
             out->sum = 0;
             continue;
         }
-        float32x4_t vd = vdupq_n_f32(d);
-        int32x4_t sum = vdupq_n_s32(0);
-        int16x8_t q16[4];
-        for (int k = 0; k < 8; k += 2) {
-            int32x4_t a = vcvtaq_s32_f32(vdivq_f32(v[k], vd)), b = vcvtaq_s32_f32(vdivq_f32(v[k + 1], vd));
-            a = vmaxq_s32(vminq_s32(a, vdupq_n_s32(127)), vdupq_n_s32(-127));
-            b = vmaxq_s32(vminq_s32(b, vdupq_n_s32(127)), vdupq_n_s32(-127));
-            sum = vaddq_s32(sum, vaddq_s32(a, b));
-            q16[k / 2] = vcombine_s16(vmovn_s32(a), vmovn_s32(b));
+        float32x4_t vc = vdupq_n_f32(c);
+        int32x4_t qh[8], ql[8], sum = vdupq_n_s32(0);
+        for (int k = 0; k < 8; k++) {
+            float32x4_t s = vdivq_f32(v[k], vc), h, l;
+            qh[k] = round_q_neon(s, &h);
+            ql[k] = round_q_neon(vmulq_f32(vsubq_f32(s, h), vdupq_n_f32(256.0f)), &l);
+            sum = vaddq_s32(sum, vaddq_s32(vshlq_n_s32(qh[k], 8), ql[k]));
         }
-        vst1q_s8(out->q, vcombine_s8(vmovn_s16(q16[0]), vmovn_s16(q16[1])));
-        vst1q_s8(out->q + 16, vcombine_s8(vmovn_s16(q16[2]), vmovn_s16(q16[3])));
+        store_q32(out->qh, qh);
+        store_q32(out->ql, ql);
         out->sum = vaddvq_s32(sum);
     }
     if (i < n) el_quantize_block_ref(out, x + i, n - i);
@@ -94,17 +108,50 @@ static inline int32_t dot32_neon(int8x16_t c0, int8x16_t c1, const int8_t *q) {
     return vaddvq_s32(vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1)));
 }
 
-static void isums_q4_neon(int32_t *isum, const uint8_t *codes, const el_block_q8a *x, int32_t nb) {
+static void isums_q4_neon(int32_t *isum, const uint8_t *codes, const el_block_q16a *x, int32_t nb) {
     for (int32_t j = 0; j < nb; j++) {
         int8x16_t c0, c1;
         unpack_q4(codes + 16 * j, &c0, &c1);
-        isum[j] = dot32_neon(c0, c1, x[j].q);
+        isum[j] = 256 * dot32_neon(c0, c1, x[j].qh) + dot32_neon(c0, c1, x[j].ql);
     }
 }
 
-static void isums_q8_neon(int32_t *isum, const uint8_t *codes, const el_block_q8a *x, int32_t nb) {
-    for (int32_t j = 0; j < nb; j++)
-        isum[j] = dot32_neon(signed_q8(codes + 32 * j), signed_q8(codes + 32 * j + 16), x[j].q);
+static void isums_q8_neon(int32_t *isum, const uint8_t *codes, const el_block_q16a *x, int32_t nb) {
+    for (int32_t j = 0; j < nb; j++) {
+        int8x16_t c0 = signed_q8(codes + 32 * j), c1 = signed_q8(codes + 32 * j + 16);
+        isum[j] = 256 * dot32_neon(c0, c1, x[j].qh) + dot32_neon(c0, c1, x[j].ql);
+    }
+}
+
+/* Eight blocks per step in two vectors of four lanes: the reference's float operations, in its order. */
+static void combine_neon(float *lanes, int32_t format, const int32_t *isum, const float *xd, const int32_t *xsum,
+                         const float *scales, const float *mins, int32_t n, int32_t shift) {
+    if (shift != 0) { /* blocks of 64 or 128 weights: not a hot path */
+        el_combine_ref(lanes, format, isum, xd, xsum, scales, mins, n, shift);
+        return;
+    }
+    float32x4_t acc[2] = {vld1q_f32(lanes), vld1q_f32(lanes + 4)};
+    int32_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        for (int h = 0; h < 2; h++) {
+            int32_t o = j + 4 * h;
+            float32x4_t d = vld1q_f32(xd + o);
+            int32x4_t is = vld1q_s32(isum + o);
+            float32x4_t sd = vmulq_f32(vld1q_f32(scales + o), d), t;
+            if (format == EL_INT4_ASYM) {
+                float32x4_t sum = vcvtq_f32_s32(vld1q_s32(xsum + o));
+                t = vaddq_f32(vmulq_f32(sd, vcvtq_f32_s32(is)), vmulq_f32(vmulq_f32(vld1q_f32(mins + o), d), sum));
+            } else if (format == EL_INT4_SYM) {
+                t = vmulq_f32(sd, vcvtq_f32_s32(vsubq_s32(is, vshlq_n_s32(vld1q_s32(xsum + o), 3))));
+            } else {
+                t = vmulq_f32(sd, vcvtq_f32_s32(is));
+            }
+            acc[h] = vaddq_f32(acc[h], t);
+        }
+    }
+    vst1q_f32(lanes, acc[0]);
+    vst1q_f32(lanes + 4, acc[1]);
+    for (; j < n; j++) lanes[j % 8] += el_block_term(format, isum[j], xd[j], xsum[j], scales[j], mins ? mins[j] : 0.0f);
 }
 
 static void rms_norm_neon(float *out, const float *x, const float *weight, int32_t n, float eps) {
@@ -173,6 +220,25 @@ static void silu_mul_neon(float *out, const float *gate, const float *up, int32_
     for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
+static float dot_neon(const float *a, const float *b, int32_t n) {
+    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        acc0 = vaddq_f32(acc0, vmulq_f32(vld1q_f32(a + i), vld1q_f32(b + i)));
+        acc1 = vaddq_f32(acc1, vmulq_f32(vld1q_f32(a + i + 4), vld1q_f32(b + i + 4)));
+    }
+    for (; i + 4 <= n; i += 4) acc0 = vaddq_f32(acc0, vmulq_f32(vld1q_f32(a + i), vld1q_f32(b + i)));
+    float sum = vaddvq_f32(vaddq_f32(acc0, acc1));
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+static void axpy_neon(float *y, float a, const float *x, int32_t n) {
+    int32_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vaddq_f32(vld1q_f32(y + i), vmulq_n_f32(vld1q_f32(x + i), a)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
 static void add_neon(float *out, const float *a, const float *b, int32_t n) {
     int32_t i = 0;
     for (; i + 4 <= n; i += 4) vst1q_f32(out + i, vaddq_f32(vld1q_f32(a + i), vld1q_f32(b + i)));
@@ -181,7 +247,8 @@ static void add_neon(float *out, const float *a, const float *b, int32_t n) {
 
 const el_kernels el_kernels_neon = {
     .name = "neon",
-    .quantize_q8a = quantize_q8a_neon,
+    .quantize_q16a = quantize_q16a_neon,
+    .combine = combine_neon,
     .isums_q4 = isums_q4_neon,
     .isums_q8 = isums_q8_neon,
     .rms_norm = rms_norm_neon,
@@ -189,29 +256,39 @@ const el_kernels el_kernels_neon = {
     .softmax = softmax_neon,
     .silu_mul = silu_mul_neon,
     .add = add_neon,
+    .dot = dot_neon,
+    .axpy = axpy_neon,
 };
 
 /* ---- dot product: SDOT sums four int8 products into each int32 lane ------------------------ */
 
-static DOTPROD void isums_q4_dotprod(int32_t *isum, const uint8_t *codes, const el_block_q8a *x, int32_t nb) {
+/* one plane of a block: sum over 32 values of codes (c0: values 0..15, c1: 16..31) times q */
+static inline DOTPROD int32x4_t sdot32(int32x4_t acc, int8x16_t c0, int8x16_t c1, const int8_t *q) {
+    return vdotq_s32(vdotq_s32(acc, c0, vld1q_s8(q)), c1, vld1q_s8(q + 16));
+}
+
+static inline DOTPROD int32_t planes_dotprod(int8x16_t c0, int8x16_t c1, const el_block_q16a *x) {
+    int32x4_t hi = sdot32(vdupq_n_s32(0), c0, c1, x->qh);
+    return vaddvq_s32(sdot32(vshlq_n_s32(hi, 8), c0, c1, x->ql));
+}
+
+static DOTPROD void isums_q4_dotprod(int32_t *isum, const uint8_t *codes, const el_block_q16a *x, int32_t nb) {
     for (int32_t j = 0; j < nb; j++) {
         int8x16_t c0, c1;
         unpack_q4(codes + 16 * j, &c0, &c1);
-        int32x4_t acc = vdotq_s32(vdupq_n_s32(0), c0, vld1q_s8(x[j].q));
-        isum[j] = vaddvq_s32(vdotq_s32(acc, c1, vld1q_s8(x[j].q + 16)));
+        isum[j] = planes_dotprod(c0, c1, x + j);
     }
 }
 
-static DOTPROD void isums_q8_dotprod(int32_t *isum, const uint8_t *codes, const el_block_q8a *x, int32_t nb) {
-    for (int32_t j = 0; j < nb; j++) {
-        int32x4_t acc = vdotq_s32(vdupq_n_s32(0), signed_q8(codes + 32 * j), vld1q_s8(x[j].q));
-        isum[j] = vaddvq_s32(vdotq_s32(acc, signed_q8(codes + 32 * j + 16), vld1q_s8(x[j].q + 16)));
-    }
+static DOTPROD void isums_q8_dotprod(int32_t *isum, const uint8_t *codes, const el_block_q16a *x, int32_t nb) {
+    for (int32_t j = 0; j < nb; j++)
+        isum[j] = planes_dotprod(signed_q8(codes + 32 * j), signed_q8(codes + 32 * j + 16), x + j);
 }
 
 const el_kernels el_kernels_dotprod = {
     .name = "dotprod",
-    .quantize_q8a = quantize_q8a_neon,
+    .quantize_q16a = quantize_q16a_neon,
+    .combine = combine_neon,
     .isums_q4 = isums_q4_dotprod,
     .isums_q8 = isums_q8_dotprod,
     .rms_norm = rms_norm_neon,
@@ -219,6 +296,8 @@ const el_kernels el_kernels_dotprod = {
     .softmax = softmax_neon,
     .silu_mul = silu_mul_neon,
     .add = add_neon,
+    .dot = dot_neon,
+    .axpy = axpy_neon,
 };
 
 /* ---- i8mm: SMMLA multiplies a 2x8 by an 8x2 int8 matrix into 2x2 int32 -----------------------
@@ -242,31 +321,38 @@ static inline I8MM void store_2x2(int32_t *isum, int32_t stride, int32_t j, int3
     isum[3 * stride + j] = vgetq_lane_s32(acc, 3);
 }
 
+/* both planes of a block for 2 rows x 2 tokens: 256 * high + low per lane */
+static inline I8MM int32x4_t mmla_planes(int8x16_t r0a, int8x16_t r0b, int8x16_t r1a, int8x16_t r1b,
+                                         const el_block_q16a *x0, const el_block_q16a *x1) {
+    int32x4_t hi = mmla16(vdupq_n_s32(0), r0a, r1a, vld1q_s8(x0->qh), vld1q_s8(x1->qh));
+    hi = mmla16(hi, r0b, r1b, vld1q_s8(x0->qh + 16), vld1q_s8(x1->qh + 16));
+    int32x4_t lo = mmla16(vshlq_n_s32(hi, 8), r0a, r1a, vld1q_s8(x0->ql), vld1q_s8(x1->ql));
+    return mmla16(lo, r0b, r1b, vld1q_s8(x0->ql + 16), vld1q_s8(x1->ql + 16));
+}
+
 static I8MM void isums_q4_i8mm_2x2(int32_t *isum, int32_t stride, const uint8_t *codes0, const uint8_t *codes1,
-                                   const el_block_q8a *x0, const el_block_q8a *x1, int32_t nb) {
+                                   const el_block_q16a *x0, const el_block_q16a *x1, int32_t nb) {
     for (int32_t j = 0; j < nb; j++) {
         int8x16_t r0a, r0b, r1a, r1b;
         unpack_q4(codes0 + 16 * j, &r0a, &r0b);
         unpack_q4(codes1 + 16 * j, &r1a, &r1b);
-        int32x4_t acc = mmla16(vdupq_n_s32(0), r0a, r1a, vld1q_s8(x0[j].q), vld1q_s8(x1[j].q));
-        acc = mmla16(acc, r0b, r1b, vld1q_s8(x0[j].q + 16), vld1q_s8(x1[j].q + 16));
-        store_2x2(isum, stride, j, acc);
+        store_2x2(isum, stride, j, mmla_planes(r0a, r0b, r1a, r1b, x0 + j, x1 + j));
     }
 }
 
 static I8MM void isums_q8_i8mm_2x2(int32_t *isum, int32_t stride, const uint8_t *codes0, const uint8_t *codes1,
-                                   const el_block_q8a *x0, const el_block_q8a *x1, int32_t nb) {
+                                   const el_block_q16a *x0, const el_block_q16a *x1, int32_t nb) {
     for (int32_t j = 0; j < nb; j++) {
         const uint8_t *c0 = codes0 + 32 * j, *c1 = codes1 + 32 * j;
-        int32x4_t acc = mmla16(vdupq_n_s32(0), signed_q8(c0), signed_q8(c1), vld1q_s8(x0[j].q), vld1q_s8(x1[j].q));
-        acc = mmla16(acc, signed_q8(c0 + 16), signed_q8(c1 + 16), vld1q_s8(x0[j].q + 16), vld1q_s8(x1[j].q + 16));
-        store_2x2(isum, stride, j, acc);
+        store_2x2(isum, stride, j, mmla_planes(signed_q8(c0), signed_q8(c0 + 16), signed_q8(c1), signed_q8(c1 + 16),
+                                               x0 + j, x1 + j));
     }
 }
 
 const el_kernels el_kernels_i8mm = {
     .name = "i8mm",
-    .quantize_q8a = quantize_q8a_neon,
+    .quantize_q16a = quantize_q16a_neon,
+    .combine = combine_neon,
     .isums_q4 = isums_q4_dotprod,
     .isums_q8 = isums_q8_dotprod,
     .isums_q4_2x2 = isums_q4_i8mm_2x2,
@@ -276,6 +362,8 @@ const el_kernels el_kernels_i8mm = {
     .softmax = softmax_neon,
     .silu_mul = silu_mul_neon,
     .add = add_neon,
+    .dot = dot_neon,
+    .axpy = axpy_neon,
 };
 
 #endif /* aarch64 */

@@ -1,9 +1,9 @@
 /* kernels.h: what every kernel variant provides (internal to native/src).
  *
- * A variant vectorizes only integer work and elementwise float work. The float accumulation of
- * the matrix products lives once, in el_combine_row (api.c), so every variant's matvec is
- * bit-identical to the reference by construction: variants differ only in how they compute the
- * exact int32 block sums.
+ * The matrix products are split in two: the exact int32 block sums (isums, integer SIMD) and
+ * their float accumulation into eight lanes (combine). A variant's combine does per lane exactly
+ * the float operations of the reference, in the same order (edgellm.h), and the lanes are
+ * reduced once, in api.c; so every variant's products are bit-identical to the reference.
  */
 #ifndef EDGELLM_KERNELS_H
 #define EDGELLM_KERNELS_H
@@ -13,23 +13,59 @@
 
 #include "../edgellm.h"
 
-/* isum[j] for blocks j = 0..nb-1 of one weight row span against activation blocks x[0..nb-1].
- *   q4: codes = nb x 16 bytes (el_codes_q4), isum[j] = sum_i code_i * q_i       (raw codes 0..15)
- *   q8: codes = nb x 32 bytes (el_codes_q8), isum[j] = sum_i (code_i - 128) * q_i */
-typedef void (*el_isums_fn)(int32_t *isum, const uint8_t *codes, const el_block_q8a *x, int32_t nb);
+/* isum[j] for blocks j = 0..nb-1 of one weight row span against activation blocks x[0..nb-1],
+ * with q16_i = 256 * qh_i + ql_i:
+ *   q4: codes = nb x 16 bytes (el_codes_q4), isum[j] = sum_i code_i * q16_i      (raw codes 0..15)
+ *   q8: codes = nb x 32 bytes (el_codes_q8), isum[j] = sum_i (code_i - 128) * q16_i */
+typedef void (*el_isums_fn)(int32_t *isum, const uint8_t *codes, const el_block_q16a *x, int32_t nb);
 
 /* The same for two weight rows times two activation rows at once (i8mm):
  * isum[0][j] = row0.x0, isum[1][j] = row0.x1, isum[2][j] = row1.x0, isum[3][j] = row1.x1,
  * each array of stride `stride`. */
 typedef void (*el_isums_2x2_fn)(int32_t *isum, int32_t stride, const uint8_t *codes0, const uint8_t *codes1,
-                                const el_block_q8a *x0, const el_block_q8a *x1, int32_t nb);
+                                const el_block_q16a *x0, const el_block_q16a *x1, int32_t nb);
+
+/* lanes[j % 8] += t_j (edgellm.h) for blocks j = 0..n-1 of a span that starts at a multiple of 8
+ * blocks: isum [n] from isums (raw codes for int4), xd [n] and xsum [n] the activation blocks'
+ * d and sum, scales and mins at the span's first weight block, weight block of j = j >> shift. */
+typedef void (*el_combine_fn)(float *lanes, int32_t format, const int32_t *isum, const float *xd,
+                              const int32_t *xsum, const float *scales, const float *mins, int32_t n,
+                              int32_t shift);
+
+/* The activations of n tokens as the products read them (prepared once, read by every row):
+ *   q      [n][nb]  the blocks
+ *   d, sum [n][nb]  their d and sum, contiguous, for eight blocks per vector load
+ *   pairs  [n][ceil(nb / 2)][EL_PAIR_BYTES]  the planes re-ordered for 4-bit codes: per pair of
+ *          blocks (2p, 2p+1), the qh of the even values (0, 2, .., 30) of block 2p then of block
+ *          2p+1 (32 bytes), the qh of the odd values of both, then the same two for ql. A 32-byte
+ *          load of two blocks' codes masked to its low nibbles meets the even values without a
+ *          shuffle, its high nibbles the odd ones. The half of a missing block 2p+1 (nb odd) is
+ *          never used: a lone last block's codes are loaded as 16 bytes and zero-extended. */
+#define EL_PAIR_BYTES 128
+typedef struct {
+    const el_block_q16a *q;
+    const float *d;
+    const int32_t *sum;
+    const int8_t *pairs;
+    int32_t nb;
+} el_acts;
+
+/* A whole row against one token for blocks of 32 weights (optional, x86): the same bits as isums
+ * + combine + the lane reduction, fused so the block sums never leave the registers. */
+typedef float (*el_row_q4_fn)(int32_t format, const uint8_t *codes, const float *scales, const float *mins,
+                              const int8_t *pairs, const float *xd, const int32_t *xsum, int32_t nb);
+typedef float (*el_row_q8_fn)(const uint8_t *codes, const float *scales, const el_block_q16a *x, const float *xd,
+                              const int32_t *xsum, int32_t nb);
 
 typedef struct {
     const char *name;
     /* one row: out [ceil(n/32)] <- x [n] */
-    void (*quantize_q8a)(el_block_q8a *out, const float *x, int32_t n);
+    void (*quantize_q16a)(el_block_q16a *out, const float *x, int32_t n);
     el_isums_fn isums_q4, isums_q8;
     el_isums_2x2_fn isums_q4_2x2, isums_q8_2x2; /* NULL: the matmul loops over single rows */
+    el_combine_fn combine;
+    el_row_q4_fn row_q4; /* NULL: isums + combine */
+    el_row_q8_fn row_q8;
     /* float kernels, one row each */
     void (*rms_norm)(float *out, const float *x, const float *weight, int32_t n, float eps);
     void (*rope)(float *out, const float *x, const float *cos_t, const float *sin_t, int32_t n_heads,
@@ -37,6 +73,9 @@ typedef struct {
     void (*softmax)(float *out, const float *x, int32_t n);
     void (*silu_mul)(float *out, const float *gate, const float *up, int32_t n);
     void (*add)(float *out, const float *a, const float *b, int32_t n);
+    /* attention (engine.c): a . b, and y += a * x */
+    float (*dot)(const float *a, const float *b, int32_t n);
+    void (*axpy)(float *y, float a, const float *x, int32_t n);
 } el_kernels;
 
 /* Each variant's table; the ones this build does not compile for are absent (dispatch.c). */
@@ -52,18 +91,30 @@ extern const el_kernels el_kernels_i8mm;
 #endif
 
 /* The generic scalar pieces SIMD loops end in (ref.c). */
-void el_quantize_block_ref(el_block_q8a *out, const float *x, int32_t n_valid); /* n_valid <= 32 */
-int32_t el_isum_q4_block_ref(const uint8_t *codes16, const int8_t *q32);       /* sum code * q */
-int32_t el_isum_q8_block_ref(const uint8_t *codes32, const int8_t *q32);       /* sum (code-128) * q */
-void el_quantize_q8a_ref(el_block_q8a *out, const float *x, int32_t n);
-void el_isums_q4_ref(int32_t *isum, const uint8_t *codes, const el_block_q8a *x, int32_t nb);
-void el_isums_q8_ref(int32_t *isum, const uint8_t *codes, const el_block_q8a *x, int32_t nb);
+void el_quantize_block_ref(el_block_q16a *out, const float *x, int32_t n_valid); /* n_valid <= 32 */
+int32_t el_isum_q4_block_ref(const uint8_t *codes16, const el_block_q16a *x);    /* sum code * q16 */
+int32_t el_isum_q8_block_ref(const uint8_t *codes32, const el_block_q16a *x);    /* sum (code-128) * q16 */
+void el_quantize_q16a_ref(el_block_q16a *out, const float *x, int32_t n);
+void el_isums_q4_ref(int32_t *isum, const uint8_t *codes, const el_block_q16a *x, int32_t nb);
+void el_isums_q8_ref(int32_t *isum, const uint8_t *codes, const el_block_q16a *x, int32_t nb);
+void el_combine_ref(float *lanes, int32_t format, const int32_t *isum, const float *xd, const int32_t *xsum,
+                    const float *scales, const float *mins, int32_t n, int32_t shift);
+/* one block's term t_j (edgellm.h): what every combine computes per lane */
+static inline float el_block_term(int32_t format, int32_t isum, float d, int32_t sum, float scale, float min) {
+    switch (format) {
+    case EL_INT4_ASYM: return (scale * d) * (float)isum + (min * d) * (float)sum;
+    case EL_INT4_SYM: return (scale * d) * (float)(isum - 8 * sum);
+    default: return (scale * d) * (float)isum;
+    }
+}
 void el_rms_norm_ref(float *out, const float *x, const float *weight, int32_t n, float eps);
 void el_rope_ref(float *out, const float *x, const float *cos_t, const float *sin_t, int32_t n_heads,
                  int32_t head_dim);
 void el_softmax_ref(float *out, const float *x, int32_t n);
 void el_silu_mul_ref(float *out, const float *gate, const float *up, int32_t n);
 void el_add_ref(float *out, const float *a, const float *b, int32_t n);
+float el_dot_ref(const float *a, const float *b, int32_t n);
+void el_axpy_ref(float *y, float a, const float *x, int32_t n);
 
 /* The current variant, initializing on first use; NULL if EDGELLM_KERNELS named one this CPU lacks. */
 const el_kernels *el_kernels_current(void);
@@ -71,5 +122,16 @@ const el_kernels *el_kernels_current(void);
 /* pool.c: run fn(ctx, ith, nth) on every thread of the pool (or inline when pool is NULL). */
 typedef void (*el_job_fn)(void *ctx, int32_t ith, int32_t nth);
 void el_pool_run(el_pool *pool, el_job_fn fn, void *ctx);
+/* Inside a job: waits until every thread of the pool has reached it (spinning, then yielding).
+ * Every thread must call it the same number of times. A no-op for a NULL or one-thread pool. */
+void el_pool_barrier(el_pool *pool);
+
+/* api.c: rows r0 .. r1-1 of Y [n_tokens][w->rows] = X W^T for tokens t0 .. t0+n_tokens-1 of x
+ * (el_matmul's body, for callers that split the rows over threads themselves). Not checked. */
+void el_matmul_rows(const el_kernels *k, float *y, const el_qmatrix *w, const el_acts *x, int32_t t0,
+                    int32_t n_tokens, int32_t r0, int32_t r1);
+/* The d, sum and pairs of blocks first .. first+count-1 of one token's row (d, sum and pairs point at
+ * the token's start), from its blocks x (pointing at the token's start too). */
+void el_prepare_blocks(float *d, int32_t *sum, int8_t *pairs, const el_block_q16a *x, int32_t first, int32_t count);
 
 #endif /* EDGELLM_KERNELS_H */

@@ -1,6 +1,8 @@
 /* pool.c: a small pthread pool, created once. A job is fn(ctx, ith, nth) run on every thread:
  * n_threads - 1 workers plus the caller as thread 0. One job runs at a time. */
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 
 #include "kernels.h"
@@ -22,6 +24,9 @@ struct el_pool {
     int quit;
     el_job_fn fn;
     void *ctx;
+    /* el_pool_barrier: threads arrived at the current barrier, and how many barriers have opened */
+    _Atomic int32_t barrier_arrived;
+    _Atomic uint32_t barrier_opened;
 };
 
 static void *worker_main(void *arg) {
@@ -124,4 +129,30 @@ void el_pool_run(el_pool *pool, el_job_fn fn, void *ctx) {
     while (pool->pending > 0) pthread_cond_wait(&pool->done, &pool->mu);
     pthread_mutex_unlock(&pool->mu);
     pthread_mutex_unlock(&pool->run);
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
+/* A counting barrier with a generation number: the last thread to arrive resets the count and
+ * opens the barrier by bumping the generation; the others spin on it. Spinning is what makes a
+ * barrier cost about a microsecond rather than a condition variable's wake-up (tens); after a
+ * while a waiter yields its core, so a thread that lost its CPU to another process gets it back. */
+void el_pool_barrier(el_pool *pool) {
+    if (!pool || pool->n_threads == 1) return;
+    uint32_t opened = atomic_load_explicit(&pool->barrier_opened, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&pool->barrier_arrived, 1, memory_order_acq_rel) == pool->n_threads - 1) {
+        atomic_store_explicit(&pool->barrier_arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&pool->barrier_opened, opened + 1, memory_order_release);
+        return;
+    }
+    for (uint32_t spins = 0; atomic_load_explicit(&pool->barrier_opened, memory_order_acquire) == opened; spins++) {
+        if (spins < 20000) cpu_relax();
+        else sched_yield();
+    }
 }

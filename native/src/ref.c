@@ -6,8 +6,16 @@
 
 #include "kernels.h"
 
+/* round half away from zero, clamped to [-127, 127] (the clamp only matters for subnormal scales) */
+static inline int8_t round_q(float s) {
+    float r = roundf(s);
+    if (r > 127.0f) r = 127.0f;
+    if (r < -127.0f) r = -127.0f;
+    return (int8_t)r;
+}
+
 /* One activation block from n_valid <= 32 values (the rest count as zeros). */
-void el_quantize_block_ref(el_block_q8a *out, const float *x, int32_t n_valid) {
+void el_quantize_block_ref(el_block_q16a *out, const float *x, int32_t n_valid) {
     float amax = 0.0f;
     int finite = 1;
     for (int32_t i = 0; i < n_valid; i++) {
@@ -15,54 +23,68 @@ void el_quantize_block_ref(el_block_q8a *out, const float *x, int32_t n_valid) {
         if (!(a <= FLT_MAX)) finite = 0; /* NaN or infinity */
         else if (a > amax) amax = a;
     }
-    memset(out->q, 0, sizeof out->q);
+    memset(out->qh, 0, sizeof out->qh);
+    memset(out->ql, 0, sizeof out->ql);
     out->sum = 0;
     if (!finite) {
         out->d = NAN; /* poisons every product that reads this block */
         return;
     }
-    float d = amax / 127.0f;
-    out->d = d;
-    if (d == 0.0f) return; /* all zeros, or so small that d underflowed */
+    float c = amax / 127.0f;
+    out->d = c / 256.0f;
+    if (c == 0.0f) return; /* all zeros, or so small that the scale underflowed */
     int32_t sum = 0;
     for (int32_t i = 0; i < n_valid; i++) {
-        float r = roundf(x[i] / d); /* half away from zero */
-        if (r > 127.0f) r = 127.0f; /* only reachable when d is subnormal */
-        if (r < -127.0f) r = -127.0f;
-        out->q[i] = (int8_t)r;
-        sum += out->q[i];
+        float s = x[i] / c;
+        int8_t qh = round_q(s);
+        int8_t ql = round_q((s - (float)qh) * 256.0f); /* s - qh is exact: s is within 1/2 of qh */
+        out->qh[i] = qh;
+        out->ql[i] = ql;
+        sum += 256 * qh + ql;
     }
     out->sum = sum;
 }
 
-void el_quantize_q8a_ref(el_block_q8a *out, const float *x, int32_t n) {
+void el_quantize_q16a_ref(el_block_q16a *out, const float *x, int32_t n) {
     for (int32_t i = 0; i < n; i += EL_QBLOCK) {
         int32_t left = n - i;
         el_quantize_block_ref(out++, x + i, left < EL_QBLOCK ? left : EL_QBLOCK);
     }
 }
 
-int32_t el_isum_q4_block_ref(const uint8_t *codes16, const int8_t *q32) {
-    int32_t isum = 0;
+int32_t el_isum_q4_block_ref(const uint8_t *codes16, const el_block_q16a *x) {
+    int32_t hi = 0, lo = 0;
     for (int k = 0; k < EL_QBLOCK / 2; k++) {
-        isum += (int32_t)(codes16[k] & 0x0F) * q32[2 * k];
-        isum += (int32_t)(codes16[k] >> 4) * q32[2 * k + 1];
+        int32_t c0 = codes16[k] & 0x0F, c1 = codes16[k] >> 4;
+        hi += c0 * x->qh[2 * k] + c1 * x->qh[2 * k + 1];
+        lo += c0 * x->ql[2 * k] + c1 * x->ql[2 * k + 1];
     }
-    return isum;
+    return 256 * hi + lo;
 }
 
-int32_t el_isum_q8_block_ref(const uint8_t *codes32, const int8_t *q32) {
-    int32_t isum = 0;
-    for (int i = 0; i < EL_QBLOCK; i++) isum += ((int32_t)codes32[i] - 128) * q32[i];
-    return isum;
+int32_t el_isum_q8_block_ref(const uint8_t *codes32, const el_block_q16a *x) {
+    int32_t hi = 0, lo = 0;
+    for (int i = 0; i < EL_QBLOCK; i++) {
+        hi += ((int32_t)codes32[i] - 128) * x->qh[i];
+        lo += ((int32_t)codes32[i] - 128) * x->ql[i];
+    }
+    return 256 * hi + lo;
 }
 
-void el_isums_q4_ref(int32_t *isum, const uint8_t *codes, const el_block_q8a *x, int32_t nb) {
-    for (int32_t j = 0; j < nb; j++) isum[j] = el_isum_q4_block_ref(codes + 16 * j, x[j].q);
+void el_isums_q4_ref(int32_t *isum, const uint8_t *codes, const el_block_q16a *x, int32_t nb) {
+    for (int32_t j = 0; j < nb; j++) isum[j] = el_isum_q4_block_ref(codes + 16 * j, x + j);
 }
 
-void el_isums_q8_ref(int32_t *isum, const uint8_t *codes, const el_block_q8a *x, int32_t nb) {
-    for (int32_t j = 0; j < nb; j++) isum[j] = el_isum_q8_block_ref(codes + 32 * j, x[j].q);
+void el_isums_q8_ref(int32_t *isum, const uint8_t *codes, const el_block_q16a *x, int32_t nb) {
+    for (int32_t j = 0; j < nb; j++) isum[j] = el_isum_q8_block_ref(codes + 32 * j, x + j);
+}
+
+void el_combine_ref(float *lanes, int32_t format, const int32_t *isum, const float *xd, const int32_t *xsum,
+                    const float *scales, const float *mins, int32_t n, int32_t shift) {
+    for (int32_t j = 0; j < n; j++) {
+        int32_t b = j >> shift;
+        lanes[j % 8] += el_block_term(format, isum[j], xd[j], xsum[j], scales[b], mins ? mins[b] : 0.0f);
+    }
 }
 
 void el_rms_norm_ref(float *out, const float *x, const float *weight, int32_t n, float eps) {
@@ -105,16 +127,29 @@ void el_add_ref(float *out, const float *a, const float *b, int32_t n) {
     for (int32_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
+float el_dot_ref(const float *a, const float *b, int32_t n) {
+    float sum = 0.0f;
+    for (int32_t i = 0; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+void el_axpy_ref(float *y, float a, const float *x, int32_t n) {
+    for (int32_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
 const el_kernels el_kernels_ref = {
     .name = "ref",
-    .quantize_q8a = el_quantize_q8a_ref,
+    .quantize_q16a = el_quantize_q16a_ref,
     .isums_q4 = el_isums_q4_ref,
     .isums_q8 = el_isums_q8_ref,
     .isums_q4_2x2 = NULL,
     .isums_q8_2x2 = NULL,
+    .combine = el_combine_ref,
     .rms_norm = el_rms_norm_ref,
     .rope = el_rope_ref,
     .softmax = el_softmax_ref,
     .silu_mul = el_silu_mul_ref,
     .add = el_add_ref,
+    .dot = el_dot_ref,
+    .axpy = el_axpy_ref,
 };

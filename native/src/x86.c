@@ -22,13 +22,23 @@ static inline AVX2 int32_t hsum_i32x8(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-/* out[k] = the sum of the 8 lanes of p[k], for k = 0..7 (one reduction tree for 8 blocks). */
-static inline AVX2 void hsum8_i32x8(int32_t *out, const __m256i p[8]) {
+/* lane k = the sum of the 8 lanes of p[k], for k = 0..7 (one reduction tree for 8 blocks). */
+static inline AVX2 __m256i hsum8_vec(const __m256i p[8]) {
     __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
     __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
     /* a = [sums of lanes 0-3 of p0..p3 | lanes 4-7 of p0..p3], b the same for p4..p7 */
-    __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
-    _mm256_storeu_si256((__m256i *)out, sum);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+static inline AVX2 void hsum8_i32x8(int32_t *out, const __m256i p[8]) {
+    _mm256_storeu_si256((__m256i *)out, hsum8_vec(p));
+}
+
+/* Four vectors of a pair of blocks each (block 2k in lanes 0-3 of p[k], block 2k+1 in lanes 4-7)
+ * -> the eight block sums in order. */
+static inline AVX2 __m256i hsum_pairs(const __m256i p[4]) {
+    __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    return _mm256_permutevar8x32_epi32(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* [b0 b2 b4 b6 | b1 b3 b5 b7] */
 }
 
 static inline AVX2 float hsum_f32x8(__m256 v) {
@@ -74,9 +84,27 @@ static inline AVX2 __m256 exp_f32x8(__m256 x) {
 
 /* ---- AVX2 ------------------------------------------------------------------------------------ */
 
-/* Same arithmetic as el_quantize_block_ref: IEEE division, round half away from zero done as
- * trunc + (|frac| >= 0.5 ? sign : 0) (the hardware's nearest rounding goes to even). */
-static AVX2 void quantize_q8a_avx2(el_block_q8a *out, const float *x, int32_t n) {
+/* roundf: round half away from zero, as trunc + (|frac| >= 0.5 ? copysign(1, s) : 0) (the
+ * hardware's nearest rounding goes to even), then clamped to [-127, 127]. */
+static inline AVX2 __m256 round_q_avx2(__m256 s) {
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    __m256 t = _mm256_round_ps(s, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    __m256 frac = _mm256_andnot_ps(sign_bit, _mm256_sub_ps(s, t));
+    __m256 away = _mm256_or_ps(_mm256_and_ps(s, sign_bit), _mm256_set1_ps(1.0f)); /* copysign(1, s) */
+    __m256 r = _mm256_add_ps(t, _mm256_and_ps(_mm256_cmp_ps(frac, _mm256_set1_ps(0.5f), _CMP_GE_OQ), away));
+    return _mm256_max_ps(_mm256_set1_ps(-127.0f), _mm256_min_ps(_mm256_set1_ps(127.0f), r));
+}
+
+/* four vectors of eight int32 in [-127, 127] -> 32 int8 in order (the packs interleave 128-bit
+ * lanes; the permute puts the values back) */
+static inline AVX2 void store_q32(int8_t *out, const __m256i q[4]) {
+    __m256i p16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    p16 = _mm256_permutevar8x32_epi32(p16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)out, p16);
+}
+
+/* Same arithmetic as el_quantize_block_ref: IEEE division, the same roundings and clamps. */
+static AVX2 void quantize_q16a_avx2(el_block_q16a *out, const float *x, int32_t n) {
     const __m256 sign_bit = _mm256_set1_ps(-0.0f);
     int32_t i = 0;
     for (; i + EL_QBLOCK <= n; i += EL_QBLOCK, out++) {
@@ -91,67 +119,99 @@ static AVX2 void quantize_q8a_avx2(el_block_q8a *out, const float *x, int32_t n)
             el_quantize_block_ref(out, x + i, EL_QBLOCK); /* NaN or inf: the ref's NaN block */
             continue;
         }
-        float d = hmax_f32x8(vmax) / 127.0f;
-        out->d = d;
-        if (d == 0.0f) {
-            _mm256_storeu_si256((__m256i *)out->q, _mm256_setzero_si256());
+        float c = hmax_f32x8(vmax) / 127.0f;
+        out->d = c / 256.0f;
+        if (c == 0.0f) {
+            _mm256_storeu_si256((__m256i *)out->qh, _mm256_setzero_si256());
+            _mm256_storeu_si256((__m256i *)out->ql, _mm256_setzero_si256());
             out->sum = 0;
             continue;
         }
-        const __m256 vd = _mm256_set1_ps(d), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
-        __m256i qi[4];
+        const __m256 vc = _mm256_set1_ps(c), v256 = _mm256_set1_ps(256.0f);
+        __m256i qh[4], ql[4], sum = _mm256_setzero_si256();
         for (int k = 0; k < 4; k++) {
-            __m256 s = _mm256_div_ps(v[k], vd);
-            __m256 t = _mm256_round_ps(s, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-            __m256 frac = _mm256_andnot_ps(sign_bit, _mm256_sub_ps(s, t));
-            __m256 away = _mm256_or_ps(_mm256_and_ps(s, sign_bit), one); /* copysign(1, s) */
-            __m256 r = _mm256_add_ps(t, _mm256_and_ps(_mm256_cmp_ps(frac, half, _CMP_GE_OQ), away));
-            r = _mm256_max_ps(_mm256_set1_ps(-127.0f), _mm256_min_ps(_mm256_set1_ps(127.0f), r));
-            qi[k] = _mm256_cvtps_epi32(r);
+            __m256 s = _mm256_div_ps(v[k], vc);
+            __m256 h = round_q_avx2(s);
+            __m256 l = round_q_avx2(_mm256_mul_ps(_mm256_sub_ps(s, h), v256));
+            qh[k] = _mm256_cvtps_epi32(h);
+            ql[k] = _mm256_cvtps_epi32(l);
+            sum = _mm256_add_epi32(sum, _mm256_add_epi32(_mm256_slli_epi32(qh[k], 8), ql[k]));
         }
-        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
         out->sum = hsum_i32x8(sum);
-        /* int32 -> int8 packs interleave 128-bit lanes; the permute puts the values back in order */
-        __m256i p16 = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
-        p16 = _mm256_permutevar8x32_epi32(p16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)out->q, p16);
+        store_q32(out->qh, qh);
+        store_q32(out->ql, ql);
     }
     if (i < n) el_quantize_block_ref(out, x + i, n - i);
 }
 
-/* unsigned codes 0..15 times signed q: maddubs pairs stay below 2*15*127, no saturation */
-static inline AVX2 __m256i dot_q4_avx2(const uint8_t *codes16, const int8_t *q32) {
-    __m256i q = _mm256_loadu_si256((const __m256i *)q32);
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(unpack_q4(codes16), q), _mm256_set1_epi16(1));
+/* int16 pair sums of the high plane and the low plane -> int32 lanes of 256 * high + low */
+static inline AVX2 __m256i planes_i32(__m256i hi16, __m256i lo16) {
+    return _mm256_add_epi32(_mm256_madd_epi16(hi16, _mm256_set1_epi16(256)), _mm256_madd_epi16(lo16, _mm256_set1_epi16(1)));
 }
 
-static AVX2 void isums_q4_avx2(int32_t *isum, const uint8_t *codes, const el_block_q8a *x, int32_t nb) {
+/* unsigned codes 0..15 times signed q: maddubs pairs stay below 2*15*127, no saturation */
+static inline AVX2 __m256i dot_q4_avx2(const uint8_t *codes16, const el_block_q16a *x) {
+    __m256i c = unpack_q4(codes16);
+    __m256i qh = _mm256_loadu_si256((const __m256i *)x->qh), ql = _mm256_loadu_si256((const __m256i *)x->ql);
+    return planes_i32(_mm256_maddubs_epi16(c, qh), _mm256_maddubs_epi16(c, ql));
+}
+
+static AVX2 void isums_q4_avx2(int32_t *isum, const uint8_t *codes, const el_block_q16a *x, int32_t nb) {
     int32_t j = 0;
     for (; j + 8 <= nb; j += 8) {
         __m256i p[8];
-        for (int k = 0; k < 8; k++) p[k] = dot_q4_avx2(codes + 16 * (j + k), x[j + k].q);
+        for (int k = 0; k < 8; k++) p[k] = dot_q4_avx2(codes + 16 * (j + k), x + j + k);
         hsum8_i32x8(isum + j, p);
     }
-    for (; j < nb; j++) isum[j] = hsum_i32x8(dot_q4_avx2(codes + 16 * j, x[j].q));
+    for (; j < nb; j++) isum[j] = hsum_i32x8(dot_q4_avx2(codes + 16 * j, x + j));
 }
 
 /* (code - 128) is signed: maddubs takes |w| (unsigned, up to 128) times q with w's sign, so pairs
  * stay below 2*128*127 = 32512, no saturation */
-static inline AVX2 __m256i dot_q8_avx2(const uint8_t *codes32, const int8_t *q32) {
+static inline AVX2 __m256i dot_q8_avx2(const uint8_t *codes32, const el_block_q16a *x) {
     __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)codes32), _mm256_set1_epi8((char)0x80));
-    __m256i q = _mm256_loadu_si256((const __m256i *)q32);
-    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w));
-    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+    __m256i aw = _mm256_sign_epi8(w, w);
+    __m256i qh = _mm256_loadu_si256((const __m256i *)x->qh), ql = _mm256_loadu_si256((const __m256i *)x->ql);
+    return planes_i32(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qh, w)), _mm256_maddubs_epi16(aw, _mm256_sign_epi8(ql, w)));
 }
 
-static AVX2 void isums_q8_avx2(int32_t *isum, const uint8_t *codes, const el_block_q8a *x, int32_t nb) {
+static AVX2 void isums_q8_avx2(int32_t *isum, const uint8_t *codes, const el_block_q16a *x, int32_t nb) {
     int32_t j = 0;
     for (; j + 8 <= nb; j += 8) {
         __m256i p[8];
-        for (int k = 0; k < 8; k++) p[k] = dot_q8_avx2(codes + 32 * (j + k), x[j + k].q);
+        for (int k = 0; k < 8; k++) p[k] = dot_q8_avx2(codes + 32 * (j + k), x + j + k);
         hsum8_i32x8(isum + j, p);
     }
-    for (; j < nb; j++) isum[j] = hsum_i32x8(dot_q8_avx2(codes + 32 * j, x[j].q));
+    for (; j < nb; j++) isum[j] = hsum_i32x8(dot_q8_avx2(codes + 32 * j, x + j));
+}
+
+/* Eight blocks per step, one per lane: the reference's float operations, in its order. */
+static AVX2 void combine_avx2(float *lanes, int32_t format, const int32_t *isum, const float *xd, const int32_t *xsum,
+                              const float *scales, const float *mins, int32_t n, int32_t shift) {
+    if (shift != 0) { /* blocks of 64 or 128 weights: one scale per 2 or 4 lanes; not a hot path */
+        el_combine_ref(lanes, format, isum, xd, xsum, scales, mins, n, shift);
+        return;
+    }
+    __m256 acc = _mm256_loadu_ps(lanes);
+    int32_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 d = _mm256_loadu_ps(xd + j);
+        __m256i is = _mm256_loadu_si256((const __m256i *)(isum + j));
+        __m256 sd = _mm256_mul_ps(_mm256_loadu_ps(scales + j), d);
+        __m256 t;
+        if (format == EL_INT4_ASYM) {
+            __m256 sum = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(xsum + j)));
+            t = _mm256_add_ps(_mm256_mul_ps(sd, _mm256_cvtepi32_ps(is)), _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(mins + j), d), sum));
+        } else if (format == EL_INT4_SYM) {
+            __m256i sum8 = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(xsum + j)), 3);
+            t = _mm256_mul_ps(sd, _mm256_cvtepi32_ps(_mm256_sub_epi32(is, sum8)));
+        } else {
+            t = _mm256_mul_ps(sd, _mm256_cvtepi32_ps(is));
+        }
+        acc = _mm256_add_ps(acc, t);
+    }
+    _mm256_storeu_ps(lanes, acc);
+    for (; j < n; j++) lanes[j % 8] += el_block_term(format, isum[j], xd[j], xsum[j], scales[j], mins ? mins[j] : 0.0f);
 }
 
 static AVX2 void rms_norm_avx2(float *out, const float *x, const float *weight, int32_t n, float eps) {
@@ -228,16 +288,139 @@ static AVX2 void add_avx2(float *out, const float *a, const float *b, int32_t n)
     for (; i < n; i++) out[i] = a[i] + b[i];
 }
 
+/* two accumulators, so consecutive adds do not wait on each other (a head_dim of 64 is two rounds) */
+static AVX2 float dot_avx2(const float *a, const float *b, int32_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int32_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+        acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8)));
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+    float sum = hsum_f32x8(_mm256_add_ps(acc0, acc1));
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+static AVX2 void axpy_avx2(float *y, float a, const float *x, int32_t n) {
+    const __m256 va = _mm256_set1_ps(a);
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_mul_ps(va, _mm256_loadu_ps(x + i))));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* ---- fused rows (blocks of 32 weights): block sums, the lanes' terms and their reduction in
+ * registers; bit for bit isums + combine + the reduction of api.c ------------------------------- */
+
+/* the eight lanes' terms t_j of edgellm.h for blocks j .. j+7, lanes at or past n left +0.0 (which
+ * leaves a lane unchanged: a lane that starts at +0.0 is never -0.0) */
+static inline AVX2 __m256 terms8(int32_t format, __m256i is, const float *scales, const float *mins, const float *xd,
+                                 const int32_t *xsum, int32_t n) {
+    __m256 d, sc, mn = _mm256_setzero_ps();
+    __m256i sum;
+    if (n >= 8) {
+        d = _mm256_loadu_ps(xd);
+        sc = _mm256_loadu_ps(scales);
+        sum = _mm256_loadu_si256((const __m256i *)xsum);
+        if (format == EL_INT4_ASYM) mn = _mm256_loadu_ps(mins);
+    } else {
+        __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        d = _mm256_maskload_ps(xd, mask);
+        sc = _mm256_maskload_ps(scales, mask);
+        sum = _mm256_maskload_epi32(xsum, mask);
+        if (format == EL_INT4_ASYM) mn = _mm256_maskload_ps(mins, mask);
+    }
+    __m256 sd = _mm256_mul_ps(sc, d);
+    if (format == EL_INT4_ASYM)
+        return _mm256_add_ps(_mm256_mul_ps(sd, _mm256_cvtepi32_ps(is)), _mm256_mul_ps(_mm256_mul_ps(mn, d), _mm256_cvtepi32_ps(sum)));
+    if (format == EL_INT4_SYM) return _mm256_mul_ps(sd, _mm256_cvtepi32_ps(_mm256_sub_epi32(is, _mm256_slli_epi32(sum, 3))));
+    return _mm256_mul_ps(sd, _mm256_cvtepi32_ps(is));
+}
+
+/* codes of blocks j, j+1 (32 bytes; 16 zero-extended for a lone last block) -> low and high nibbles */
+static inline AVX2 void nibbles2(const uint8_t *codes, int both, __m256i *lo, __m256i *hi) {
+    const __m256i m = _mm256_set1_epi8(0x0F);
+    __m256i b = both ? _mm256_loadu_si256((const __m256i *)codes)
+                     : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)codes));
+    *lo = _mm256_and_si256(b, m);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+}
+
+/* 256 * sum(code * qh) + sum(code * ql) for a pair of blocks (lanes 0-3: block j, 4-7: block j+1) */
+static inline AVX2 __m256i pair_avx2(const uint8_t *codes, int both, const int8_t *pair) {
+    __m256i lo, hi;
+    nibbles2(codes, both, &lo, &hi);
+    const __m256i *p = (const __m256i *)pair;
+    __m256i h16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(p)), _mm256_maddubs_epi16(hi, _mm256_loadu_si256(p + 1)));
+    __m256i l16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(p + 2)), _mm256_maddubs_epi16(hi, _mm256_loadu_si256(p + 3)));
+    return planes_i32(h16, l16); /* int16 sums below 2 * 2 * 15 * 127: no saturation */
+}
+
+/* rows of 4-bit codes: eight blocks (four pairs) per step, then the last 1..7 blocks */
+#define ROW_Q4(PAIR)                                                                                          \
+    __m256 acc = _mm256_setzero_ps();                                                                         \
+    int32_t j = 0;                                                                                            \
+    for (; j + 8 <= nb; j += 8) {                                                                             \
+        __m256i p[4] = {PAIR(codes + 16 * j, 1, pairs + 64 * j), PAIR(codes + 16 * j + 32, 1, pairs + 64 * j + 128), \
+                        PAIR(codes + 16 * j + 64, 1, pairs + 64 * j + 256),                                   \
+                        PAIR(codes + 16 * j + 96, 1, pairs + 64 * j + 384)};                                  \
+        acc = _mm256_add_ps(acc, terms8(format, hsum_pairs(p), scales + j, mins ? mins + j : NULL, xd + j, xsum + j, 8)); \
+    }                                                                                                         \
+    if (j < nb) {                                                                                             \
+        int32_t n = nb - j;                                                                                   \
+        __m256i p[4];                                                                                         \
+        for (int k = 0; k < 4; k++)                                                                           \
+            p[k] = 2 * k < n ? PAIR(codes + 16 * (j + 2 * k), 2 * k + 1 < n, pairs + 64 * (j + 2 * k))        \
+                             : _mm256_setzero_si256();                                                        \
+        acc = _mm256_add_ps(acc, terms8(format, hsum_pairs(p), scales + j, mins ? mins + j : NULL, xd + j, xsum + j, n)); \
+    }                                                                                                         \
+    return hsum_f32x8(acc); /* ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)), the order of api.c */
+
+static AVX2 float row_q4_avx2(int32_t format, const uint8_t *codes, const float *scales, const float *mins,
+                              const int8_t *pairs, const float *xd, const int32_t *xsum, int32_t nb) {
+    ROW_Q4(pair_avx2)
+}
+
+/* rows of 8-bit codes, in the blocks' natural order: eight blocks per step, then the last 1..7 */
+#define ROW_Q8(BLOCK)                                                                                         \
+    __m256 acc = _mm256_setzero_ps();                                                                         \
+    int32_t j = 0, n = 8;                                                                                     \
+    for (; j + 8 <= nb; j += 8) {                                                                             \
+        __m256i p[8];                                                                                         \
+        for (int k = 0; k < 8; k++) p[k] = BLOCK(codes + 32 * (j + k), x + j + k);                           \
+        acc = _mm256_add_ps(acc, terms8(EL_INT8_SYM, Q8_FIX(hsum8_vec(p)), scales + j, NULL, xd + j, xsum + j, 8)); \
+    }                                                                                                         \
+    if (j < nb) {                                                                                             \
+        n = nb - j;                                                                                           \
+        __m256i p[8];                                                                                         \
+        for (int k = 0; k < 8; k++) p[k] = k < n ? BLOCK(codes + 32 * (j + k), x + j + k) : _mm256_setzero_si256(); \
+        acc = _mm256_add_ps(acc, terms8(EL_INT8_SYM, Q8_FIX(hsum8_vec(p)), scales + j, NULL, xd + j, xsum + j, n)); \
+    }                                                                                                         \
+    return hsum_f32x8(acc);
+
+#define Q8_FIX(is) (is)
+static AVX2 float row_q8_avx2(const uint8_t *codes, const float *scales, const el_block_q16a *x, const float *xd,
+                              const int32_t *xsum, int32_t nb) {
+    ROW_Q8(dot_q8_avx2)
+}
+#undef Q8_FIX
+
 const el_kernels el_kernels_avx2 = {
     .name = "avx2",
-    .quantize_q8a = quantize_q8a_avx2,
+    .quantize_q16a = quantize_q16a_avx2,
     .isums_q4 = isums_q4_avx2,
     .isums_q8 = isums_q8_avx2,
+    .combine = combine_avx2,
+    .row_q4 = row_q4_avx2,
+    .row_q8 = row_q8_avx2,
     .rms_norm = rms_norm_avx2,
     .rope = rope_avx2,
     .softmax = softmax_avx2,
     .silu_mul = silu_mul_avx2,
     .add = add_avx2,
+    .dot = dot_avx2,
+    .axpy = axpy_avx2,
 };
 
 /* ---- AVX-512 VNNI: vpdpbusd (unsigned codes x signed q, four products into each int32 lane,
@@ -245,48 +428,80 @@ const el_kernels el_kernels_avx2 = {
  * (Zen 4) 512-bit vectors run as two 256-bit halves and gathering two 40-byte activation blocks
  * into one costs more than it saves. -------------------------------------------------------- */
 
-static inline AVX512VNNI __m256i dot_q4_vnni(const uint8_t *codes16, const int8_t *q32) {
-    __m256i q = _mm256_loadu_si256((const __m256i *)q32);
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), unpack_q4(codes16), q);
+/* 256 * sum(code * qh) + sum(code * ql): two vpdpbusd with a shift between them */
+static inline AVX512VNNI __m256i dot_planes_vnni(__m256i codes, const el_block_q16a *x) {
+    __m256i qh = _mm256_loadu_si256((const __m256i *)x->qh), ql = _mm256_loadu_si256((const __m256i *)x->ql);
+    __m256i hi = _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, qh);
+    return _mm256_dpbusd_epi32(_mm256_slli_epi32(hi, 8), codes, ql);
 }
 
-static inline AVX512VNNI __m256i dot_q8_vnni(const uint8_t *codes32, const int8_t *q32) {
-    __m256i q = _mm256_loadu_si256((const __m256i *)q32);
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256((const __m256i *)codes32), q);
-}
-
-static AVX512VNNI void isums_q4_avx512vnni(int32_t *isum, const uint8_t *codes, const el_block_q8a *x, int32_t nb) {
+static AVX512VNNI void isums_q4_avx512vnni(int32_t *isum, const uint8_t *codes, const el_block_q16a *x, int32_t nb) {
     int32_t j = 0;
     for (; j + 8 <= nb; j += 8) {
         __m256i p[8];
-        for (int k = 0; k < 8; k++) p[k] = dot_q4_vnni(codes + 16 * (j + k), x[j + k].q);
+        for (int k = 0; k < 8; k++) p[k] = dot_planes_vnni(unpack_q4(codes + 16 * (j + k)), x + j + k);
         hsum8_i32x8(isum + j, p);
     }
-    for (; j < nb; j++) isum[j] = hsum_i32x8(dot_q4_vnni(codes + 16 * j, x[j].q));
+    for (; j < nb; j++) isum[j] = hsum_i32x8(dot_planes_vnni(unpack_q4(codes + 16 * j), x + j));
 }
 
-/* vpdpbusd takes the raw codes 0..255; sum (code - 128) * q = sum code * q - 128 * sum q, exactly */
-static AVX512VNNI void isums_q8_avx512vnni(int32_t *isum, const uint8_t *codes, const el_block_q8a *x, int32_t nb) {
+/* vpdpbusd takes the raw codes 0..255; sum (code - 128) * q16 = sum code * q16 - 128 * sum, exactly
+ * (|sum code * q16| <= 32 * 255 * 32767 < 2^31) */
+static AVX512VNNI void isums_q8_avx512vnni(int32_t *isum, const uint8_t *codes, const el_block_q16a *x, int32_t nb) {
     int32_t j = 0;
     for (; j + 8 <= nb; j += 8) {
         __m256i p[8];
-        for (int k = 0; k < 8; k++) p[k] = dot_q8_vnni(codes + 32 * (j + k), x[j + k].q);
+        for (int k = 0; k < 8; k++)
+            p[k] = dot_planes_vnni(_mm256_loadu_si256((const __m256i *)(codes + 32 * (j + k))), x + j + k);
         hsum8_i32x8(isum + j, p);
     }
-    for (; j < nb; j++) isum[j] = hsum_i32x8(dot_q8_vnni(codes + 32 * j, x[j].q));
+    for (; j < nb; j++) isum[j] = hsum_i32x8(dot_planes_vnni(_mm256_loadu_si256((const __m256i *)(codes + 32 * j)), x + j));
     for (j = 0; j < nb; j++) isum[j] -= 128 * x[j].sum;
 }
 
+/* a pair of blocks with vpdpbusd: (sum even + sum odd) of the high plane, shifted, then the low plane */
+static inline AVX512VNNI __m256i pair_vnni(const uint8_t *codes, int both, const int8_t *pair) {
+    __m256i lo, hi;
+    nibbles2(codes, both, &lo, &hi);
+    const __m256i *p = (const __m256i *)pair;
+    __m256i h = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, _mm256_loadu_si256(p)), hi,
+                                    _mm256_loadu_si256(p + 1));
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_slli_epi32(h, 8), lo, _mm256_loadu_si256(p + 2)), hi,
+                               _mm256_loadu_si256(p + 3));
+}
+
+static AVX512VNNI float row_q4_avx512vnni(int32_t format, const uint8_t *codes, const float *scales, const float *mins,
+                                         const int8_t *pairs, const float *xd, const int32_t *xsum, int32_t nb) {
+    ROW_Q4(pair_vnni)
+}
+
+static inline AVX512VNNI __m256i block_q8_vnni(const uint8_t *codes32, const el_block_q16a *x) {
+    return dot_planes_vnni(_mm256_loadu_si256((const __m256i *)codes32), x);
+}
+
+/* raw codes: sum (code - 128) * q16 = sum code * q16 - 128 * sum */
+#define Q8_FIX(is) _mm256_sub_epi32(is, _mm256_slli_epi32(n == 8 ? _mm256_loadu_si256((const __m256i *)(xsum + j)) : _mm256_maskload_epi32(xsum + j, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))), 7))
+static AVX512VNNI float row_q8_avx512vnni(const uint8_t *codes, const float *scales, const el_block_q16a *x,
+                                         const float *xd, const int32_t *xsum, int32_t nb) {
+    ROW_Q8(block_q8_vnni)
+}
+#undef Q8_FIX
+
 const el_kernels el_kernels_avx512vnni = {
     .name = "avx512vnni",
-    .quantize_q8a = quantize_q8a_avx2,
+    .quantize_q16a = quantize_q16a_avx2,
     .isums_q4 = isums_q4_avx512vnni,
     .isums_q8 = isums_q8_avx512vnni,
+    .combine = combine_avx2,
+    .row_q4 = row_q4_avx512vnni,
+    .row_q8 = row_q8_avx512vnni,
     .rms_norm = rms_norm_avx2,
     .rope = rope_avx2,
     .softmax = softmax_avx2,
     .silu_mul = silu_mul_avx2,
     .add = add_avx2,
+    .dot = dot_avx2,
+    .axpy = axpy_avx2,
 };
 
 #endif /* x86-64 */

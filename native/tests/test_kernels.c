@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "../edgellm.h"
+#include "../src/kernels.h" /* the dot and axpy of the variants, which the engine uses internally */
 
 static int n_passed, n_failed;
 
@@ -89,19 +90,22 @@ static int32_t code_at(const test_matrix *t, int32_t r, int32_t c) {
     return c % 2 ? byte >> 4 : byte & 0x0F;
 }
 
-static float formula_row(const test_matrix *t, int32_t r, const el_block_q8a *x) {
+static float formula_row(const test_matrix *t, int32_t r, const el_block_q16a *x) {
     const el_qmatrix *m = &t->m;
     int32_t nwb = (m->cols + m->block - 1) / m->block, nb = (m->cols + 31) / 32;
     int32_t zp = m->format == EL_INT4_ASYM ? 0 : m->format == EL_INT4_SYM ? 8 : 128;
-    float acc = 0.0f;
+    float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int32_t j = 0; j < nb; j++) {
-        int32_t isum = 0, b = j * 32 / m->block;
-        for (int32_t i = 0; i < 32; i++) isum += (code_at(t, r, 32 * j + i) - zp) * x[j].q[i];
-        float s = t->scales[(size_t)r * nwb + b], d = x[j].d;
-        if (m->format == EL_INT4_ASYM) acc += s * d * (float)isum + t->mins[(size_t)r * nwb + b] * d * (float)x[j].sum;
-        else acc += s * d * (float)isum;
+        int64_t isum = 0;
+        int32_t b = j * 32 / m->block;
+        for (int32_t i = 0; i < 32; i++)
+            isum += (int64_t)(code_at(t, r, 32 * j + i) - zp) * (256 * x[j].qh[i] + x[j].ql[i]);
+        float s = t->scales[(size_t)r * nwb + b], d = x[j].d, term;
+        if (m->format == EL_INT4_ASYM) term = (s * d) * (float)isum + (t->mins[(size_t)r * nwb + b] * d) * (float)x[j].sum;
+        else term = (s * d) * (float)isum;
+        lane[j % 8] += term;
     }
-    return acc;
+    return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
 }
 
 /* ---- checks ----------------------------------------------------------------------------------- */
@@ -125,11 +129,11 @@ static float *quantize_corner_cases(int32_t *n_out) {
 }
 
 
-static el_block_q8a *quantize_with(const char *variant, const float *x, int32_t n_rows, int32_t n) {
+static el_block_q16a *quantize_with(const char *variant, const float *x, int32_t n_rows, int32_t n) {
     int32_t nb = (n + 31) / 32;
-    el_block_q8a *q = malloc(sizeof(el_block_q8a) * (size_t)nb * (n_rows ? n_rows : 1));
+    el_block_q16a *q = malloc(sizeof(el_block_q16a) * (size_t)nb * (n_rows ? n_rows : 1));
     el_set_variant(variant);
-    if (el_quantize_q8a(q, nb, x, n_rows, n) != EL_OK) memset(q, 0x55, sizeof(el_block_q8a) * nb * n_rows);
+    if (el_quantize_q16a(q, nb, x, n_rows, n) != EL_OK) memset(q, 0x55, sizeof(el_block_q16a) * nb * n_rows);
     return q;
 }
 
@@ -137,13 +141,17 @@ static void check_reference_semantics(void) {
     /* the ref quantizer on the corner cases, against the header's words */
     int32_t n;
     float *x = quantize_corner_cases(&n);
-    el_block_q8a *q = quantize_with("ref", x, 1, n);
-    int ok = q[0].d == 1.0f && q[0].q[1] == 3 && q[0].q[2] == -3 && q[0].q[3] == 1 && q[0].q[4] == -1 &&
-             q[0].q[5] == 127 && q[0].q[6] == -2 && q[1].d == 0.0f && q[1].sum == 0 && isnan(q[3].d) &&
-             q[3].sum == 0 && isnan(q[4].d) && q[6].q[7] == 0;
+    el_block_q16a *q = quantize_with("ref", x, 1, n);
+    /* amax 127: the coarse scale is 1, d = 1/256; 2.5 -> 3 - 127/256 (the remainder -128/256 clamps) */
+    int ok = q[0].d == 1.0f / 256 && q[0].qh[1] == 3 && q[0].qh[2] == -3 && q[0].qh[3] == 1 && q[0].qh[4] == -1 &&
+             q[0].qh[5] == 127 && q[0].qh[6] == -2 && q[0].ql[0] == 0 && q[0].ql[1] == -127 && q[0].ql[6] == 127 &&
+             q[1].d == 0.0f && q[1].sum == 0 && isnan(q[3].d) && q[3].sum == 0 && isnan(q[4].d) &&
+             q[6].qh[7] == 0 && q[6].ql[7] == 0;
     int32_t sum0 = 0;
-    for (int i = 0; i < 32; i++) sum0 += q[0].q[i];
-    report(ok && sum0 == q[0].sum, "ref", "quantize: ties away from zero, zero/NaN/inf blocks, padded tail", "");
+    for (int i = 0; i < 32; i++) sum0 += 256 * q[0].qh[i] + q[0].ql[i];
+    /* and the two planes hold x to within c / 512 */
+    for (int i = 7; i < 32; i++) ok &= fabsf(q[0].d * (float)(256 * q[0].qh[i] + q[0].ql[i]) - x[i]) <= 1.0f / 512 + 1e-6f;
+    report(ok && sum0 == q[0].sum, "ref", "quantize: two planes, ties away from zero, zero/NaN/inf blocks, tail", "");
     free(q);
     free(x);
 
@@ -156,7 +164,7 @@ static void check_reference_semantics(void) {
                 int32_t rows = 17, cols = COLS[c], nb = (cols + 31) / 32;
                 test_matrix t = make_matrix(f, rows, cols, block);
                 float *xf = random_floats(cols), *y = malloc(sizeof(float) * rows);
-                el_block_q8a *xq = quantize_with("ref", xf, 1, cols);
+                el_block_q16a *xq = quantize_with("ref", xf, 1, cols);
                 el_matvec(y, rows, &t.m, xq, nb, NULL);
                 for (int32_t r = 0; r < rows && ok; r++) {
                     float want = formula_row(&t, r, xq);
@@ -174,12 +182,14 @@ static void check_reference_semantics(void) {
 static void check_variant_quantize(const char *variant) {
     int32_t n;
     float *x = quantize_corner_cases(&n);
-    el_block_q8a *want = quantize_with("ref", x, 1, n), *got = quantize_with(variant, x, 1, n);
+    el_block_q16a *want = quantize_with("ref", x, 1, n), *got = quantize_with(variant, x, 1, n);
     int32_t nb = (n + 31) / 32;
     /* NaN blocks: compare the fields (NaN != NaN), all others bit for bit */
     int ok = 1;
     for (int32_t j = 0; j < nb; j++) {
-        if (isnan(want[j].d)) ok &= isnan(got[j].d) && got[j].sum == 0 && same_bits(got[j].q, want[j].q, 32);
+        if (isnan(want[j].d))
+            ok &= isnan(got[j].d) && got[j].sum == 0 && same_bits(got[j].qh, want[j].qh, 32) &&
+                  same_bits(got[j].ql, want[j].ql, 32);
         else ok &= same_bits(&got[j], &want[j], sizeof got[j]);
     }
     free(want), free(got), free(x);
@@ -190,13 +200,13 @@ static void check_variant_quantize(const char *variant) {
         for (int32_t i = 0; i < rows * cols; i += 5) xs[i] = (float)(int)(xs[i] * 8) / 2; /* many ties */
         want = quantize_with("ref", xs, rows, cols);
         got = quantize_with(variant, xs, rows, cols);
-        if (!same_bits(got, want, sizeof(el_block_q8a) * rows * ((cols + 31) / 32))) {
+        if (!same_bits(got, want, sizeof(el_block_q16a) * rows * ((cols + 31) / 32))) {
             ok = 0;
             snprintf(detail, sizeof detail, "cols %d", cols);
         }
         free(want), free(got), free(xs);
     }
-    report(ok, variant, "quantize_q8a equals ref bit for bit (corner cases, tails)", detail);
+    report(ok, variant, "quantize_q16a equals ref bit for bit (corner cases, tails)", detail);
 }
 
 /* matvec and matmul of `variant` against ref's matvec, all sizes, for one format and block */
@@ -208,7 +218,7 @@ static void check_variant_products(const char *variant, int32_t format, int32_t 
             int32_t rows = ROWS[r], cols = COLS[c], nb = (cols + 31) / 32, n_tok = 5;
             test_matrix t = make_matrix(format, rows, cols, block);
             float *xf = random_floats(n_tok * cols);
-            el_block_q8a *xq = quantize_with("ref", xf, n_tok, cols);
+            el_block_q16a *xq = quantize_with("ref", xf, n_tok, cols);
             float *want = malloc(sizeof(float) * n_tok * rows), *got = malloc(sizeof(float) * n_tok * rows);
             el_set_variant("ref");
             for (int32_t k = 0; k < n_tok; k++) el_matvec(want + k * rows, rows, &t.m, xq + k * nb, nb, NULL);
@@ -245,7 +255,7 @@ static void check_variant_nan(const char *variant) {
         test_matrix t = make_matrix(f, rows, cols, 32);
         float *xf = random_floats(cols), y[17];
         xf[200] = NAN;
-        el_block_q8a *xq = quantize_with(variant, xf, 1, cols);
+        el_block_q16a *xq = quantize_with(variant, xf, 1, cols);
         el_matvec(y, rows, &t.m, xq, nb, NULL);
         for (int32_t r = 0; r < rows; r++) ok &= isnan(y[r]) != 0;
         free(xf), free(xq), free_matrix(&t);
@@ -262,7 +272,7 @@ static void check_variant_floats(const char *variant) {
         float *x = random_floats(n), *g = random_floats(n), *u = random_floats(n), *w = random_floats(n);
         for (int32_t i = 0; i < n; i++) x[i] *= 4; /* a softmax with some spread */
         float *a = malloc(sizeof(float) * n), *b = malloc(sizeof(float) * n);
-        struct { const char *name; double err; } results[4];
+        struct { const char *name; double err; } results[6];
         el_set_variant("ref"); el_rms_norm(a, x, w, 1, n, 1e-5f);
         el_set_variant(variant); el_rms_norm(b, x, w, 1, n, 1e-5f);
         results[0].name = "rms_norm", results[0].err = nmse(b, a, n);
@@ -275,7 +285,19 @@ static void check_variant_floats(const char *variant) {
         el_set_variant("ref"); el_add(a, g, u, n);
         el_set_variant(variant); el_add(b, g, u, n);
         results[3].name = "add", results[3].err = nmse(b, a, n);
-        for (int k = 0; k < 4; k++)
+        float dots[2];
+        for (int v = 0; v < 2; v++) {
+            el_set_variant(v ? variant : "ref");
+            dots[v] = el_kernels_current()->dot(g, u, n);
+            float *y = v ? b : a;
+            memcpy(y, x, sizeof(float) * n);
+            el_kernels_current()->axpy(y, 0.75f, g, n);
+        }
+        double scale = 0; /* a dot product may cancel to near zero: its error is relative to sum |g u| */
+        for (int32_t i = 0; i < n; i++) scale += fabs((double)g[i] * u[i]);
+        results[4].name = "dot", results[4].err = pow((dots[1] - dots[0]) / (scale ? scale : 1), 2);
+        results[5].name = "axpy", results[5].err = nmse(b, a, n);
+        for (int k = 0; k < 6; k++)
             if (!(results[k].err <= 1e-10)) {
                 ok = 0;
                 snprintf(detail, sizeof detail, "%s n %d nmse %.3g", results[k].name, n, results[k].err);
@@ -298,7 +320,7 @@ static void check_variant_floats(const char *variant) {
         }
         free(x), free(a), free(b);
     }
-    report(ok, variant, "rms_norm, rope, softmax, silu_mul, add within NMSE 1e-10 of ref", detail);
+    report(ok, variant, "rms_norm, rope, softmax, silu_mul, add, dot, axpy within NMSE 1e-10 of ref", detail);
 }
 
 int main(void) {
