@@ -139,6 +139,73 @@ int el_softmax(float *out, const float *x, int32_t n_rows, int32_t n);
 int el_silu_mul(float *out, const float *gate, const float *up, int32_t n);
 /* out = a + b (the residual add). */
 int el_add(float *out, const float *a, const float *b, int32_t n);
+/* ---- the decoder engine (engine.c) -------------------------------------------------------------
+ *
+ * A Llama-family decoder (Llama, Mistral, Qwen2) run whole inside C: Python calls
+ * el_engine_forward once per token or prefill chunk. The model is a descriptor of pointers INTO
+ * the memory-mapped weights.bin (nothing is copied or repacked: the matrices are read in their
+ * exported layout); the caller validates the mapping (offsets, sizes) and keeps it mapped, and
+ * keeps the pool alive, for as long as the engine lives. The engine owns the KV cache and all
+ * scratch, allocated once by el_engine_create.
+ *
+ * Per token x at position p (the math of export/reference.py, with int8 activations for every
+ * matrix product as above; norms, RoPE, attention and softmax in float32):
+ *   x = dequantize(embed row x)                                          [hidden]
+ *   per layer:  h = rms_norm(x, attn_norm)
+ *               q, k, v = Wq h (+ bq), Wk h (+ bk), Wv h (+ bv)         [heads|kv_heads][head_dim]
+ *               q, k = rope(q, p), rope(k, p)    rotate-half, pairs (i, i + head_dim/2)
+ *               K[p], V[p] = k, v                                        (the cache)
+ *               a_h = softmax(q_h . K[0..p]_g / sqrt(head_dim)) V[0..p]_g, g = h / (heads / kv_heads)
+ *               x = x + Wo a;  h = rms_norm(x, mlp_norm);  x = x + Wdown (silu(Wgate h) * Wup h)
+ *   logits = Whead rms_norm(x, final_norm)                               [vocab]
+ * A chunk of n tokens is positions p .. p+n-1, causal within the chunk. */
+
+/* One decoder layer (HF names in the comments). */
+typedef struct {
+    const float *attn_norm;        /* [hidden]  input_layernorm.weight */
+    el_qmatrix q, k, v;            /* [heads*head_dim | kv_heads*head_dim, hidden]  self_attn.{q,k,v}_proj */
+    const float *q_bias;           /* [heads*head_dim] or NULL; k_bias, v_bias [kv_heads*head_dim] or NULL */
+    const float *k_bias;
+    const float *v_bias;
+    el_qmatrix o;                  /* [hidden, heads*head_dim]  self_attn.o_proj */
+    const float *mlp_norm;         /* [hidden]  post_attention_layernorm.weight */
+    el_qmatrix gate, up;           /* [ffn, hidden]  mlp.{gate,up}_proj */
+    el_qmatrix down;               /* [hidden, ffn]  mlp.down_proj */
+} el_layer;
+
+typedef struct {
+    int32_t n_layers, hidden, ffn, n_heads, n_kv_heads, head_dim, vocab;
+    float rms_eps;
+    el_qmatrix embed;              /* [vocab, hidden]  embed_tokens: one row dequantized per token */
+    el_qmatrix head;               /* [vocab, hidden]  lm_head, or the same arrays as embed when tied */
+    const float *final_norm;       /* [hidden]  model.norm.weight */
+    const float *inv_freq;         /* [head_dim / 2]  model.rotary_emb.inv_freq (RoPE scaling included) */
+    const el_layer *layers;        /* [n_layers]; copied by el_engine_create */
+} el_model;
+
+typedef struct el_engine el_engine;
+
+/* Checks the descriptor (shapes against the hyper-parameters, NULL pointers, formats: EL_EINVAL),
+ * allocates the KV cache [n_layers][context][n_kv_heads][head_dim] float32 for keys and for values
+ * and the scratch for chunks of up to max_chunk tokens. pool may be NULL (one thread). */
+int el_engine_create(el_engine **out, const el_model *model, int32_t context, int32_t max_chunk, el_pool *pool);
+void el_engine_destroy(el_engine *engine);
+
+/* Runs tokens [n_tokens] at positions position .. position+n_tokens-1, reading the cache of
+ * positions 0 .. position-1 (whatever earlier calls wrote there) and writing the new ones.
+ * logits [n_logits]: the last token's [vocab], or every token's [n_tokens][vocab] when all_logits.
+ * EL_ERANGE if position + n_tokens > context, n_tokens > max_chunk, a token id is outside
+ * [0, vocab) or n_logits is too small. One call at a time per engine. */
+int el_engine_forward(el_engine *engine, float *logits, int64_t n_logits, const int32_t *tokens, int32_t n_tokens,
+                      int32_t position, int32_t all_logits);
+
+/* Bytes the engine allocated (KV cache + scratch), and the context and chunk it was made for. */
+int64_t el_engine_bytes(const el_engine *engine);
+
+/* Profile (EDGELLM_PROFILE=1 in the environment at el_engine_create): seconds spent per phase,
+ * summed over calls on thread 0 (barrier waits included in the phase that waited). names[i]
+ * are static strings. Returns the number of phases (at most capacity stored), 0 when off. */
+int el_engine_profile(const el_engine *engine, const char **names, double *seconds, int32_t capacity);
 /* EL_CDEF_END */
 
 #ifdef __cplusplus

@@ -1,8 +1,9 @@
 """Resident-memory estimate, checked before a model is loaded.
 
 What a loaded model keeps resident:
-  weights   weights.bin, mapped; ONNX Runtime also prepacks its MatMulNBits weights (and folds
-            the int8 head into 4-bit planes), so its backend holds about twice the file
+  weights   weights.bin, mapped: the native engine reads it in place (the file once); ONNX Runtime also
+            prepacks its MatMulNBits weights (and folds the int8 head into 4-bit planes), so its
+            backend holds about twice the file
   kv cache  2 (K and V) x layers x context x kv_heads x head_dim x 4 bytes, preallocated
   scratch   logits for one prefill chunk, the chunk's activations and attention scores
   runtime   the interpreter, ONNX Runtime and the tokenizer (measured: ~90 MB on x86-64)
@@ -19,7 +20,8 @@ from .bundle_format import WEIGHTS_FILE
 from .errors import MemoryBudgetError
 from .model_config import ModelConfig
 
-WEIGHT_FACTOR = {"onnxruntime": 2.2}  # resident bytes per byte of weights.bin, measured on SmolLM2
+# resident bytes per byte of weights.bin: native maps the file once; ONNX Runtime's measured on SmolLM2
+WEIGHT_FACTOR = {"native": 1.0, "onnxruntime": 2.2}
 RUNTIME_OVERHEAD = 90 * 2**20
 MIB = 2**20
 

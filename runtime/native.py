@@ -348,6 +348,134 @@ def add(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
     return out
 
 
+# ---- the decoder engine ------------------------------------------------------------------------
+
+@dataclass
+class DecoderLayer:
+    """One layer's weights (views of weights.bin), named after the checkpoint's modules."""
+
+    attn_norm: np.ndarray  # float32 [hidden]
+    q: QMatrix  # [heads*head_dim, hidden]
+    k: QMatrix  # [kv_heads*head_dim, hidden]
+    v: QMatrix
+    o: QMatrix  # [hidden, heads*head_dim]
+    mlp_norm: np.ndarray  # float32 [hidden]
+    gate: QMatrix  # [ffn, hidden]
+    up: QMatrix
+    down: QMatrix  # [hidden, ffn]
+    q_bias: np.ndarray | None = None  # float32 [heads*head_dim] (Qwen2)
+    k_bias: np.ndarray | None = None  # float32 [kv_heads*head_dim]
+    v_bias: np.ndarray | None = None
+
+
+@dataclass
+class DecoderWeights:
+    """What el_engine_create reads: hyper-parameters and views of weights.bin (see native/edgellm.h)."""
+
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    rms_eps: float
+    embed: QMatrix  # [vocab, hidden]
+    head: QMatrix  # [vocab, hidden]; the embedding's own QMatrix when tied
+    final_norm: np.ndarray  # float32 [hidden]
+    inv_freq: np.ndarray  # float32 [head_dim/2]
+    layers: list[DecoderLayer]
+
+
+def _copy_qmatrix(dst, matrix: QMatrix) -> None:
+    src = matrix._struct
+    dst.format, dst.rows, dst.cols, dst.block = src.format, src.rows, src.cols, src.block
+    dst.qweight, dst.scales, dst.mins = src.qweight, src.scales, src.mins
+
+
+def _f32_pointer(ffi, array: np.ndarray | None, name: str, size: int, keep: list):
+    if array is None:
+        return ffi.NULL
+    _array(array, np.float32, name, size)
+    pointer = _ptr(ffi, "float[]", array)
+    keep.append(pointer)
+    return pointer
+
+
+class Engine:
+    """The whole decoder in C (el_engine_*): a KV cache of `context` positions, chunks of up to
+    `max_chunk` tokens, computed by `pool`. It reads `weights` in place; the arrays (and the mapping
+    under them) stay referenced by this object for as long as it lives."""
+
+    def __init__(self, weights: DecoderWeights, context: int, max_chunk: int, pool: ThreadPool | None = None):
+        ffi, lib = _load()
+        w = weights
+        q_size, kv_size = w.heads * w.head_dim, w.kv_heads * w.head_dim
+        keep: list = []
+        layers = ffi.new("el_layer[]", len(w.layers))
+        for i, layer in enumerate(w.layers):
+            dst = layers[i]
+            dst.attn_norm = _f32_pointer(ffi, layer.attn_norm, f"layer {i} attn_norm", w.hidden, keep)
+            dst.mlp_norm = _f32_pointer(ffi, layer.mlp_norm, f"layer {i} mlp_norm", w.hidden, keep)
+            dst.q_bias = _f32_pointer(ffi, layer.q_bias, f"layer {i} q_bias", q_size, keep)
+            dst.k_bias = _f32_pointer(ffi, layer.k_bias, f"layer {i} k_bias", kv_size, keep)
+            dst.v_bias = _f32_pointer(ffi, layer.v_bias, f"layer {i} v_bias", kv_size, keep)
+            for role in ("q", "k", "v", "o", "gate", "up", "down"):
+                _copy_qmatrix(getattr(dst, role), getattr(layer, role))
+        model = ffi.new("el_model *")
+        model.n_layers, model.hidden, model.ffn = len(w.layers), w.hidden, w.ffn
+        model.n_heads, model.n_kv_heads, model.head_dim, model.vocab = w.heads, w.kv_heads, w.head_dim, w.vocab
+        model.rms_eps = w.rms_eps
+        _copy_qmatrix(model.embed, w.embed)
+        _copy_qmatrix(model.head, w.head)
+        model.final_norm = _f32_pointer(ffi, w.final_norm, "final_norm", w.hidden, keep)
+        model.inv_freq = _f32_pointer(ffi, w.inv_freq, "inv_freq", w.head_dim // 2, keep)
+        model.layers = layers
+        handle = ffi.new("el_engine **")
+        pool_handle = _pool_handle(pool)
+        _check(lib.el_engine_create(handle, model, context, max_chunk, pool_handle), "engine creation")
+        # The destructor holds the pool: an engine is always destroyed before the pool it runs on.
+        self._engine = ffi.gc(handle[0], lambda engine, _pool=pool_handle: lib.el_engine_destroy(engine))
+        self._keep = (weights, keep, pool)  # everything the C side points into
+        self.context, self.max_chunk, self.vocab = context, min(max_chunk, context), w.vocab
+        self._tokens = np.zeros(self.max_chunk, np.int32)
+        self._tokens_ptr = _ptr(ffi, "int32_t[]", self._tokens)
+
+    @property
+    def allocated_bytes(self) -> int:
+        ffi, lib = _loaded
+        return int(lib.el_engine_bytes(self._engine)) if self._engine is not None else 0
+
+    def forward(self, tokens, position: int, out: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Run tokens at positions position.. (one chunk); logits into out [vocab] or [tokens, vocab]."""
+        ffi, lib = _loaded
+        if self._engine is None:
+            raise EdgeLLMError("the native engine is closed")
+        n = len(tokens)
+        if not 1 <= n <= self.max_chunk:
+            raise EdgeLLMError(f"a chunk of {n} tokens; the engine takes 1 to {self.max_chunk}")
+        self._tokens[:n] = tokens
+        size = n * self.vocab if all_logits else self.vocab
+        if out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable or out.size < size:
+            raise EdgeLLMError(f"logits buffer must be writable contiguous float32 of at least {size} values")
+        _check(lib.el_engine_forward(self._engine, _ptr(ffi, "float[]", out), out.size, self._tokens_ptr, n, position,
+                                     int(all_logits)), "engine forward")
+        return out
+
+    def profile(self) -> dict[str, float]:
+        """Seconds per phase, summed over calls (EDGELLM_PROFILE=1 when the engine was made; else empty)."""
+        ffi, lib = _loaded
+        names, seconds = ffi.new("const char *[32]"), ffi.new("double[32]")
+        count = lib.el_engine_profile(self._engine, names, seconds, 32)
+        return {ffi.string(names[i]).decode(): float(seconds[i]) for i in range(count)}
+
+    def close(self) -> None:
+        if self._engine is not None:
+            ffi, _ = _loaded
+            ffi.release(self._engine)  # runs el_engine_destroy now
+            self._engine = None
+            self._keep = None
+
+
 # ---- numpy definitions: what the C code computes, bit for bit -----------------------------------
 
 def _round_q(s: np.ndarray) -> np.ndarray:

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 from .errors import InvalidSettingError
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("native", "onnxruntime")
+AUTO_BACKEND = "auto"  # native when the C extension loads here, else onnxruntime
 DEFAULT_CONTEXT = 2048
 DEFAULT_PREFILL_CHUNK = 128
 
@@ -37,9 +38,16 @@ def parse_bytes(value: str | int | None, field_name: str = "max_memory") -> int 
     return int(number * 1024 ** " KMGT".index(unit or " "))
 
 
+def resolve_auto_backend() -> str:
+    """"auto": the native engine when its C extension loads here, else ONNX Runtime."""
+    from . import native
+
+    return "native" if native.available() else "onnxruntime"
+
+
 @dataclass(frozen=True)
 class RuntimeSettings:
-    backend: str = "onnxruntime"
+    backend: str = "onnxruntime"  # "auto" (native when its C extension loads) becomes the default next
     threads: int = 0  # 0 = one per core
     context_length: int = 0  # 0 = min(model's trained context, DEFAULT_CONTEXT)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # tokens per prefill call
@@ -49,8 +57,11 @@ class RuntimeSettings:
     verify_weights: bool = False  # hash weights.bin against the manifest at load (slow on big models)
 
     def __post_init__(self) -> None:
+        if self.backend == AUTO_BACKEND:
+            object.__setattr__(self, "backend", resolve_auto_backend())
         if self.backend not in BACKENDS:
-            raise InvalidSettingError(f"unknown backend {self.backend!r}", f"available: {', '.join(BACKENDS)}")
+            raise InvalidSettingError(f"unknown backend {self.backend!r}",
+                                      f"available: {', '.join(BACKENDS + (AUTO_BACKEND,))}")
         for name in ("threads", "context_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise InvalidSettingError(f"{name} must be a whole number >= 0, got {getattr(self, name)!r}")

@@ -323,6 +323,132 @@ static void check_variant_floats(const char *variant) {
     report(ok, variant, "rms_norm, rope, softmax, silu_mul, add, dot, axpy within NMSE 1e-10 of ref", detail);
 }
 
+/* ---- the engine: a tiny random decoder ------------------------------------------------------------ */
+
+typedef struct {
+    el_model m;
+    el_layer layers[2];
+    test_matrix mats[2][7], embed, head;
+    float *vectors[16];
+    int n_vectors;
+} tiny_model;
+
+static float *tiny_vector(tiny_model *t, int32_t n, float base, float spread) {
+    float *v = malloc(sizeof(float) * (size_t)n);
+    for (int32_t i = 0; i < n; i++) v[i] = base + spread * normalish();
+    t->vectors[t->n_vectors++] = v;
+    return v;
+}
+
+/* 2 layers, hidden 96, ffn 160, 6 query heads over 2 KV heads of head_dim (16: heads are not whole
+ * activation blocks; 32: they are), vocab 50, int4 layers, int8 embedding, an untied head, q/k/v biases */
+static void make_tiny(tiny_model *t, int32_t head_dim) {
+    memset(t, 0, sizeof *t);
+    const int32_t hidden = 96, ffn = 160, heads = 6, kv = 2, vocab = 50, q = heads * head_dim, kvs = kv * head_dim;
+    t->m = (el_model){.n_layers = 2, .hidden = hidden, .ffn = ffn, .n_heads = heads, .n_kv_heads = kv,
+                      .head_dim = head_dim, .vocab = vocab, .rms_eps = 1e-6f};
+    t->embed = make_matrix(EL_INT8_SYM, vocab, hidden, 32);
+    t->head = make_matrix(EL_INT4_SYM, vocab, hidden, 32);
+    t->m.embed = t->embed.m;
+    t->m.head = t->head.m;
+    t->m.final_norm = tiny_vector(t, hidden, 1.0f, 0.1f);
+    float *inv = tiny_vector(t, head_dim / 2, 0.0f, 0.0f);
+    for (int32_t i = 0; i < head_dim / 2; i++) inv[i] = powf(10000.0f, -2.0f * i / head_dim);
+    t->m.inv_freq = inv;
+    const int32_t shapes[7][2] = {{q, hidden}, {kvs, hidden}, {kvs, hidden}, {hidden, q}, {ffn, hidden}, {ffn, hidden}, {hidden, ffn}};
+    for (int l = 0; l < 2; l++) {
+        for (int i = 0; i < 7; i++) t->mats[l][i] = make_matrix(i == 6 ? EL_INT8_SYM : EL_INT4_ASYM, shapes[i][0], shapes[i][1], 32);
+        el_layer *L = &t->layers[l];
+        L->attn_norm = tiny_vector(t, hidden, 1.0f, 0.1f);
+        L->mlp_norm = tiny_vector(t, hidden, 1.0f, 0.1f);
+        L->q = t->mats[l][0].m, L->k = t->mats[l][1].m, L->v = t->mats[l][2].m, L->o = t->mats[l][3].m;
+        L->gate = t->mats[l][4].m, L->up = t->mats[l][5].m, L->down = t->mats[l][6].m;
+        if (l == 1) {
+            L->q_bias = tiny_vector(t, q, 0.0f, 0.1f);
+            L->k_bias = tiny_vector(t, kvs, 0.0f, 0.1f);
+            L->v_bias = tiny_vector(t, kvs, 0.0f, 0.1f);
+        }
+    }
+    t->m.layers = t->layers;
+}
+
+static void free_tiny(tiny_model *t) {
+    for (int l = 0; l < 2; l++)
+        for (int i = 0; i < 7; i++) free_matrix(&t->mats[l][i]);
+    free_matrix(&t->embed);
+    free_matrix(&t->head);
+    for (int i = 0; i < t->n_vectors; i++) free(t->vectors[i]);
+}
+
+#define TINY_TOKENS 11
+static const int32_t TINY_IDS[TINY_TOKENS] = {3, 17, 42, 0, 49, 8, 8, 23, 31, 5, 12};
+
+/* logits [TINY_TOKENS][vocab]: a prefill chunk of 7 (every token's logits), then 4 single tokens */
+static int run_tiny(const tiny_model *t, el_pool *pool, float *logits) {
+    el_engine *e;
+    int status = el_engine_create(&e, &t->m, 16, 8, pool);
+    if (status != EL_OK) return status;
+    int32_t vocab = t->m.vocab;
+    status = el_engine_forward(e, logits, 7 * vocab, TINY_IDS, 7, 0, 1);
+    for (int32_t i = 7; i < TINY_TOKENS && status == EL_OK; i++)
+        status = el_engine_forward(e, logits + (size_t)i * vocab, vocab, TINY_IDS + i, 1, i, 0);
+    el_engine_destroy(e);
+    return status;
+}
+
+static void check_engine(const char *const *variants, int32_t count, el_pool *pools[3]) {
+    for (int32_t head_dim = 16; head_dim <= 32; head_dim += 16) {
+        tiny_model t;
+        make_tiny(&t, head_dim);
+        size_t n = (size_t)TINY_TOKENS * t.m.vocab;
+        float *want = malloc(sizeof(float) * n), *got = malloc(sizeof(float) * n), *single = malloc(sizeof(float) * n);
+        el_set_variant("ref");
+        int ok = run_tiny(&t, NULL, want) == EL_OK;
+        /* token by token from position 0 gives the chunk's logits bit for bit */
+        el_engine *e;
+        ok &= el_engine_create(&e, &t.m, 16, 8, NULL) == EL_OK;
+        for (int32_t i = 0; i < TINY_TOKENS && ok; i++)
+            ok &= el_engine_forward(e, single + (size_t)i * t.m.vocab, t.m.vocab, TINY_IDS + i, 1, i, 0) == EL_OK;
+        ok &= same_bits(single, want, sizeof(float) * n);
+        for (int32_t i = 0; i < (int32_t)n; i++) ok &= isfinite(want[i]) != 0;
+        char what[96];
+        snprintf(what, sizeof what, "engine (head_dim %d): a chunk equals token by token, finite", head_dim);
+        report(ok, "ref", what, "");
+        /* bad arguments */
+        int32_t bad_token = t.m.vocab;
+        ok = el_engine_forward(e, single, (int64_t)n, TINY_IDS, 2, 15, 0) == EL_ERANGE &&  /* past the context */
+             el_engine_forward(e, single, (int64_t)n, TINY_IDS, 9, 0, 0) == EL_ERANGE &&   /* past max_chunk */
+             el_engine_forward(e, single, (int64_t)n, &bad_token, 1, 0, 0) == EL_ERANGE &&
+             el_engine_forward(e, single, t.m.vocab - 1, TINY_IDS, 1, 0, 0) == EL_ERANGE && /* logits too short */
+             el_engine_forward(e, single, (int64_t)n, TINY_IDS, 0, 0, 0) == EL_EINVAL;
+        el_engine_destroy(e);
+        el_model broken = t.m;
+        el_layer layers[2] = {t.layers[0], t.layers[1]};
+        layers[1].o.cols += 32;
+        broken.layers = layers;
+        ok &= el_engine_create(&e, &broken, 16, 8, NULL) == EL_EINVAL && e == NULL;
+        snprintf(what, sizeof what, "engine (head_dim %d): bad arguments and shapes are refused", head_dim);
+        report(ok, "-", what, "");
+        for (int32_t v = 0; v < count; v++) {
+            el_set_variant(variants[v]);
+            char detail[96] = "";
+            float *first = malloc(sizeof(float) * n);
+            ok = run_tiny(&t, NULL, first) == EL_OK && nmse(first, want, (int32_t)n) <= 1e-8;
+            if (!ok) snprintf(detail, sizeof detail, "nmse %.3g against ref", nmse(first, want, (int32_t)n));
+            for (int p = 0; p < 3 && ok; p++) {
+                ok &= run_tiny(&t, pools[p], got) == EL_OK && same_bits(got, first, sizeof(float) * n);
+                if (!ok) snprintf(detail, sizeof detail, "threads %d differ from one thread", p + 1);
+            }
+            snprintf(what, sizeof what, "engine (head_dim %d) within NMSE 1e-8 of ref, same bits for threads 1,2,3",
+                     head_dim);
+            report(ok, variants[v], what, detail);
+            free(first);
+        }
+        free(want), free(got), free(single);
+        free_tiny(&t);
+    }
+}
+
 int main(void) {
     int status = el_init();
     const char *forced = getenv("EDGELLM_KERNELS");
@@ -357,6 +483,7 @@ int main(void) {
         check_variant_nan(variant);
         if (strcmp(variant, "ref") != 0) check_variant_floats(variant);
     }
+    check_engine(names, count, pools);
     el_set_variant(chosen);
     report(el_set_variant("no-such-variant") == EL_EUNSUPPORTED, "-", "an unknown variant is refused", "");
     report(el_matvec(NULL, 0, NULL, NULL, 0, NULL) == EL_EINVAL, "-", "NULL arguments return EL_EINVAL", "");

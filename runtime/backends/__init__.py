@@ -10,6 +10,10 @@ from .base import Backend
 
 
 def create_backend(bundle: Path, manifest: dict, settings: RuntimeSettings, context_length: int) -> Backend:
+    if settings.backend == "native":
+        from .native_backend import NativeBackend
+
+        return NativeBackend(bundle, manifest, settings, context_length)
     if settings.backend == "onnxruntime":
         from .onnxruntime_backend import OnnxRuntimeBackend
 

@@ -1,0 +1,469 @@
+/* engine.c: the whole decoder in C (the math of export/reference.py; see edgellm.h).
+ *
+ * One el_engine_forward is one job on the pool: every thread runs the same sequence of phases
+ * and meets the others at a spinning barrier between them, so a token costs one wake-up of the
+ * pool, not one per matrix. Work inside a phase is split so that each value is computed whole
+ * by one thread with the same code whatever the thread count (rows of a product, heads of the
+ * attention, tokens of a norm, 32-value blocks of an activation): the logits do not depend on
+ * the number of threads, bit for bit.
+ *
+ * Phases of one layer (S tokens of the chunk; "|" is a barrier):
+ *   norm     tokens:  x += proj (the previous layer's down_proj), h = rms_norm(x), quantize h  |
+ *   qkv      heads:   q, k, v rows of one head (k, v straight into the cache), + bias, rope      |
+ *   attn     (token, head) pairs: softmax(q K^T / sqrt(D)) V, quantized when head_dim % 32 == 0 |
+ *  [attn_q   tokens:  quantize the attention output, when a head is not whole 32-value blocks   |]
+ *   o        rows:    proj = Wo a                                                                |
+ *   mlp_norm tokens:  x += proj, h = rms_norm(x), quantize h                                     |
+ *   gate_up  32-row units of ffn: gate and up rows, silu(gate) * up, its activation blocks       |
+ *   down     rows:    proj = Wdown m                                                             |
+ * then: x += proj, final norm (the last token only, unless every token's logits are wanted),
+ * quantize | head rows -> logits.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kernels.h"
+
+enum {
+    PH_EMBED, PH_NORM, PH_QKV, PH_ATTN, PH_ATTN_Q, PH_O, PH_MLP_NORM, PH_GATE_UP, PH_DOWN, PH_FINAL_NORM, PH_HEAD,
+    N_PHASES
+};
+static const char *const PHASE_NAMES[N_PHASES] = {
+    "embed", "attn_norm", "qkv_rope", "attention", "attn_quantize", "o_proj", "mlp_norm", "gate_up_silu",
+    "down_proj", "final_norm", "head",
+};
+
+/* Activation blocks [tokens][nb] and what the products read of them (kernels.h: el_acts). */
+typedef struct {
+    el_block_q16a *q;
+    float *d;
+    int32_t *sum;
+    int8_t *pairs; /* [tokens][ceil(nb / 2)][EL_PAIR_BYTES] */
+    el_acts view;
+} act;
+
+struct el_engine {
+    el_model m;                 /* the descriptor; m.layers points at `layers` */
+    el_layer *layers;           /* [n_layers] */
+    el_pool *pool;
+    int32_t n_threads, context, max_chunk;
+    int32_t q_size, kv_size, half;
+    int32_t nb_hidden, nb_q, nb_ffn, nb_max; /* activation blocks per token of each matrix input */
+    float *key_cache;           /* [n_layers][context][n_kv_heads][head_dim] */
+    float *value_cache;         /* [n_layers][context][n_kv_heads][head_dim] */
+    float *x;                   /* [max_chunk][hidden]  the residual stream */
+    float *h;                   /* [max_chunk][max(hidden, ffn)]  normed x, or silu(gate) * up */
+    act xq;                     /* [max_chunk][nb_max]  h (or the attention output) as activation blocks */
+    act xq_ffn;                 /* [max_chunk][nb_ffn]  silu(gate) * up as activation blocks */
+    float *q;                   /* [max_chunk][q_size] */
+    float *attn;                /* [max_chunk][q_size] */
+    float *proj;                /* [max_chunk][hidden]  o_proj, then down_proj output */
+    float *gate, *up;           /* [max_chunk][ffn] */
+    float *scores;              /* [n_threads][context] */
+    float *rope_cos, *rope_sin; /* [max_chunk][head_dim / 2] */
+    int64_t bytes;
+    int profile;
+    double seconds[N_PHASES];
+};
+
+/* ---- the descriptor ------------------------------------------------------------------------ */
+
+static int32_t ceil_div(int32_t a, int32_t b) { return (a + b - 1) / b; }
+
+static int check_matrix(const el_qmatrix *w, int32_t rows, int32_t cols) {
+    if (!w->qweight || !w->scales) return EL_EINVAL;
+    if (w->format < EL_INT4_ASYM || w->format > EL_INT8_SYM) return EL_EINVAL;
+    if ((w->format == EL_INT4_ASYM) != (w->mins != NULL)) return EL_EINVAL;
+    if (w->block != 32 && w->block != 64 && w->block != 128) return EL_EUNSUPPORTED;
+    if (w->rows != rows || w->cols != cols) return EL_EINVAL;
+    return EL_OK;
+}
+
+static int check_model(const el_model *m) {
+    if (!m || !m->layers || !m->final_norm || !m->inv_freq) return EL_EINVAL;
+    if (m->n_layers < 1 || m->hidden < 1 || m->ffn < 1 || m->n_heads < 1 || m->n_kv_heads < 1 || m->head_dim < 2 ||
+        m->vocab < 1)
+        return EL_EINVAL;
+    if (m->head_dim % 2 || m->n_heads % m->n_kv_heads || !(m->rms_eps >= 0.0f)) return EL_EINVAL;
+    if ((int64_t)m->n_heads * m->head_dim > INT32_MAX / 2) return EL_EINVAL;
+    int32_t q_size = m->n_heads * m->head_dim, kv_size = m->n_kv_heads * m->head_dim;
+    int status;
+    if ((status = check_matrix(&m->embed, m->vocab, m->hidden)) != EL_OK) return status;
+    if ((status = check_matrix(&m->head, m->vocab, m->hidden)) != EL_OK) return status;
+    for (int32_t i = 0; i < m->n_layers; i++) {
+        const el_layer *l = &m->layers[i];
+        if (!l->attn_norm || !l->mlp_norm) return EL_EINVAL;
+        if ((status = check_matrix(&l->q, q_size, m->hidden)) != EL_OK ||
+            (status = check_matrix(&l->k, kv_size, m->hidden)) != EL_OK ||
+            (status = check_matrix(&l->v, kv_size, m->hidden)) != EL_OK ||
+            (status = check_matrix(&l->o, m->hidden, q_size)) != EL_OK ||
+            (status = check_matrix(&l->gate, m->ffn, m->hidden)) != EL_OK ||
+            (status = check_matrix(&l->up, m->ffn, m->hidden)) != EL_OK ||
+            (status = check_matrix(&l->down, m->hidden, m->ffn)) != EL_OK)
+            return status;
+    }
+    return EL_OK;
+}
+
+/* ---- create / destroy ------------------------------------------------------------------------ */
+
+static void *alloc_floats(el_engine *e, size_t count, int zeroed) {
+    size_t bytes = count * sizeof(float);
+    void *p = zeroed ? calloc(count ? count : 1, sizeof(float)) : malloc(bytes ? bytes : 1);
+    e->bytes += (int64_t)bytes;
+    return p;
+}
+
+static int alloc_act(el_engine *e, act *a, int32_t nb) {
+    size_t count = (size_t)e->max_chunk * (size_t)nb, pair_bytes = (size_t)e->max_chunk * (size_t)((nb + 1) / 2) * EL_PAIR_BYTES;
+    a->q = malloc(sizeof(el_block_q16a) * count);
+    a->d = malloc(sizeof(float) * count);
+    a->sum = malloc(sizeof(int32_t) * count);
+    a->pairs = malloc(pair_bytes);
+    e->bytes += (int64_t)((sizeof(el_block_q16a) + sizeof(float) + sizeof(int32_t)) * count + pair_bytes);
+    a->view = (el_acts){a->q, a->d, a->sum, a->pairs, nb};
+    return a->q && a->d && a->sum && a->pairs;
+}
+
+static void free_act(act *a) {
+    free(a->q);
+    free(a->d);
+    free(a->sum);
+    free(a->pairs);
+}
+
+void el_engine_destroy(el_engine *e) {
+    if (!e) return;
+    free(e->layers);
+    free(e->key_cache);
+    free(e->value_cache);
+    free(e->x);
+    free(e->h);
+    free_act(&e->xq);
+    free_act(&e->xq_ffn);
+    free(e->q);
+    free(e->attn);
+    free(e->proj);
+    free(e->gate);
+    free(e->up);
+    free(e->scores);
+    free(e->rope_cos);
+    free(e->rope_sin);
+    free(e);
+}
+
+int el_engine_create(el_engine **out, const el_model *model, int32_t context, int32_t max_chunk, el_pool *pool) {
+    if (!out) return EL_EINVAL;
+    *out = NULL;
+    int status = check_model(model);
+    if (status != EL_OK) return status;
+    if (context < 1 || max_chunk < 1) return EL_EINVAL;
+    if (max_chunk > context) max_chunk = context;
+    el_engine *e = calloc(1, sizeof *e);
+    if (!e) return EL_ENOMEM;
+    e->m = *model;
+    e->layers = malloc(sizeof(el_layer) * (size_t)model->n_layers);
+    if (!e->layers) {
+        free(e);
+        return EL_ENOMEM;
+    }
+    memcpy(e->layers, model->layers, sizeof(el_layer) * (size_t)model->n_layers);
+    e->m.layers = e->layers;
+    e->pool = pool;
+    e->n_threads = el_pool_threads(pool);
+    e->context = context;
+    e->max_chunk = max_chunk;
+    const el_model *m = &e->m;
+    e->q_size = m->n_heads * m->head_dim;
+    e->kv_size = m->n_kv_heads * m->head_dim;
+    e->half = m->head_dim / 2;
+    e->nb_hidden = ceil_div(m->hidden, EL_QBLOCK);
+    e->nb_q = ceil_div(e->q_size, EL_QBLOCK);
+    e->nb_ffn = ceil_div(m->ffn, EL_QBLOCK);
+    e->nb_max = e->nb_hidden > e->nb_q ? e->nb_hidden : e->nb_q;
+    e->nb_max = e->nb_max > e->nb_ffn ? e->nb_max : e->nb_ffn;
+    size_t chunk = (size_t)max_chunk, widest = (size_t)(m->hidden > m->ffn ? m->hidden : m->ffn);
+    size_t cache = (size_t)m->n_layers * (size_t)context * (size_t)e->kv_size;
+    /* zeroed: a position never written reads as zeros, never as garbage (calloc maps large blocks
+     * lazily, so a long context costs memory only as it fills) */
+    e->key_cache = alloc_floats(e, cache, 1);
+    e->value_cache = alloc_floats(e, cache, 1);
+    e->x = alloc_floats(e, chunk * (size_t)m->hidden, 0);
+    e->h = alloc_floats(e, chunk * widest, 0);
+    int acts_ok = alloc_act(e, &e->xq, e->nb_max);
+    acts_ok &= alloc_act(e, &e->xq_ffn, e->nb_ffn);
+    e->q = alloc_floats(e, chunk * (size_t)e->q_size, 0);
+    e->attn = alloc_floats(e, chunk * (size_t)e->q_size, 0);
+    e->proj = alloc_floats(e, chunk * (size_t)m->hidden, 0);
+    e->gate = alloc_floats(e, chunk * (size_t)m->ffn, 0);
+    e->up = alloc_floats(e, chunk * (size_t)m->ffn, 0);
+    e->scores = alloc_floats(e, (size_t)e->n_threads * (size_t)context, 0);
+    e->rope_cos = alloc_floats(e, chunk * (size_t)e->half, 0);
+    e->rope_sin = alloc_floats(e, chunk * (size_t)e->half, 0);
+    if (!acts_ok || !e->key_cache || !e->value_cache || !e->x || !e->h || !e->q || !e->attn || !e->proj || !e->gate ||
+        !e->up || !e->scores || !e->rope_cos || !e->rope_sin) {
+        el_engine_destroy(e);
+        return EL_ENOMEM;
+    }
+    const char *profile = getenv("EDGELLM_PROFILE");
+    e->profile = profile && *profile && strcmp(profile, "0") != 0;
+    *out = e;
+    return EL_OK;
+}
+
+int64_t el_engine_bytes(const el_engine *e) { return e ? e->bytes : 0; }
+
+int el_engine_profile(const el_engine *e, const char **names, double *seconds, int32_t capacity) {
+    if (!e || !e->profile) return 0;
+    for (int32_t i = 0; i < N_PHASES && i < capacity; i++) {
+        if (names) names[i] = PHASE_NAMES[i];
+        if (seconds) seconds[i] = e->seconds[i];
+    }
+    return N_PHASES;
+}
+
+/* ---- the pieces ------------------------------------------------------------------------------ */
+
+/* out [cols] <- row `token` of a quantized matrix, dequantized exactly as export/quant_formats.py does. */
+static void embed_row(float *out, const el_qmatrix *w, int32_t token) {
+    const int32_t n_wb = ceil_div(w->cols, w->block);
+    const int q4 = w->format != EL_INT8_SYM;
+    const uint8_t *codes = w->qweight + (size_t)token * (size_t)n_wb * (size_t)w->block / (q4 ? 2 : 1);
+    const float *scales = w->scales + (size_t)token * n_wb;
+    const float *mins = w->mins ? w->mins + (size_t)token * n_wb : NULL;
+    for (int32_t i = 0; i < w->cols; i++) {
+        int32_t b = i / w->block;
+        float code = q4 ? (float)((codes[i >> 1] >> ((i & 1) * 4)) & 0x0F) : (float)codes[i];
+        switch (w->format) {
+        case EL_INT4_ASYM: out[i] = code * scales[b] + mins[b]; break;
+        case EL_INT4_SYM: out[i] = (code - 8.0f) * scales[b]; break;
+        default: out[i] = (code - 128.0f) * scales[b]; break;
+        }
+    }
+}
+
+/* Activation blocks of x [n] at block `first` of token t, for products with rows of nb blocks
+ * (the buffer is laid out as [tokens][nb] for the product about to read it). */
+static void quantize_to(const el_kernels *k, act *a, int32_t nb, int32_t t, int32_t first, const float *x, int32_t n) {
+    size_t o = (size_t)t * nb;
+    k->quantize_q16a(a->q + o + first, x, n);
+    el_prepare_blocks(a->d + o, a->sum + o, a->pairs + (size_t)t * ((nb + 1) / 2) * EL_PAIR_BYTES, a->q + o, first,
+                      (n + EL_QBLOCK - 1) / EL_QBLOCK);
+}
+
+/* Rows [r0, r1) of y [n_tokens][w->rows] = X W^T for the tokens of a from token t0 on. */
+static void rows_of(const el_kernels *k, float *y, const el_qmatrix *w, act *a, int32_t nb, int32_t t0,
+                    int32_t n_tokens, int32_t r0, int32_t r1) {
+    a->view.nb = nb;
+    el_matmul_rows(k, y, w, &a->view, t0, n_tokens, r0, r1);
+}
+
+/* The part [*lo, *hi) of n items that thread ith of nth takes (contiguous, sizes differ by at most one). */
+static void split(int32_t n, int32_t ith, int32_t nth, int32_t *lo, int32_t *hi) {
+    int32_t per = n / nth, extra = n % nth;
+    *lo = ith * per + (ith < extra ? ith : extra);
+    *hi = *lo + per + (ith < extra ? 1 : 0);
+}
+
+typedef struct {
+    el_engine *e;
+    const el_kernels *k;
+    float *logits;
+    const int32_t *tokens;
+    int32_t n, pos, all;
+} forward_job;
+
+/* A phase ends: wait for the other threads; thread 0 books the time since the previous mark. */
+static void phase_end(const forward_job *job, int32_t ith, int phase, struct timespec *mark) {
+    el_pool_barrier(job->e->pool);
+    if (ith == 0 && job->e->profile) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        job->e->seconds[phase] += (double)(now.tv_sec - mark->tv_sec) + 1e-9 * (double)(now.tv_nsec - mark->tv_nsec);
+        *mark = now;
+    }
+}
+
+/* Tokens [t0, t1): x += proj (if add), h = rms_norm(x, weight), blocks of h. */
+static void norm_tokens(const forward_job *job, int32_t t0, int32_t t1, const float *weight, int add) {
+    el_engine *e = job->e;
+    const el_kernels *k = job->k;
+    const int32_t n = e->m.hidden;
+    for (int32_t t = t0; t < t1; t++) {
+        float *x = e->x + (size_t)t * n, *h = e->h + (size_t)t * n;
+        if (add) k->add(x, x, e->proj + (size_t)t * n, n);
+        k->rms_norm(h, x, weight, n, e->m.rms_eps);
+        quantize_to(k, &e->xq, e->nb_hidden, t, 0, h, n);
+    }
+}
+
+/* q, k, v for the heads [u0, u1) of the H + 2 KV heads, with bias and RoPE, k and v into the cache. */
+static void qkv_heads(const forward_job *job, const el_layer *l, float *key, float *value, int32_t u0, int32_t u1) {
+    el_engine *e = job->e;
+    const el_kernels *k = job->k;
+    const int32_t H = e->m.n_heads, KV = e->m.n_kv_heads, D = e->m.head_dim, S = job->n;
+    struct {
+        const el_qmatrix *w;
+        const float *bias;
+        float *y;
+        int32_t first, count, stride, rope;
+    } parts[3] = {{&l->q, l->q_bias, e->q, 0, H, e->q_size, 1},
+                  {&l->k, l->k_bias, key, H, KV, e->kv_size, 1},
+                  {&l->v, l->v_bias, value, H + KV, KV, e->kv_size, 0}};
+    for (int p = 0; p < 3; p++) {
+        int32_t lo = u0 > parts[p].first ? u0 : parts[p].first;
+        int32_t hi = u1 < parts[p].first + parts[p].count ? u1 : parts[p].first + parts[p].count;
+        if (lo >= hi) continue;
+        int32_t h0 = lo - parts[p].first, h1 = hi - parts[p].first;
+        rows_of(k, parts[p].y, parts[p].w, &e->xq, e->nb_hidden, 0, S, h0 * D, h1 * D);
+        for (int32_t t = 0; t < S; t++) {
+            float *row = parts[p].y + (size_t)t * parts[p].stride;
+            if (parts[p].bias) k->add(row + h0 * D, row + h0 * D, parts[p].bias + h0 * D, (h1 - h0) * D);
+            if (parts[p].rope)
+                k->rope(row + h0 * D, row + h0 * D, e->rope_cos + (size_t)t * e->half, e->rope_sin + (size_t)t * e->half,
+                        h1 - h0, D);
+        }
+    }
+}
+
+/* Attention of query head h of token t (position pos + t) over cache positions 0 .. pos + t. */
+static void attend(const forward_job *job, const float *keys, const float *values, int32_t t, int32_t h,
+                   float *scores) {
+    el_engine *e = job->e;
+    const el_kernels *k = job->k;
+    const int32_t D = e->m.head_dim, kvs = e->kv_size, T = job->pos + t + 1;
+    const int32_t g = h / (e->m.n_heads / e->m.n_kv_heads);
+    const float *q = e->q + (size_t)t * e->q_size + (size_t)h * D;
+    const float scale = 1.0f / sqrtf((float)D);
+    const float *key = keys + (size_t)g * D, *value = values + (size_t)g * D;
+    for (int32_t j = 0; j < T; j++) scores[j] = k->dot(q, key + (size_t)j * kvs, D) * scale;
+    k->softmax(scores, scores, T);
+    float *out = e->attn + (size_t)t * e->q_size + (size_t)h * D;
+    memset(out, 0, sizeof(float) * (size_t)D);
+    for (int32_t j = 0; j < T; j++) k->axpy(out, scores[j], value + (size_t)j * kvs, D);
+}
+
+/* Thread ith of nth computes its share of the rows of y [n_tokens][w->rows] = x W^T. */
+static void product(const forward_job *job, const el_qmatrix *w, float *y, act *a, int32_t nb, int32_t t0,
+                    int32_t n_tokens, int32_t ith, int32_t nth) {
+    int32_t r0, r1;
+    split(w->rows, ith, nth, &r0, &r1);
+    rows_of(job->k, y, w, a, nb, t0, n_tokens, r0, r1);
+}
+
+/* 32-row units [u0, u1) of ffn: gate and up rows, then silu(gate) * up and its activation blocks
+ * (into xq_ffn: other threads may still read xq, the MLP input, for their rows). */
+static void gate_up_units(const forward_job *job, const el_layer *l, int32_t u0, int32_t u1) {
+    el_engine *e = job->e;
+    const el_kernels *k = job->k;
+    const int32_t F = e->m.ffn, S = job->n;
+    int32_t r0 = u0 * EL_QBLOCK, r1 = u1 * EL_QBLOCK < F ? u1 * EL_QBLOCK : F;
+    if (r0 >= r1) return;
+    rows_of(k, e->gate, &l->gate, &e->xq, e->nb_hidden, 0, S, r0, r1);
+    rows_of(k, e->up, &l->up, &e->xq, e->nb_hidden, 0, S, r0, r1);
+    for (int32_t t = 0; t < S; t++) {
+        float *m = e->h + (size_t)t * F + r0;
+        k->silu_mul(m, e->gate + (size_t)t * F + r0, e->up + (size_t)t * F + r0, r1 - r0);
+        quantize_to(k, &e->xq_ffn, e->nb_ffn, t, u0, m, r1 - r0);
+    }
+}
+
+static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
+    const forward_job *job = ctx;
+    el_engine *e = job->e;
+    const el_kernels *k = job->k;
+    const el_model *m = &e->m;
+    const int32_t S = job->n, H = m->n_heads, KV = m->n_kv_heads, D = m->head_dim, F = m->ffn;
+    const int heads_whole_blocks = D % EL_QBLOCK == 0;
+    struct timespec mark = {0, 0};
+    if (ith == 0 && e->profile) clock_gettime(CLOCK_MONOTONIC, &mark);
+    int32_t t0, t1;
+    split(S, ith, nth, &t0, &t1);
+    float *scores = e->scores + (size_t)ith * e->context;
+
+    for (int32_t t = t0; t < t1; t++) {
+        embed_row(e->x + (size_t)t * m->hidden, &m->embed, job->tokens[t]);
+        float position = (float)(job->pos + t);
+        for (int32_t i = 0; i < e->half; i++) {
+            float angle = position * m->inv_freq[i]; /* float32, like the reference's positions * inv_freq */
+            e->rope_cos[(size_t)t * e->half + i] = cosf(angle);
+            e->rope_sin[(size_t)t * e->half + i] = sinf(angle);
+        }
+    }
+    phase_end(job, ith, PH_EMBED, &mark);
+
+    for (int32_t li = 0; li < m->n_layers; li++) {
+        const el_layer *l = &m->layers[li];
+        size_t layer_offset = (size_t)li * (size_t)e->context * (size_t)e->kv_size;
+        float *keys = e->key_cache + layer_offset, *values = e->value_cache + layer_offset;
+
+        norm_tokens(job, t0, t1, l->attn_norm, li > 0);
+        phase_end(job, ith, PH_NORM, &mark);
+
+        int32_t u0, u1;
+        split(H + 2 * KV, ith, nth, &u0, &u1);
+        qkv_heads(job, l, keys + (size_t)job->pos * e->kv_size, values + (size_t)job->pos * e->kv_size, u0, u1);
+        phase_end(job, ith, PH_QKV, &mark);
+
+        for (int32_t item = ith; item < S * H; item += nth) {
+            int32_t t = item / H, h = item % H;
+            attend(job, keys, values, t, h, scores);
+            if (heads_whole_blocks) /* this head's output is whole activation blocks: quantize them here */
+                quantize_to(k, &e->xq, e->nb_q, t, h * (D / EL_QBLOCK), e->attn + (size_t)t * e->q_size + (size_t)h * D, D);
+        }
+        phase_end(job, ith, PH_ATTN, &mark);
+        if (!heads_whole_blocks) {
+            for (int32_t t = t0; t < t1; t++)
+                quantize_to(k, &e->xq, e->nb_q, t, 0, e->attn + (size_t)t * e->q_size, e->q_size);
+            phase_end(job, ith, PH_ATTN_Q, &mark);
+        }
+
+        product(job, &l->o, e->proj, &e->xq, e->nb_q, 0, S, ith, nth);
+        phase_end(job, ith, PH_O, &mark);
+
+        for (int32_t t = t0; t < t1; t++) {
+            float *x = e->x + (size_t)t * m->hidden, *h = e->h + (size_t)t * m->hidden;
+            k->add(x, x, e->proj + (size_t)t * m->hidden, m->hidden);
+            k->rms_norm(h, x, l->mlp_norm, m->hidden, m->rms_eps);
+            quantize_to(k, &e->xq, e->nb_hidden, t, 0, h, m->hidden);
+        }
+        phase_end(job, ith, PH_MLP_NORM, &mark);
+
+        int32_t units = ceil_div(F, EL_QBLOCK);
+        split(units, ith, nth, &u0, &u1);
+        gate_up_units(job, l, u0, u1);
+        phase_end(job, ith, PH_GATE_UP, &mark);
+
+        product(job, &l->down, e->proj, &e->xq_ffn, e->nb_ffn, 0, S, ith, nth);
+        phase_end(job, ith, PH_DOWN, &mark);
+    }
+
+    /* the head: every token's logits, or the last token's */
+    int32_t first = job->all ? 0 : S - 1;
+    split(S - first, ith, nth, &t0, &t1);
+    for (int32_t t = first + t0; t < first + t1; t++) {
+        float *x = e->x + (size_t)t * m->hidden, *h = e->h + (size_t)t * m->hidden;
+        k->add(x, x, e->proj + (size_t)t * m->hidden, m->hidden);
+        k->rms_norm(h, x, m->final_norm, m->hidden, m->rms_eps);
+        quantize_to(k, &e->xq, e->nb_hidden, t, 0, h, m->hidden);
+    }
+    phase_end(job, ith, PH_FINAL_NORM, &mark);
+    product(job, &m->head, job->logits, &e->xq, e->nb_hidden, first, S - first, ith, nth);
+    phase_end(job, ith, PH_HEAD, &mark);
+}
+
+int el_engine_forward(el_engine *e, float *logits, int64_t n_logits, const int32_t *tokens, int32_t n_tokens,
+                      int32_t position, int32_t all_logits) {
+    if (!e || !logits || !tokens || n_tokens < 1 || position < 0) return EL_EINVAL;
+    if (n_tokens > e->max_chunk || (int64_t)position + n_tokens > e->context) return EL_ERANGE;
+    if (n_logits < (int64_t)(all_logits ? n_tokens : 1) * e->m.vocab) return EL_ERANGE;
+    for (int32_t t = 0; t < n_tokens; t++)
+        if (tokens[t] < 0 || tokens[t] >= e->m.vocab) return EL_ERANGE;
+    const el_kernels *k = el_kernels_current();
+    if (!k) return EL_EUNSUPPORTED;
+    forward_job job = {e, k, logits, tokens, n_tokens, position, all_logits != 0};
+    el_pool_run(e->pool, forward_thread, &job);
+    return EL_OK;
+}
