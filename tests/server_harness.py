@@ -17,20 +17,20 @@ from pathlib import Path
 import httpx
 
 TINY_CONTEXT = 2048  # long enough that a 1500-token answer takes a second or more
-MODEL_NAME = "tiny-llama"  # the exported folder's name, which the manifest records
+MODEL_NAME = "tiny-llama"  # the bundle folder's name: the id the server serves it as
 BAN_END_TOKENS = {"0": -100, "1": -100, "2": -100}  # <|endoftext|>, <|im_start|>, <|im_end|>: answers run to max_tokens
 
 
 def tiny_bundle(tmp_path_factory) -> Path:
     """A tiny random llama exported to an int4 bundle, once per test session."""
-    bundle = tmp_path_factory.getbasetemp() / "server-tiny" / "bundle"
+    bundle = tmp_path_factory.getbasetemp() / "server-tiny" / MODEL_NAME
     if (bundle / "manifest.json").is_file():
         return bundle
     from edgellm.export.exporter import export_model
     from tiny_models import make_tiny_model, save_tiny_model
 
     hf = save_tiny_model(make_tiny_model("llama", tie=True, max_position_embeddings=TINY_CONTEXT),
-                         bundle.parent / MODEL_NAME)
+                         bundle.parent / "hf")
     export_model(hf, bundle)
     return bundle
 

@@ -55,7 +55,10 @@ class ServerState:
         self.config = config
         self.settings = settings or RuntimeSettings.resolve()
         self.manifest = model.manifest if model is not None else read_manifest(self.bundle)  # fails early
-        self.model_name = config.model_name or self.manifest["model"].get("name") or self.bundle.name
+        # The id clients send: --model-name, else the bundle folder's name ("smollm2-135m-instruct"),
+        # which reads better in a URL than the checkpoint's own name; that one is accepted too.
+        self.model_name = config.model_name or self.bundle.resolve().name
+        self.model_aliases = {self.model_name, self.manifest["model"].get("name") or self.model_name}
         self.created = int(self.bundle.joinpath("manifest.json").stat().st_mtime) if model is None else int(time.time())
         self.model = model
         self.status = "loading"  # loading -> ready -> draining; or failed
@@ -337,7 +340,7 @@ def create_app(state: ServerState) -> FastAPI:
 
 
 def _check_model_name(state: ServerState, name: str | None) -> None:
-    if name is not None and name != state.model_name:
+    if name is not None and name not in state.model_aliases:
         raise APIError(404, f"The model '{name}' does not exist; this server serves '{state.model_name}'",
                        param="model", code="model_not_found")
 

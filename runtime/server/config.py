@@ -30,7 +30,7 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY
     grace: float = DEFAULT_GRACE
     api_key: str | None = field(default=None, repr=False)
-    model_name: str | None = None  # the id clients send as "model"; default: the bundle's model name
+    model_name: str | None = None  # the id clients send as "model"; default: the bundle folder's name
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
