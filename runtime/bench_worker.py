@@ -43,7 +43,8 @@ class EdgeLLMEngine:
         import edgellm
         from edgellm.sampling import Sampler, SamplingParams
 
-        self.model = edgellm.load(model, threads=threads, context_length=context)
+        # the backend the report's kernel variant describes (bench.KERNEL_VARIANT), whatever the default
+        self.model = edgellm.load(model, threads=threads, context_length=context, backend="onnxruntime")
         self.sampler = Sampler(SamplingParams(temperature=0.0), self.model.config.vocab_size)
         self.steps = None
 

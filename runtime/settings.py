@@ -47,7 +47,7 @@ def resolve_auto_backend() -> str:
 
 @dataclass(frozen=True)
 class RuntimeSettings:
-    backend: str = "onnxruntime"  # "auto" (native when its C extension loads) becomes the default next
+    backend: str = AUTO_BACKEND  # resolved at construction: native when its C extension loads, else onnxruntime
     threads: int = 0  # 0 = one per core
     context_length: int = 0  # 0 = min(model's trained context, DEFAULT_CONTEXT)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # tokens per prefill call
