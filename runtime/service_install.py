@@ -288,7 +288,7 @@ def install(bundle: str | Path, *, board: str | Path | Mapping[str, Any] | None 
     bundle = Path(bundle).resolve()
     text = render_unit(bundle, board=board, **overrides)
     warnings = unreadable_by_service([bundle] + python_paths())
-    steps = [f"sudo systemctl daemon-reload", f"sudo systemctl enable --now {UNIT_NAME}",
+    steps = ["sudo systemctl daemon-reload", f"sudo systemctl enable --now {UNIT_NAME}",
              f"systemctl status {UNIT_NAME}", f"journalctl -u {UNIT_NAME} -f"]
     options = ServiceOptions().with_overrides(load_board(board)).with_overrides(overrides)
     steps.append(f"curl http://{options.host if options.host not in ('0.0.0.0', '::') else '127.0.0.1'}:"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import time
 
-import httpx
 import pytest
 
 import edgellm

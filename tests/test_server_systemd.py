@@ -167,6 +167,27 @@ def test_when_the_grace_period_ends_streams_are_cut_with_an_error_event_and_the_
     assert notify_socket.times("STOPPING=1")
 
 
+def test_a_second_signal_cuts_the_drain_short_and_still_exits_0(bundle, tmp_path):
+    with start_server(bundle, tmp_path, config={"grace": 60}) as server:
+        results = {}
+        thread = threading.Thread(target=stream_completion, args=(server, 1900, results, 0))
+        thread.start()
+        deadline = time.monotonic() + 5
+        while server.metrics()["edgellm_generation_active"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        started = time.monotonic()
+        server.process.send_signal(15)
+        time.sleep(0.05)
+        server.process.send_signal(2)
+        assert server.process.wait(10) == 0
+        took = time.monotonic() - started
+        thread.join()
+    assert took < 3
+    status, events = results[0]
+    assert status == 200 and events[-2]["error"]["code"] == "shutting_down" and events[-1] == "[DONE]"
+    assert "Traceback" not in server.log()
+
+
 def test_a_model_that_fails_to_load_exits_1_and_says_why_without_ready(bundle, tmp_path, notify_socket):
     env = {"NOTIFY_SOCKET": notify_socket.path}
     with start_server(bundle, tmp_path, env=env, settings={"max_memory": "1M"}, wait_ready=False) as server:

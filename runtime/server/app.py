@@ -30,7 +30,6 @@ from ..manifest import read_manifest
 from ..memory import current_rss_bytes, peak_rss_bytes
 from ..sampling import Sampler, SamplingParams
 from ..settings import RuntimeSettings
-from . import systemd
 from .config import ServerConfig
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .middleware import ApiKey, BodyLimit, RequestLog

@@ -214,11 +214,16 @@ class AdmissionQueue:
             return 0
         except asyncio.TimeoutError:
             pass
-        cancelled = list(self.waiting) + ([self.current] if self.current is not None else [])
-        for generation in cancelled:
-            generation.cancel("shutdown")
+        cancelled = self.cancel_all("shutdown")
         await self._idle.wait()  # the running one ends after its step in flight
-        return len(cancelled)
+        return cancelled
+
+    def cancel_all(self, reason: str) -> int:
+        """Cancel every admitted generation; returns how many there were."""
+        admitted = list(self.waiting) + ([self.current] if self.current is not None else [])
+        for generation in admitted:
+            generation.cancel(reason)
+        return len(admitted)
 
     async def close(self) -> None:
         """Stop the worker once it is idle (after `drain`)."""

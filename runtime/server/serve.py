@@ -4,7 +4,8 @@
             the background (GET /health: loading), warm it up, then READY=1
   run       WATCHDOG=1 every WatchdogSec/2 while the generation loop is idle or moving
   SIGTERM   STOPPING=1, refuse new requests (503), give admitted ones the grace period, cancel
-            what is left, close the listener, exit 0; a second SIGTERM or SIGINT exits at once
+            what is left, close the listener, exit 0 (SIGINT, Ctrl-C, does the same); a second
+            signal cancels every admitted request at once, a third exits without cleaning up
 
 Exit codes: 0 after a signal, 1 when the model could not be loaded (systemd's Restart=on-failure
 tries again; the message says why).
@@ -17,7 +18,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from types import FrameType
 
@@ -131,7 +131,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: "uvicorn.Config", state) -> None:
         super().__init__(config)
         self.state = state
-        self.draining_since: float | None = None
+        self.signals = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets=None) -> None:
@@ -139,12 +139,17 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.draining_since is not None or self._loop is None:
-            log.warning("%s again: exiting now", signal.Signals(sig).name)
+        self.signals += 1
+        if self._loop is None or self.signals > 2:  # not serving yet, or a third signal: uvicorn's hard exit
             self.should_exit = self.force_exit = True
-            return
-        self.draining_since = time.monotonic()
-        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain(sig), name="edgellm-drain"))
+        elif self.signals == 2:  # cut the drain short: every admitted request ends after the step in flight
+            self._loop.call_soon_threadsafe(self._cancel_all, sig)
+        else:
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain(sig), name="edgellm-drain"))
+
+    def _cancel_all(self, sig: int) -> None:
+        cancelled = self.state.queue.cancel_all("shutdown") if self.state.queue is not None else 0
+        log.warning("%s again: exiting now (cancelled %d request(s))", signal.Signals(sig).name, cancelled)
 
     async def _drain(self, sig: int) -> None:
         grace = self.state.config.grace
