@@ -304,6 +304,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions", responses=GENERATION_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        arrived = time.monotonic()  # the deadline and time to first token count from here
         model = _ready_model(state, body.model)
         if not model.chat_template:
             raise APIError(400, "this model has no chat template; use /v1/completions with a raw prompt",
@@ -314,10 +315,11 @@ def create_app(state: ServerState) -> FastAPI:
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         options = _options(body, prompt_ids, model.context_length, model.config.vocab_size, requested, None,
                            "messages")
-        return await _answer(state, request, body, prompt_ids, options, chat=True)
+        return await _answer(state, request, body, prompt_ids, options, arrived, chat=True)
 
     @app.post("/v1/completions", responses=GENERATION_ERRORS)
     async def completions(body: CompletionRequest, request: Request):
+        arrived = time.monotonic()  # the deadline and time to first token count from here
         model = _ready_model(state, body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -333,7 +335,7 @@ def create_app(state: ServerState) -> FastAPI:
             prompt_ids = list(prompt)
         options = _options(body, prompt_ids, model.context_length, model.config.vocab_size, body.max_tokens,
                            COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
-        return await _answer(state, request, body, prompt_ids, options, chat=False)
+        return await _answer(state, request, body, prompt_ids, options, arrived, chat=False)
 
     return app
 
@@ -412,8 +414,7 @@ def _note(request: Request, generation: Generation) -> None:
 
 
 async def _answer(state: ServerState, request: Request, body: _GenerationRequest, prompt_ids: list[int],
-                  options: dict, chat: bool):
-    arrived = time.monotonic()
+                  options: dict, arrived: float, chat: bool):
     try:
         generation = state.queue.submit(prompt_ids, arrived=arrived, **options)
     except QueueFull:
