@@ -187,6 +187,88 @@ def bench(
         fail(error)
 
 
+@app.command()
+def serve(
+    bundle: Optional[str] = typer.Argument(None, help="Bundle folder (default: SmolLM2-135M-Instruct)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 opens it to the network."),
+    port: int = typer.Option(8080, "--port", help="TCP port."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file",
+                                                help="File with the key clients must send as 'Authorization: Bearer "
+                                                     "KEY' (default: $EDGELLM_API_KEY; neither: no key)."),
+    max_queue: int = typer.Option(4, "--max-queue", help="Requests that may wait while one generates; more get 429."),
+    timeout: float = typer.Option(300, "--timeout", help="Seconds per request, from arrival to the last token."),
+    grace: float = typer.Option(20, "--grace", help="Seconds admitted requests get to finish after SIGTERM."),
+    max_body: str = typer.Option("1M", "--max-body", help="Largest request body, e.g. 1M."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id clients send (default: the bundle folder's name)."),
+    threads: Optional[int] = _threads, context: Optional[int] = _context, max_memory: Optional[str] = _max_memory,
+    backend: Optional[str] = _backend, verify_weights: bool = _verify_weights,
+) -> None:
+    """Serve a bundle over an OpenAI-compatible HTTP API (needs the `serve` extra)."""
+    try:
+        from .run_command import ensure_default_bundle
+        from .server import ServerConfig, resolve_api_key
+        from .settings import RuntimeSettings, parse_bytes
+
+        config = ServerConfig(host=host, port=port, max_queue=max_queue, timeout=timeout, grace=grace,
+                              max_body_bytes=parse_bytes(max_body, "max_body"), api_key=resolve_api_key(api_key_file),
+                              model_name=model_name)
+        settings = RuntimeSettings.resolve(**runtime_settings(threads, context, max_memory, backend, verify_weights))
+        from .server.serve import run_server
+
+        code = run_server(Path(bundle) if bundle else ensure_default_bundle(), config, settings)
+    except EdgeLLMError as error:
+        fail(error)
+    raise typer.Exit(code)
+
+
+service_app = typer.Typer(no_args_is_help=True, help="Run edgellm as a systemd service on this board.")
+app.add_typer(service_app, name="service")
+
+
+@service_app.command("install")
+def service_install(
+    bundle: Path = typer.Argument(..., help="Bundle folder the service serves."),
+    board: Optional[str] = typer.Option(None, "--board", help="Board profile name, or a TOML file with a [service] table."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the unit instead of writing it."),
+    host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, "--port", help="TCP port (default 8080)."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="Key file, handed over as a credential."),
+    max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Requests that may wait (default 4)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request (default 300)."),
+    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds to drain on stop (default 20)."),
+    memory_max: Optional[str] = typer.Option(None, "--memory-max", help="MemoryMax= (default: the estimate + headroom)."),
+    cpu_affinity: Optional[str] = typer.Option(None, "--cpu-affinity", help="CPUAffinity=, e.g. 4-7."),
+    threads: Optional[int] = _threads, context: Optional[int] = _context, backend: Optional[str] = _backend,
+    unit_path: Path = typer.Option(Path("/etc/systemd/system/edgellm.service"), "--unit-path", help="Where to write it."),
+) -> None:
+    """Render the systemd unit for BUNDLE and write it (or print it with --dry-run)."""
+    try:
+        from .service_install import install
+
+        result = install(bundle, board=board, dry_run=dry_run, unit_path=unit_path, host=host, port=port,
+                         api_key_file=str(api_key_file) if api_key_file else None, max_queue=max_queue,
+                         timeout=timeout, grace=grace, memory_max=memory_max, cpu_affinity=cpu_affinity,
+                         threads=threads, context=context, backend=backend)
+        if dry_run:
+            typer.echo(result.unit_text, nl=False)
+        typer.echo(result.message, err=True)
+    except EdgeLLMError as error:
+        fail(error)
+
+
+@service_app.command("uninstall")
+def service_uninstall(
+    unit_path: Path = typer.Option(Path("/etc/systemd/system/edgellm.service"), "--unit-path", help="The unit to remove."),
+) -> None:
+    """Remove the unit written by `edgellm service install`."""
+    try:
+        from .service_install import uninstall
+
+        typer.echo(uninstall(unit_path))
+    except EdgeLLMError as error:
+        fail(error)
+
+
 def main() -> None:  # python -m edgellm
     app(prog_name="edgellm")
 
