@@ -121,16 +121,16 @@ def test_native_logits_equal_the_reference_and_onnxruntime_for_prefill_chunks_an
 
 def test_a_chunk_gives_the_same_bits_as_its_tokens_one_by_one_and_after_a_truncate(tiny_bundles):
     bundle = tiny_bundles("qwen2-biases")
-    backend = NativeBackend(bundle, read_manifest(bundle), settings(prefill_chunk=16), 64)
+    backend = NativeBackend(bundle, read_manifest(bundle), settings(prefill_chunk=16), 160)
     try:
-        ids = prompt_ids(backend.config.vocab_size, 20)
+        ids = prompt_ids(backend.config.vocab_size, 150)  # attention over three chunks of 64 cache positions
         chunked = backend.forward(ids, all_logits=True)
         backend.reset()
         single = np.stack([backend.forward([t]) for t in ids])
         np.testing.assert_array_equal(chunked, single)
-        backend.truncate(9)  # the cache keeps positions 0..8; the rest is computed again
-        again = backend.forward(ids[9:], all_logits=True)
-        np.testing.assert_array_equal(again, chunked[9:])
+        backend.truncate(90)  # the cache keeps positions 0..89; the rest is computed again
+        again = backend.forward(ids[90:], all_logits=True)
+        np.testing.assert_array_equal(again, chunked[90:])
     finally:
         backend.close()
 

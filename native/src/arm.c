@@ -239,6 +239,53 @@ static void axpy_neon(float *y, float a, const float *x, int32_t n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
+#define ATTEND_MAX_D 256
+
+/* One query head over a chunk of keys, head_dim a multiple of 4: query and output in registers. */
+static void attend_part_neon(float *out, float *max, float *sum, float *scores, const float *q, const float *keys,
+                             const float *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {
+    if (d % 4 || d > ATTEND_MAX_D) {
+        el_attend_part_ref(out, max, sum, scores, q, keys, values, n_keys, d, stride, scale);
+        return;
+    }
+    const int32_t nv = d / 4;
+    float32x4_t qv[ATTEND_MAX_D / 4], o[ATTEND_MAX_D / 4];
+    for (int32_t i = 0; i < nv; i++) qv[i] = vld1q_f32(q + 4 * i);
+    float m = -INFINITY;
+    for (int32_t j = 0; j < n_keys; j++) {
+        const float *key = keys + (size_t)j * stride;
+        float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
+        int32_t i = 0;
+        for (; i + 2 <= nv; i += 2) {
+            acc0 = vaddq_f32(acc0, vmulq_f32(qv[i], vld1q_f32(key + 4 * i)));
+            acc1 = vaddq_f32(acc1, vmulq_f32(qv[i + 1], vld1q_f32(key + 4 * i + 4)));
+        }
+        if (i < nv) acc0 = vaddq_f32(acc0, vmulq_f32(qv[i], vld1q_f32(key + 4 * i)));
+        scores[j] = vaddvq_f32(vaddq_f32(acc0, acc1)) * scale;
+        m = scores[j] > m ? scores[j] : m;
+    }
+    float32x4_t vm = vdupq_n_f32(m), vsum = vdupq_n_f32(0.0f);
+    int32_t j = 0;
+    for (; j + 4 <= n_keys; j += 4) {
+        float32x4_t e = exp_f32x4(vsubq_f32(vld1q_f32(scores + j), vm));
+        vst1q_f32(scores + j, e);
+        vsum = vaddq_f32(vsum, e);
+    }
+    float l = vaddvq_f32(vsum);
+    for (; j < n_keys; j++) {
+        scores[j] = expf(scores[j] - m);
+        l += scores[j];
+    }
+    for (int32_t i = 0; i < nv; i++) o[i] = vdupq_n_f32(0.0f);
+    for (j = 0; j < n_keys; j++) {
+        const float *value = values + (size_t)j * stride;
+        for (int32_t i = 0; i < nv; i++) o[i] = vaddq_f32(o[i], vmulq_n_f32(vld1q_f32(value + 4 * i), scores[j]));
+    }
+    for (int32_t i = 0; i < nv; i++) vst1q_f32(out + 4 * i, o[i]);
+    *max = m;
+    *sum = l;
+}
+
 static void add_neon(float *out, const float *a, const float *b, int32_t n) {
     int32_t i = 0;
     for (; i + 4 <= n; i += 4) vst1q_f32(out + i, vaddq_f32(vld1q_f32(a + i), vld1q_f32(b + i)));
@@ -258,6 +305,7 @@ const el_kernels el_kernels_neon = {
     .add = add_neon,
     .dot = dot_neon,
     .axpy = axpy_neon,
+    .attend_part = attend_part_neon,
 };
 
 /* ---- dot product: SDOT sums four int8 products into each int32 lane ------------------------ */
@@ -298,6 +346,7 @@ const el_kernels el_kernels_dotprod = {
     .add = add_neon,
     .dot = dot_neon,
     .axpy = axpy_neon,
+    .attend_part = attend_part_neon,
 };
 
 /* ---- i8mm: SMMLA multiplies a 2x8 by an 8x2 int8 matrix into 2x2 int32 -----------------------
@@ -364,6 +413,7 @@ const el_kernels el_kernels_i8mm = {
     .add = add_neon,
     .dot = dot_neon,
     .axpy = axpy_neon,
+    .attend_part = attend_part_neon,
 };
 
 #endif /* aarch64 */

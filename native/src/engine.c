@@ -27,13 +27,20 @@
 #include "kernels.h"
 
 enum {
-    PH_EMBED, PH_NORM, PH_QKV, PH_ATTN, PH_ATTN_Q, PH_O, PH_MLP_NORM, PH_GATE_UP, PH_DOWN, PH_FINAL_NORM, PH_HEAD,
-    N_PHASES
+    PH_EMBED, PH_NORM, PH_QKV, PH_ATTN, PH_ATTN_COMBINE, PH_ATTN_Q, PH_O, PH_MLP_NORM, PH_GATE_UP, PH_DOWN,
+    PH_FINAL_NORM, PH_HEAD, N_PHASES
 };
 static const char *const PHASE_NAMES[N_PHASES] = {
-    "embed", "attn_norm", "qkv_rope", "attention", "attn_quantize", "o_proj", "mlp_norm", "gate_up_silu",
-    "down_proj", "final_norm", "head",
+    "embed", "attn_norm", "qkv_rope", "attention", "attn_combine", "attn_quantize", "o_proj", "mlp_norm",
+    "gate_up_silu", "down_proj", "final_norm", "head",
 };
+
+/* Attention runs over chunks of KEY_CHUNK cache positions: each chunk's softmax partial (max, sum,
+ * unnormalized output) is computed on its own, then the chunks are combined in order. A decode
+ * step splits (chunk, head) pairs over the threads, so each reads its own part of the cache; a
+ * prefill splits (token, head) pairs, each going through its chunks in turn. Both compute the same
+ * partials and combine them the same way: the same bits, whatever the split. */
+#define KEY_CHUNK 64
 
 /* Activation blocks [tokens][nb] and what the products read of them (kernels.h: el_acts). */
 typedef struct {
@@ -61,7 +68,10 @@ struct el_engine {
     float *attn;                /* [max_chunk][q_size] */
     float *proj;                /* [max_chunk][hidden]  o_proj, then down_proj output */
     float *gate, *up;           /* [max_chunk][ffn] */
-    float *scores;              /* [n_threads][context] */
+    int32_t max_chunks;         /* ceil(context / KEY_CHUNK) */
+    float *scores;              /* [n_threads][KEY_CHUNK] */
+    float *parts;               /* [n_threads][max_chunks][head_dim + 2]  a prefill item's chunk partials */
+    float *decode_parts;        /* [n_heads][max_chunks][head_dim + 2]  a decode step's chunk partials */
     float *rope_cos, *rope_sin; /* [max_chunk][head_dim / 2] */
     int64_t bytes;
     int profile;
@@ -149,6 +159,8 @@ void el_engine_destroy(el_engine *e) {
     free(e->gate);
     free(e->up);
     free(e->scores);
+    free(e->parts);
+    free(e->decode_parts);
     free(e->rope_cos);
     free(e->rope_sin);
     free(e);
@@ -199,11 +211,15 @@ int el_engine_create(el_engine **out, const el_model *model, int32_t context, in
     e->proj = alloc_floats(e, chunk * (size_t)m->hidden, 0);
     e->gate = alloc_floats(e, chunk * (size_t)m->ffn, 0);
     e->up = alloc_floats(e, chunk * (size_t)m->ffn, 0);
-    e->scores = alloc_floats(e, (size_t)e->n_threads * (size_t)context, 0);
+    e->max_chunks = ceil_div(context, KEY_CHUNK);
+    size_t part = (size_t)e->max_chunks * (size_t)(m->head_dim + 2);
+    e->scores = alloc_floats(e, (size_t)e->n_threads * KEY_CHUNK, 0);
+    e->parts = alloc_floats(e, (size_t)e->n_threads * part, 0);
+    e->decode_parts = alloc_floats(e, (size_t)m->n_heads * part, 0);
     e->rope_cos = alloc_floats(e, chunk * (size_t)e->half, 0);
     e->rope_sin = alloc_floats(e, chunk * (size_t)e->half, 0);
     if (!acts_ok || !e->key_cache || !e->value_cache || !e->x || !e->h || !e->q || !e->attn || !e->proj || !e->gate ||
-        !e->up || !e->scores || !e->rope_cos || !e->rope_sin) {
+        !e->up || !e->scores || !e->parts || !e->decode_parts || !e->rope_cos || !e->rope_sin) {
         el_engine_destroy(e);
         return EL_ENOMEM;
     }
@@ -328,21 +344,42 @@ static void qkv_heads(const forward_job *job, const el_layer *l, float *key, flo
     }
 }
 
-/* Attention of query head h of token t (position pos + t) over cache positions 0 .. pos + t. */
-static void attend(const forward_job *job, const float *keys, const float *values, int32_t t, int32_t h,
-                   float *scores) {
+/* The partial of query head h of token t (position pos + t) over key chunk c of cache positions
+ * 0 .. pos + t: part [head_dim] unnormalized output, then max, then sum. */
+static void attend_chunk(const forward_job *job, const float *keys, const float *values, int32_t t, int32_t h,
+                         int32_t c, float *part, float *scores) {
     el_engine *e = job->e;
-    const el_kernels *k = job->k;
-    const int32_t D = e->m.head_dim, kvs = e->kv_size, T = job->pos + t + 1;
+    const int32_t D = e->m.head_dim, kvs = e->kv_size, T = job->pos + t + 1, j0 = c * KEY_CHUNK;
+    const int32_t n = T - j0 < KEY_CHUNK ? T - j0 : KEY_CHUNK;
     const int32_t g = h / (e->m.n_heads / e->m.n_kv_heads);
     const float *q = e->q + (size_t)t * e->q_size + (size_t)h * D;
-    const float scale = 1.0f / sqrtf((float)D);
-    const float *key = keys + (size_t)g * D, *value = values + (size_t)g * D;
-    for (int32_t j = 0; j < T; j++) scores[j] = k->dot(q, key + (size_t)j * kvs, D) * scale;
-    k->softmax(scores, scores, T);
-    float *out = e->attn + (size_t)t * e->q_size + (size_t)h * D;
+    const size_t at = (size_t)j0 * kvs + (size_t)g * D;
+    job->k->attend_part(part, part + D, part + D + 1, scores, q, keys + at, values + at, n, D, kvs,
+                        1.0f / sqrtf((float)D));
+}
+
+/* out [D] = the chunks' partials combined in chunk order: softmax over all of them, times V. */
+static void combine_chunks(float *out, const float *parts, int32_t n_chunks, int32_t D) {
+    const int32_t stride = D + 2;
+    float max = -INFINITY, sum = 0.0f;
+    for (int32_t c = 0; c < n_chunks; c++) max = parts[c * stride + D] > max ? parts[c * stride + D] : max;
     memset(out, 0, sizeof(float) * (size_t)D);
-    for (int32_t j = 0; j < T; j++) k->axpy(out, scores[j], value + (size_t)j * kvs, D);
+    for (int32_t c = 0; c < n_chunks; c++) {
+        const float *part = parts + (size_t)c * stride;
+        float w = expf(part[D] - max);
+        sum += part[D + 1] * w;
+        for (int32_t i = 0; i < D; i++) out[i] += w * part[i];
+    }
+    for (int32_t i = 0; i < D; i++) out[i] = out[i] / sum;
+}
+
+/* The attention output of (token t, head h), quantized here when a head is whole activation blocks. */
+static void finish_head(const forward_job *job, int32_t t, int32_t h, const float *parts, int32_t n_chunks) {
+    el_engine *e = job->e;
+    const int32_t D = e->m.head_dim;
+    float *out = e->attn + (size_t)t * e->q_size + (size_t)h * D;
+    combine_chunks(out, parts, n_chunks, D);
+    if (D % EL_QBLOCK == 0) quantize_to(job->k, &e->xq, e->nb_q, t, h * (D / EL_QBLOCK), out, D);
 }
 
 /* Thread ith of nth computes its share of the rows of y [n_tokens][w->rows] = x W^T. */
@@ -381,7 +418,7 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
     if (ith == 0 && e->profile) clock_gettime(CLOCK_MONOTONIC, &mark);
     int32_t t0, t1;
     split(S, ith, nth, &t0, &t1);
-    float *scores = e->scores + (size_t)ith * e->context;
+    float *scores = e->scores + (size_t)ith * KEY_CHUNK;
 
     for (int32_t t = t0; t < t1; t++) {
         embed_row(e->x + (size_t)t * m->hidden, &m->embed, job->tokens[t]);
@@ -407,13 +444,29 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
         qkv_heads(job, l, keys + (size_t)job->pos * e->kv_size, values + (size_t)job->pos * e->kv_size, u0, u1);
         phase_end(job, ith, PH_QKV, &mark);
 
-        for (int32_t item = ith; item < S * H; item += nth) {
-            int32_t t = item / H, h = item % H;
-            attend(job, keys, values, t, h, scores);
-            if (heads_whole_blocks) /* this head's output is whole activation blocks: quantize them here */
-                quantize_to(k, &e->xq, e->nb_q, t, h * (D / EL_QBLOCK), e->attn + (size_t)t * e->q_size + (size_t)h * D, D);
+        const size_t part = (size_t)e->max_chunks * (size_t)(D + 2);
+        if (S == 1) { /* (chunk, head) pairs, chunk-major: each thread reads its own stretch of the cache */
+            int32_t n_chunks = ceil_div(job->pos + 1, KEY_CHUNK), i0, i1;
+            split(n_chunks * H, ith, nth, &i0, &i1);
+            for (int32_t i = i0; i < i1; i++) {
+                int32_t c = i / H, h = i % H;
+                attend_chunk(job, keys, values, 0, h, c, e->decode_parts + h * part + (size_t)c * (D + 2), scores);
+            }
+            phase_end(job, ith, PH_ATTN, &mark);
+            int32_t h0, h1;
+            split(H, ith, nth, &h0, &h1);
+            for (int32_t h = h0; h < h1; h++) finish_head(job, 0, h, e->decode_parts + h * part, n_chunks);
+            phase_end(job, ith, PH_ATTN_COMBINE, &mark);
+        } else { /* (token, head) pairs, each through its chunks */
+            float *parts = e->parts + ith * part;
+            for (int32_t item = ith; item < S * H; item += nth) {
+                int32_t t = item / H, h = item % H, n_chunks = ceil_div(job->pos + t + 1, KEY_CHUNK);
+                for (int32_t c = 0; c < n_chunks; c++)
+                    attend_chunk(job, keys, values, t, h, c, parts + (size_t)c * (D + 2), scores);
+                finish_head(job, t, h, parts, n_chunks);
+            }
+            phase_end(job, ith, PH_ATTN, &mark);
         }
-        phase_end(job, ith, PH_ATTN, &mark);
         if (!heads_whole_blocks) {
             for (int32_t t = t0; t < t1; t++)
                 quantize_to(k, &e->xq, e->nb_q, t, 0, e->attn + (size_t)t * e->q_size, e->q_size);

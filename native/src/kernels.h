@@ -76,6 +76,11 @@ typedef struct {
     /* attention (engine.c): a . b, and y += a * x */
     float (*dot)(const float *a, const float *b, int32_t n);
     void (*axpy)(float *y, float a, const float *x, int32_t n);
+    /* one query head over one chunk of keys j < n_keys (rows `stride` floats apart), unnormalized:
+     * s_j = q . keys[j] * scale;  *max = max_j s_j;  *sum = sum_j exp(s_j - max);
+     * out [d] = sum_j exp(s_j - max) values[j];  scores [n_keys] is scratch */
+    void (*attend_part)(float *out, float *max, float *sum, float *scores, const float *q, const float *keys,
+                        const float *values, int32_t n_keys, int32_t d, int32_t stride, float scale);
 } el_kernels;
 
 /* Each variant's table; the ones this build does not compile for are absent (dispatch.c). */
@@ -115,6 +120,8 @@ void el_silu_mul_ref(float *out, const float *gate, const float *up, int32_t n);
 void el_add_ref(float *out, const float *a, const float *b, int32_t n);
 float el_dot_ref(const float *a, const float *b, int32_t n);
 void el_axpy_ref(float *y, float a, const float *x, int32_t n);
+void el_attend_part_ref(float *out, float *max, float *sum, float *scores, const float *q, const float *keys,
+                        const float *values, int32_t n_keys, int32_t d, int32_t stride, float scale);
 
 /* The current variant, initializing on first use; NULL if EDGELLM_KERNELS named one this CPU lacks. */
 const el_kernels *el_kernels_current(void);

@@ -1,9 +1,15 @@
 /* pool.c: a small pthread pool, created once. A job is fn(ctx, ith, nth) run on every thread:
  * n_threads - 1 workers plus the caller as thread 0. One job runs at a time. */
+#include <limits.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "kernels.h"
 
@@ -24,9 +30,11 @@ struct el_pool {
     int quit;
     el_job_fn fn;
     void *ctx;
-    /* el_pool_barrier: threads arrived at the current barrier, and how many barriers have opened */
+    /* el_pool_barrier: threads arrived at the current barrier, how many barriers have opened, and
+     * how many threads sleep on barrier_opened */
     _Atomic int32_t barrier_arrived;
     _Atomic uint32_t barrier_opened;
+    _Atomic int32_t barrier_sleepers;
 };
 
 static void *worker_main(void *arg) {
@@ -139,20 +147,51 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+/* Sleep while *word == value (or return at once if it no longer is); wake every sleeper. Linux
+ * futexes; elsewhere a yield, which is correct, only slower. */
+static void wait_while(_Atomic uint32_t *word, uint32_t value) {
+#if defined(__linux__)
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
+#else
+    (void)word, (void)value;
+    sched_yield();
+#endif
+}
+
+static void wake_all(_Atomic uint32_t *word) {
+#if defined(__linux__)
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+#else
+    (void)word;
+#endif
+}
+
+/* About 50 microseconds of PAUSE: longer than the imbalance of a phase on idle cores, short enough
+ * that a thread whose partner lost its core to another process gives its own core back soon. */
+#define BARRIER_SPINS 2000
+
 /* A counting barrier with a generation number: the last thread to arrive resets the count and
- * opens the barrier by bumping the generation; the others spin on it. Spinning is what makes a
- * barrier cost about a microsecond rather than a condition variable's wake-up (tens); after a
- * while a waiter yields its core, so a thread that lost its CPU to another process gets it back. */
+ * opens the barrier by bumping the generation; the others spin on it, then sleep on it (a futex).
+ * Spinning makes a barrier cost about a microsecond instead of a wake-up (tens); sleeping keeps
+ * a waiter from burning the core its partner needs when the machine is oversubscribed. The
+ * sleepers count and the generation are sequentially consistent, so either the opener sees a
+ * sleeper and wakes it, or the sleeper sees the new generation and does not sleep. */
 void el_pool_barrier(el_pool *pool) {
     if (!pool || pool->n_threads == 1) return;
-    uint32_t opened = atomic_load_explicit(&pool->barrier_opened, memory_order_acquire);
-    if (atomic_fetch_add_explicit(&pool->barrier_arrived, 1, memory_order_acq_rel) == pool->n_threads - 1) {
-        atomic_store_explicit(&pool->barrier_arrived, 0, memory_order_relaxed);
-        atomic_store_explicit(&pool->barrier_opened, opened + 1, memory_order_release);
+    uint32_t opened = atomic_load(&pool->barrier_opened);
+    if (atomic_fetch_add(&pool->barrier_arrived, 1) == pool->n_threads - 1) {
+        atomic_store(&pool->barrier_arrived, 0);
+        atomic_store(&pool->barrier_opened, opened + 1);
+        if (atomic_load(&pool->barrier_sleepers) > 0) wake_all(&pool->barrier_opened);
         return;
     }
     for (uint32_t spins = 0; atomic_load_explicit(&pool->barrier_opened, memory_order_acquire) == opened; spins++) {
-        if (spins < 20000) cpu_relax();
-        else sched_yield();
+        if (spins < BARRIER_SPINS) {
+            cpu_relax();
+            continue;
+        }
+        atomic_fetch_add(&pool->barrier_sleepers, 1);
+        wait_while(&pool->barrier_opened, opened);
+        atomic_fetch_sub(&pool->barrier_sleepers, 1);
     }
 }

@@ -137,6 +137,23 @@ void el_axpy_ref(float *y, float a, const float *x, int32_t n) {
     for (int32_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+void el_attend_part_ref(float *out, float *max, float *sum, float *scores, const float *q, const float *keys,
+                        const float *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {
+    float m = -INFINITY, l = 0.0f;
+    for (int32_t j = 0; j < n_keys; j++) {
+        scores[j] = el_dot_ref(q, keys + (size_t)j * stride, d) * scale;
+        m = scores[j] > m ? scores[j] : m;
+    }
+    for (int32_t j = 0; j < n_keys; j++) {
+        scores[j] = expf(scores[j] - m);
+        l += scores[j];
+    }
+    memset(out, 0, sizeof(float) * (size_t)d);
+    for (int32_t j = 0; j < n_keys; j++) el_axpy_ref(out, scores[j], values + (size_t)j * stride, d);
+    *max = m;
+    *sum = l;
+}
+
 const el_kernels el_kernels_ref = {
     .name = "ref",
     .quantize_q16a = el_quantize_q16a_ref,
@@ -152,4 +169,5 @@ const el_kernels el_kernels_ref = {
     .add = el_add_ref,
     .dot = el_dot_ref,
     .axpy = el_axpy_ref,
+    .attend_part = el_attend_part_ref,
 };

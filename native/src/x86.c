@@ -406,6 +406,77 @@ static AVX2 float row_q8_avx2(const uint8_t *codes, const float *scales, const e
 }
 #undef Q8_FIX
 
+/* lane k = the sum of the 8 lanes of v[k] (the float twin of hsum8_vec) */
+static inline AVX2 __m256 hsum8_f32(const __m256 v[8]) {
+    __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+#define ATTEND_MAX_D 256 /* head_dim in registers and on the stack: up to 32 vectors */
+
+/* One query head over a chunk of keys, head_dim a multiple of 8: the query stays in registers,
+ * eight keys' scores come out of one reduction tree, the output accumulates in registers. */
+static AVX2 void attend_part_avx2(float *out, float *max, float *sum, float *scores, const float *q, const float *keys,
+                                  const float *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {
+    if (d % 8 || d > ATTEND_MAX_D) {
+        el_attend_part_ref(out, max, sum, scores, q, keys, values, n_keys, d, stride, scale);
+        return;
+    }
+    const int32_t nv = d / 8;
+    __m256 qv[ATTEND_MAX_D / 8];
+    for (int32_t i = 0; i < nv; i++) qv[i] = _mm256_loadu_ps(q + 8 * i);
+    const __m256 vscale = _mm256_set1_ps(scale);
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    int32_t j = 0;
+    for (; j + 8 <= n_keys; j += 8) {
+        __m256 part[8];
+        for (int k = 0; k < 8; k++) {
+            const float *key = keys + (size_t)(j + k) * stride;
+            __m256 acc0 = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key)), acc1 = _mm256_setzero_ps();
+            int32_t i = 1;
+            for (; i + 2 <= nv; i += 2) {
+                acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(qv[i], _mm256_loadu_ps(key + 8 * i)));
+                acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(qv[i + 1], _mm256_loadu_ps(key + 8 * i + 8)));
+            }
+            if (i < nv) acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(qv[i], _mm256_loadu_ps(key + 8 * i)));
+            part[k] = _mm256_add_ps(acc0, acc1);
+        }
+        __m256 s8 = _mm256_mul_ps(hsum8_f32(part), vscale);
+        vmax = _mm256_max_ps(vmax, s8);
+        _mm256_storeu_ps(scores + j, s8);
+    }
+    float m = hmax_f32x8(vmax);
+    for (; j < n_keys; j++) {
+        const float *key = keys + (size_t)j * stride;
+        __m256 acc = _mm256_setzero_ps();
+        for (int32_t i = 0; i < nv; i++) acc = _mm256_add_ps(acc, _mm256_mul_ps(qv[i], _mm256_loadu_ps(key + 8 * i)));
+        scores[j] = hsum_f32x8(acc) * scale;
+        m = scores[j] > m ? scores[j] : m;
+    }
+    __m256 vm = _mm256_set1_ps(m), vsum = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n_keys; j += 8) {
+        __m256 e = exp_f32x8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), vm));
+        _mm256_storeu_ps(scores + j, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float l = hsum_f32x8(vsum);
+    for (; j < n_keys; j++) {
+        scores[j] = expf(scores[j] - m);
+        l += scores[j];
+    }
+    __m256 o[ATTEND_MAX_D / 8];
+    for (int32_t i = 0; i < nv; i++) o[i] = _mm256_setzero_ps();
+    for (j = 0; j < n_keys; j++) {
+        const float *value = values + (size_t)j * stride;
+        __m256 p = _mm256_set1_ps(scores[j]);
+        for (int32_t i = 0; i < nv; i++) o[i] = _mm256_add_ps(o[i], _mm256_mul_ps(p, _mm256_loadu_ps(value + 8 * i)));
+    }
+    for (int32_t i = 0; i < nv; i++) _mm256_storeu_ps(out + 8 * i, o[i]);
+    *max = m;
+    *sum = l;
+}
+
 const el_kernels el_kernels_avx2 = {
     .name = "avx2",
     .quantize_q16a = quantize_q16a_avx2,
@@ -421,6 +492,7 @@ const el_kernels el_kernels_avx2 = {
     .add = add_avx2,
     .dot = dot_avx2,
     .axpy = axpy_avx2,
+    .attend_part = attend_part_avx2,
 };
 
 /* ---- AVX-512 VNNI: vpdpbusd (unsigned codes x signed q, four products into each int32 lane,
@@ -502,6 +574,7 @@ const el_kernels el_kernels_avx512vnni = {
     .add = add_avx2,
     .dot = dot_avx2,
     .axpy = axpy_avx2,
+    .attend_part = attend_part_avx2,
 };
 
 #endif /* x86-64 */

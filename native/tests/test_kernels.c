@@ -320,7 +320,24 @@ static void check_variant_floats(const char *variant) {
         }
         free(x), free(a), free(b);
     }
-    report(ok, variant, "rms_norm, rope, softmax, silu_mul, add, dot, axpy within NMSE 1e-10 of ref", detail);
+    /* attention of one head: head_dims that are whole vectors, and one that is not; strided rows */
+    const int32_t heads[4][2] = {{64, 1}, {64, 37}, {16, 200}, {6, 9}}; /* head_dim, keys */
+    for (int s = 0; s < 4; s++) {
+        int32_t d = heads[s][0], n_keys = heads[s][1], stride = 3 * d;
+        float *q = random_floats(d), *kv = random_floats(n_keys * stride), *vv = random_floats(n_keys * stride);
+        float *a = malloc(sizeof(float) * (d + 2)), *b = malloc(sizeof(float) * (d + 2));
+        float *scores = malloc(sizeof(float) * n_keys);
+        el_set_variant("ref");
+        el_kernels_current()->attend_part(a, a + d, a + d + 1, scores, q, kv, vv, n_keys, d, stride, 0.125f);
+        el_set_variant(variant);
+        el_kernels_current()->attend_part(b, b + d, b + d + 1, scores, q, kv, vv, n_keys, d, stride, 0.125f);
+        if (!(nmse(b, a, d + 2) <= 1e-10)) {
+            ok = 0;
+            snprintf(detail, sizeof detail, "attend d %d keys %d nmse %.3g", d, n_keys, nmse(b, a, d + 2));
+        }
+        free(q), free(kv), free(vv), free(a), free(b), free(scores);
+    }
+    report(ok, variant, "rms_norm, rope, softmax, silu_mul, add, dot, axpy, attend_part within NMSE 1e-10 of ref", detail);
 }
 
 /* ---- the engine: a tiny random decoder ------------------------------------------------------------ */
@@ -380,23 +397,29 @@ static void free_tiny(tiny_model *t) {
     for (int i = 0; i < t->n_vectors; i++) free(t->vectors[i]);
 }
 
-#define TINY_TOKENS 11
-static const int32_t TINY_IDS[TINY_TOKENS] = {3, 17, 42, 0, 49, 8, 8, 23, 31, 5, 12};
+/* 140 tokens: past two chunks of 64 cache positions, so attention combines partials */
+#define TINY_TOKENS 140
+#define TINY_CONTEXT 160
+#define TINY_CHUNK 8
+static int32_t TINY_IDS[TINY_TOKENS];
 
-/* logits [TINY_TOKENS][vocab]: a prefill chunk of 7 (every token's logits), then 4 single tokens */
+/* logits [TINY_TOKENS][vocab]: prefill chunks of TINY_CHUNK (every token's logits) up to the last 4
+ * tokens, then those one at a time */
 static int run_tiny(const tiny_model *t, el_pool *pool, float *logits) {
     el_engine *e;
-    int status = el_engine_create(&e, &t->m, 16, 8, pool);
+    int status = el_engine_create(&e, &t->m, TINY_CONTEXT, TINY_CHUNK, pool);
     if (status != EL_OK) return status;
-    int32_t vocab = t->m.vocab;
-    status = el_engine_forward(e, logits, 7 * vocab, TINY_IDS, 7, 0, 1);
-    for (int32_t i = 7; i < TINY_TOKENS && status == EL_OK; i++)
+    int32_t vocab = t->m.vocab, i = 0;
+    for (; i + TINY_CHUNK <= TINY_TOKENS - 4 && status == EL_OK; i += TINY_CHUNK)
+        status = el_engine_forward(e, logits + (size_t)i * vocab, (int64_t)TINY_CHUNK * vocab, TINY_IDS + i, TINY_CHUNK, i, 1);
+    for (; i < TINY_TOKENS && status == EL_OK; i++)
         status = el_engine_forward(e, logits + (size_t)i * vocab, vocab, TINY_IDS + i, 1, i, 0);
     el_engine_destroy(e);
     return status;
 }
 
 static void check_engine(const char *const *variants, int32_t count, el_pool *pools[3]) {
+    for (int32_t i = 0; i < TINY_TOKENS; i++) TINY_IDS[i] = (int32_t)(rnd() % 50);
     for (int32_t head_dim = 16; head_dim <= 32; head_dim += 16) {
         tiny_model t;
         make_tiny(&t, head_dim);
@@ -406,7 +429,7 @@ static void check_engine(const char *const *variants, int32_t count, el_pool *po
         int ok = run_tiny(&t, NULL, want) == EL_OK;
         /* token by token from position 0 gives the chunk's logits bit for bit */
         el_engine *e;
-        ok &= el_engine_create(&e, &t.m, 16, 8, NULL) == EL_OK;
+        ok &= el_engine_create(&e, &t.m, TINY_CONTEXT, TINY_CHUNK, NULL) == EL_OK;
         for (int32_t i = 0; i < TINY_TOKENS && ok; i++)
             ok &= el_engine_forward(e, single + (size_t)i * t.m.vocab, t.m.vocab, TINY_IDS + i, 1, i, 0) == EL_OK;
         ok &= same_bits(single, want, sizeof(float) * n);
@@ -416,7 +439,7 @@ static void check_engine(const char *const *variants, int32_t count, el_pool *po
         report(ok, "ref", what, "");
         /* bad arguments */
         int32_t bad_token = t.m.vocab;
-        ok = el_engine_forward(e, single, (int64_t)n, TINY_IDS, 2, 15, 0) == EL_ERANGE &&  /* past the context */
+        ok = el_engine_forward(e, single, (int64_t)n, TINY_IDS, 2, TINY_CONTEXT - 1, 0) == EL_ERANGE && /* past the context */
              el_engine_forward(e, single, (int64_t)n, TINY_IDS, 9, 0, 0) == EL_ERANGE &&   /* past max_chunk */
              el_engine_forward(e, single, (int64_t)n, &bad_token, 1, 0, 0) == EL_ERANGE &&
              el_engine_forward(e, single, t.m.vocab - 1, TINY_IDS, 1, 0, 0) == EL_ERANGE && /* logits too short */
@@ -426,7 +449,7 @@ static void check_engine(const char *const *variants, int32_t count, el_pool *po
         el_layer layers[2] = {t.layers[0], t.layers[1]};
         layers[1].o.cols += 32;
         broken.layers = layers;
-        ok &= el_engine_create(&e, &broken, 16, 8, NULL) == EL_EINVAL && e == NULL;
+        ok &= el_engine_create(&e, &broken, TINY_CONTEXT, TINY_CHUNK, NULL) == EL_EINVAL && e == NULL;
         snprintf(what, sizeof what, "engine (head_dim %d): bad arguments and shapes are refused", head_dim);
         report(ok, "-", what, "");
         for (int32_t v = 0; v < count; v++) {
