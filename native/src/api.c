@@ -75,7 +75,13 @@ static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
             const uint8_t *codes = w->qweight + (size_t)r * row_bytes;
             const float *sc = w->scales + (size_t)r * n_wblocks;
             const float *mn = w->mins ? w->mins + (size_t)r * n_wblocks : NULL;
-            for (int32_t t = 0; t < n_tokens; t++) {
+            int32_t t = 0;
+            if (q4 && k->row4_q4)
+                for (; t + 4 <= n_tokens; t += 4)
+                    k->row4_q4(job->y + (size_t)t * rows + r, (size_t)rows, format, codes, sc, mn,
+                               job->x.pairs + t * pair_stride, pair_stride, xd + (size_t)t * nb, xsum + (size_t)t * nb,
+                               (size_t)nb, nb);
+            for (; t < n_tokens; t++) {
                 size_t o = (size_t)t * nb;
                 job->y[(size_t)t * rows + r] =
                     q4 ? k->row_q4(format, codes, sc, mn, job->x.pairs + t * pair_stride, xd + o, xsum + o, nb)

@@ -38,8 +38,10 @@ static const char *const PHASE_NAMES[N_PHASES] = {
 /* Attention runs over chunks of KEY_CHUNK cache positions: each chunk's softmax partial (max, sum,
  * unnormalized output) is computed on its own, then the chunks are combined in order. A decode
  * step splits (chunk, head) pairs over the threads, so each reads its own part of the cache; a
- * prefill splits (token, head) pairs, each going through its chunks in turn. Both compute the same
- * partials and combine them the same way: the same bits, whatever the split. */
+ * prefill splits (token, kv head) pairs, each going through its chunks in turn with the query heads
+ * that share them (a chunk of keys and values, 16 KiB each at head_dim 64, is read from L2 once and
+ * from L1 by the other heads). Both compute the same partials and combine them the same way: the
+ * same bits, whatever the split. */
 #define KEY_CHUNK 64
 
 /* Activation blocks [tokens][nb] and what the products read of them (kernels.h: el_acts). */
@@ -70,7 +72,7 @@ struct el_engine {
     float *gate, *up;           /* [max_chunk][ffn] */
     int32_t max_chunks;         /* ceil(context / KEY_CHUNK) */
     float *scores;              /* [n_threads][KEY_CHUNK] */
-    float *parts;               /* [n_threads][max_chunks][head_dim + 2]  a prefill item's chunk partials */
+    float *parts;               /* [n_threads][heads per kv head][max_chunks][head_dim + 2]  a prefill item's partials */
     float *decode_parts;        /* [n_heads][max_chunks][head_dim + 2]  a decode step's chunk partials */
     float *rope_cos, *rope_sin; /* [max_chunk][head_dim / 2] */
     int64_t bytes;
@@ -214,7 +216,7 @@ int el_engine_create(el_engine **out, const el_model *model, int32_t context, in
     e->max_chunks = ceil_div(context, KEY_CHUNK);
     size_t part = (size_t)e->max_chunks * (size_t)(m->head_dim + 2);
     e->scores = alloc_floats(e, (size_t)e->n_threads * KEY_CHUNK, 0);
-    e->parts = alloc_floats(e, (size_t)e->n_threads * part, 0);
+    e->parts = alloc_floats(e, (size_t)e->n_threads * (size_t)(m->n_heads / m->n_kv_heads) * part, 0);
     e->decode_parts = alloc_floats(e, (size_t)m->n_heads * part, 0);
     e->rope_cos = alloc_floats(e, chunk * (size_t)e->half, 0);
     e->rope_sin = alloc_floats(e, chunk * (size_t)e->half, 0);
@@ -457,13 +459,15 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
             split(H, ith, nth, &h0, &h1);
             for (int32_t h = h0; h < h1; h++) finish_head(job, 0, h, e->decode_parts + h * part, n_chunks);
             phase_end(job, ith, PH_ATTN_COMBINE, &mark);
-        } else { /* (token, head) pairs, each through its chunks */
-            float *parts = e->parts + ith * part;
-            for (int32_t item = ith; item < S * H; item += nth) {
-                int32_t t = item / H, h = item % H, n_chunks = ceil_div(job->pos + t + 1, KEY_CHUNK);
+        } else { /* (token, kv head) pairs, each through its chunks with the query heads that share them */
+            const int32_t G = H / KV;
+            float *parts = e->parts + (size_t)ith * G * part;
+            for (int32_t item = ith; item < S * KV; item += nth) {
+                int32_t t = item / KV, g = item % KV, n_chunks = ceil_div(job->pos + t + 1, KEY_CHUNK);
                 for (int32_t c = 0; c < n_chunks; c++)
-                    attend_chunk(job, keys, values, t, h, c, parts + (size_t)c * (D + 2), scores);
-                finish_head(job, t, h, parts, n_chunks);
+                    for (int32_t i = 0; i < G; i++)
+                        attend_chunk(job, keys, values, t, g * G + i, c, parts + i * part + (size_t)c * (D + 2), scores);
+                for (int32_t i = 0; i < G; i++) finish_head(job, t, g * G + i, parts + i * part, n_chunks);
             }
             phase_end(job, ith, PH_ATTN, &mark);
         }

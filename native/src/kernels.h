@@ -54,6 +54,11 @@ typedef struct {
  * + combine + the lane reduction, fused so the block sums never leave the registers. */
 typedef float (*el_row_q4_fn)(int32_t format, const uint8_t *codes, const float *scales, const float *mins,
                               const int8_t *pairs, const float *xd, const int32_t *xsum, int32_t nb);
+/* The same row against four tokens at once (prefill): y[t * y_stride], tokens' pairs pair_stride bytes
+ * apart and their d and sum x_stride values apart; bit-identical to four el_row_q4_fn calls. */
+typedef void (*el_row4_q4_fn)(float *y, size_t y_stride, int32_t format, const uint8_t *codes, const float *scales,
+                              const float *mins, const int8_t *pairs, size_t pair_stride, const float *xd,
+                              const int32_t *xsum, size_t x_stride, int32_t nb);
 typedef float (*el_row_q8_fn)(const uint8_t *codes, const float *scales, const el_block_q16a *x, const float *xd,
                               const int32_t *xsum, int32_t nb);
 
@@ -65,6 +70,7 @@ typedef struct {
     el_isums_2x2_fn isums_q4_2x2, isums_q8_2x2; /* NULL: the matmul loops over single rows */
     el_combine_fn combine;
     el_row_q4_fn row_q4; /* NULL: isums + combine */
+    el_row4_q4_fn row4_q4; /* NULL: row_q4 per token */
     el_row_q8_fn row_q8;
     /* float kernels, one row each */
     void (*rms_norm)(float *out, const float *x, const float *weight, int32_t n, float eps);

@@ -348,13 +348,17 @@ static inline AVX2 void nibbles2(const uint8_t *codes, int both, __m256i *lo, __
 }
 
 /* 256 * sum(code * qh) + sum(code * ql) for a pair of blocks (lanes 0-3: block j, 4-7: block j+1) */
-static inline AVX2 __m256i pair_avx2(const uint8_t *codes, int both, const int8_t *pair) {
-    __m256i lo, hi;
-    nibbles2(codes, both, &lo, &hi);
+static inline AVX2 __m256i planes_avx2(__m256i lo, __m256i hi, const int8_t *pair) {
     const __m256i *p = (const __m256i *)pair;
     __m256i h16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(p)), _mm256_maddubs_epi16(hi, _mm256_loadu_si256(p + 1)));
     __m256i l16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(p + 2)), _mm256_maddubs_epi16(hi, _mm256_loadu_si256(p + 3)));
     return planes_i32(h16, l16); /* int16 sums below 2 * 2 * 15 * 127: no saturation */
+}
+
+static inline AVX2 __m256i pair_avx2(const uint8_t *codes, int both, const int8_t *pair) {
+    __m256i lo, hi;
+    nibbles2(codes, both, &lo, &hi);
+    return planes_avx2(lo, hi, pair);
 }
 
 /* rows of 4-bit codes: eight blocks (four pairs) per step, then the last 1..7 blocks */
@@ -376,6 +380,37 @@ static inline AVX2 __m256i pair_avx2(const uint8_t *codes, int both, const int8_
         acc = _mm256_add_ps(acc, terms8(format, hsum_pairs(p), scales + j, mins ? mins + j : NULL, xd + j, xsum + j, n)); \
     }                                                                                                         \
     return hsum_f32x8(acc); /* ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)), the order of api.c */
+
+/* One row against four tokens (prefill): the codes are unpacked once for the four, each token's
+ * eight-block groups are reduced and accumulated exactly as ROW_Q4 does for one, so every y is
+ * bit-identical to ROW_Q4's. y[t * y_stride] for t = 0..3; the tokens' pairs are pair_stride
+ * bytes apart, their d and sum x_stride values apart. */
+#define UNROLL4 _Pragma("GCC unroll 4")
+#define ROW4_Q4(PLANES, NIBBLES)                                                                              \
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};    \
+    for (int32_t j = 0; j < nb; j += 8) {                                                                     \
+        int32_t n = nb - j < 8 ? nb - j : 8;                                                                  \
+        __m256i p[4][4];                                                                                      \
+        UNROLL4 for (int k = 0; k < 4; k++) {                                                                 \
+            if (2 * k < n) {                                                                                  \
+                __m256i lo, hi;                                                                               \
+                NIBBLES(codes + 16 * (j + 2 * k), 2 * k + 1 < n, &lo, &hi);                                   \
+                UNROLL4 for (int t = 0; t < 4; t++) p[t][k] = PLANES(lo, hi, pairs + t * pair_stride + 64 * (j + 2 * k)); \
+            } else {                                                                                          \
+                UNROLL4 for (int t = 0; t < 4; t++) p[t][k] = _mm256_setzero_si256();                         \
+            }                                                                                                 \
+        }                                                                                                     \
+        UNROLL4 for (int t = 0; t < 4; t++)                                                                   \
+            acc[t] = _mm256_add_ps(acc[t], terms8(format, hsum_pairs(p[t]), scales + j, mins ? mins + j : NULL, \
+                                                  xd + t * x_stride + j, xsum + t * x_stride + j, n));        \
+    }                                                                                                         \
+    UNROLL4 for (int t = 0; t < 4; t++) y[t * y_stride] = hsum_f32x8(acc[t]);
+
+static AVX2 void row4_q4_avx2(float *y, size_t y_stride, int32_t format, const uint8_t *codes, const float *scales,
+                              const float *mins, const int8_t *pairs, size_t pair_stride, const float *xd,
+                              const int32_t *xsum, size_t x_stride, int32_t nb) {
+    ROW4_Q4(planes_avx2, nibbles2)
+}
 
 static AVX2 float row_q4_avx2(int32_t format, const uint8_t *codes, const float *scales, const float *mins,
                               const int8_t *pairs, const float *xd, const int32_t *xsum, int32_t nb) {
@@ -413,69 +448,83 @@ static inline AVX2 __m256 hsum8_f32(const __m256 v[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-#define ATTEND_MAX_D 256 /* head_dim in registers and on the stack: up to 32 vectors */
+/* One query head over a chunk of keys. The attention is float math checked against ref to a
+ * tolerance, not bit for bit, so it may use FMA (the avx2 variant requires it: dispatch.c). The
+ * head_dim is a compile-time constant of each body (64, 128: query and output in registers);
+ * other head_dims multiple of 8 take the generic body, the rest ref. */
+#define AVX2_FMA __attribute__((target("avx2,fma")))
+#define AVX512_FMA __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
 
-/* One query head over a chunk of keys, head_dim a multiple of 8: the query stays in registers,
- * eight keys' scores come out of one reduction tree, the output accumulates in registers. */
-static AVX2 void attend_part_avx2(float *out, float *max, float *sum, float *scores, const float *q, const float *keys,
-                                  const float *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {
-    if (d % 8 || d > ATTEND_MAX_D) {
-        el_attend_part_ref(out, max, sum, scores, q, keys, values, n_keys, d, stride, scale);
-        return;
-    }
-    const int32_t nv = d / 8;
-    __m256 qv[ATTEND_MAX_D / 8];
-    for (int32_t i = 0; i < nv; i++) qv[i] = _mm256_loadu_ps(q + 8 * i);
-    const __m256 vscale = _mm256_set1_ps(scale);
-    __m256 vmax = _mm256_set1_ps(-INFINITY);
-    int32_t j = 0;
-    for (; j + 8 <= n_keys; j += 8) {
-        __m256 part[8];
-        for (int k = 0; k < 8; k++) {
-            const float *key = keys + (size_t)(j + k) * stride;
-            __m256 acc0 = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key)), acc1 = _mm256_setzero_ps();
-            int32_t i = 1;
-            for (; i + 2 <= nv; i += 2) {
-                acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(qv[i], _mm256_loadu_ps(key + 8 * i)));
-                acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(qv[i + 1], _mm256_loadu_ps(key + 8 * i + 8)));
-            }
-            if (i < nv) acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(qv[i], _mm256_loadu_ps(key + 8 * i)));
-            part[k] = _mm256_add_ps(acc0, acc1);
-        }
-        __m256 s8 = _mm256_mul_ps(hsum8_f32(part), vscale);
-        vmax = _mm256_max_ps(vmax, s8);
-        _mm256_storeu_ps(scores + j, s8);
-    }
-    float m = hmax_f32x8(vmax);
-    for (; j < n_keys; j++) {
-        const float *key = keys + (size_t)j * stride;
-        __m256 acc = _mm256_setzero_ps();
-        for (int32_t i = 0; i < nv; i++) acc = _mm256_add_ps(acc, _mm256_mul_ps(qv[i], _mm256_loadu_ps(key + 8 * i)));
-        scores[j] = hsum_f32x8(acc) * scale;
-        m = scores[j] > m ? scores[j] : m;
-    }
-    __m256 vm = _mm256_set1_ps(m), vsum = _mm256_setzero_ps();
-    for (j = 0; j + 8 <= n_keys; j += 8) {
-        __m256 e = exp_f32x8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), vm));
-        _mm256_storeu_ps(scores + j, e);
-        vsum = _mm256_add_ps(vsum, e);
-    }
-    float l = hsum_f32x8(vsum);
-    for (; j < n_keys; j++) {
-        scores[j] = expf(scores[j] - m);
-        l += scores[j];
-    }
-    __m256 o[ATTEND_MAX_D / 8];
-    for (int32_t i = 0; i < nv; i++) o[i] = _mm256_setzero_ps();
-    for (j = 0; j < n_keys; j++) {
-        const float *value = values + (size_t)j * stride;
-        __m256 p = _mm256_set1_ps(scores[j]);
-        for (int32_t i = 0; i < nv; i++) o[i] = _mm256_add_ps(o[i], _mm256_mul_ps(p, _mm256_loadu_ps(value + 8 * i)));
-    }
-    for (int32_t i = 0; i < nv; i++) _mm256_storeu_ps(out + 8 * i, o[i]);
-    *max = m;
+#define UNROLL8 _Pragma("GCC unroll 8")
+#define UNROLL16 _Pragma("GCC unroll 16")
+#define ATTEND_BODY(NV)                                                                                       \
+    __m256 qv[NV];                                                                                            \
+    UNROLL16 for (int i = 0; i < (NV); i++) qv[i] = _mm256_loadu_ps(q + 8 * i);                                       \
+    const __m256 vscale = _mm256_set1_ps(scale);                                                              \
+    __m256 vmax = _mm256_set1_ps(-INFINITY);                                                                  \
+    int32_t j = 0;                                                                                            \
+    for (; j + 8 <= n_keys; j += 8) {                                                                         \
+        __m256 part[8];                                                                                       \
+        UNROLL8 for (int k = 0; k < 8; k++) {                                                                         \
+            const float *key = keys + (size_t)(j + k) * stride;                                               \
+            __m256 acc0 = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key)), acc1 = _mm256_setzero_ps();             \
+            UNROLL16 for (int i = 1; i < (NV); i += 2) {                                                               \
+                acc1 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 8 * i), acc1);                            \
+                if (i + 1 < (NV)) acc0 = _mm256_fmadd_ps(qv[i + 1], _mm256_loadu_ps(key + 8 * i + 8), acc0);  \
+            }                                                                                                 \
+            part[k] = _mm256_add_ps(acc0, acc1);                                                              \
+        }                                                                                                     \
+        __m256 s8 = _mm256_mul_ps(hsum8_f32(part), vscale);                                                   \
+        vmax = _mm256_max_ps(vmax, s8);                                                                       \
+        _mm256_storeu_ps(scores + j, s8);                                                                     \
+    }                                                                                                         \
+    float m = hmax_f32x8(vmax);                                                                               \
+    for (; j < n_keys; j++) {                                                                                 \
+        const float *key = keys + (size_t)j * stride;                                                         \
+        __m256 acc = _mm256_setzero_ps();                                                                     \
+        UNROLL16 for (int i = 0; i < (NV); i++) acc = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 8 * i), acc);     \
+        scores[j] = hsum_f32x8(acc) * scale;                                                                  \
+        m = scores[j] > m ? scores[j] : m;                                                                    \
+    }                                                                                                         \
+    __m256 vm = _mm256_set1_ps(m), vsum = _mm256_setzero_ps();                                                \
+    for (j = 0; j + 8 <= n_keys; j += 8) {                                                                    \
+        __m256 e = exp_f32x8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), vm));                                 \
+        _mm256_storeu_ps(scores + j, e);                                                                      \
+        vsum = _mm256_add_ps(vsum, e);                                                                        \
+    }                                                                                                         \
+    float l = hsum_f32x8(vsum);                                                                               \
+    for (; j < n_keys; j++) {                                                                                 \
+        scores[j] = expf(scores[j] - m);                                                                      \
+        l += scores[j];                                                                                       \
+    }                                                                                                         \
+    __m256 o[NV];                                                                                             \
+    UNROLL16 for (int i = 0; i < (NV); i++) o[i] = _mm256_setzero_ps();                                                \
+    for (j = 0; j < n_keys; j++) {                                                                            \
+        const float *value = values + (size_t)j * stride;                                                     \
+        __m256 p = _mm256_set1_ps(scores[j]);                                                                 \
+        UNROLL16 for (int i = 0; i < (NV); i++) o[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(value + 8 * i), o[i]);      \
+    }                                                                                                         \
+    UNROLL16 for (int i = 0; i < (NV); i++) _mm256_storeu_ps(out + 8 * i, o[i]);                                       \
+    *max = m;                                                                                                 \
     *sum = l;
-}
+
+#define ATTEND_VARIANT(NAME, TARGET)                                                                          \
+    static TARGET void NAME##_64(float *out, float *max, float *sum, float *scores, const float *q,           \
+                                 const float *keys, const float *values, int32_t n_keys, int32_t stride, float scale) { \
+        ATTEND_BODY(8)                                                                                        \
+    }                                                                                                         \
+    static TARGET void NAME##_128(float *out, float *max, float *sum, float *scores, const float *q,          \
+                                  const float *keys, const float *values, int32_t n_keys, int32_t stride, float scale) { \
+        ATTEND_BODY(16)                                                                                       \
+    }                                                                                                         \
+    static TARGET void NAME(float *out, float *max, float *sum, float *scores, const float *q, const float *keys, \
+                            const float *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {    \
+        if (d == 64) NAME##_64(out, max, sum, scores, q, keys, values, n_keys, stride, scale);                \
+        else if (d == 128) NAME##_128(out, max, sum, scores, q, keys, values, n_keys, stride, scale);         \
+        else el_attend_part_ref(out, max, sum, scores, q, keys, values, n_keys, d, stride, scale);            \
+    }
+
+ATTEND_VARIANT(attend_part_avx2, AVX2_FMA)
 
 const el_kernels el_kernels_avx2 = {
     .name = "avx2",
@@ -484,6 +533,7 @@ const el_kernels el_kernels_avx2 = {
     .isums_q8 = isums_q8_avx2,
     .combine = combine_avx2,
     .row_q4 = row_q4_avx2,
+    .row4_q4 = row4_q4_avx2,
     .row_q8 = row_q8_avx2,
     .rms_norm = rms_norm_avx2,
     .rope = rope_avx2,
@@ -532,14 +582,25 @@ static AVX512VNNI void isums_q8_avx512vnni(int32_t *isum, const uint8_t *codes, 
 }
 
 /* a pair of blocks with vpdpbusd: (sum even + sum odd) of the high plane, shifted, then the low plane */
-static inline AVX512VNNI __m256i pair_vnni(const uint8_t *codes, int both, const int8_t *pair) {
-    __m256i lo, hi;
-    nibbles2(codes, both, &lo, &hi);
+static inline AVX512VNNI __m256i planes_vnni(__m256i lo, __m256i hi, const int8_t *pair) {
     const __m256i *p = (const __m256i *)pair;
     __m256i h = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, _mm256_loadu_si256(p)), hi,
                                     _mm256_loadu_si256(p + 1));
     return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_slli_epi32(h, 8), lo, _mm256_loadu_si256(p + 2)), hi,
                                _mm256_loadu_si256(p + 3));
+}
+
+static inline AVX512VNNI __m256i pair_vnni(const uint8_t *codes, int both, const int8_t *pair) {
+    __m256i lo, hi;
+    nibbles2(codes, both, &lo, &hi);
+    return planes_vnni(lo, hi, pair);
+}
+
+static AVX512VNNI void row4_q4_avx512vnni(float *y, size_t y_stride, int32_t format, const uint8_t *codes,
+                                          const float *scales, const float *mins, const int8_t *pairs,
+                                          size_t pair_stride, const float *xd, const int32_t *xsum, size_t x_stride,
+                                          int32_t nb) {
+    ROW4_Q4(planes_vnni, nibbles2)
 }
 
 static AVX512VNNI float row_q4_avx512vnni(int32_t format, const uint8_t *codes, const float *scales, const float *mins,
@@ -559,6 +620,8 @@ static AVX512VNNI float row_q8_avx512vnni(const uint8_t *codes, const float *sca
 }
 #undef Q8_FIX
 
+ATTEND_VARIANT(attend_part_avx512, AVX512_FMA)
+
 const el_kernels el_kernels_avx512vnni = {
     .name = "avx512vnni",
     .quantize_q16a = quantize_q16a_avx2,
@@ -566,6 +629,7 @@ const el_kernels el_kernels_avx512vnni = {
     .isums_q8 = isums_q8_avx512vnni,
     .combine = combine_avx2,
     .row_q4 = row_q4_avx512vnni,
+    .row4_q4 = row4_q4_avx512vnni,
     .row_q8 = row_q8_avx512vnni,
     .rms_norm = rms_norm_avx2,
     .rope = rope_avx2,
@@ -574,7 +638,7 @@ const el_kernels el_kernels_avx512vnni = {
     .add = add_avx2,
     .dot = dot_avx2,
     .axpy = axpy_avx2,
-    .attend_part = attend_part_avx2,
+    .attend_part = attend_part_avx512,
 };
 
 #endif /* x86-64 */
