@@ -439,6 +439,7 @@ class Engine:
         self.context, self.max_chunk, self.vocab = context, min(max_chunk, context), w.vocab
         self._tokens = np.zeros(self.max_chunk, np.int32)
         self._tokens_ptr = _ptr(ffi, "int32_t[]", self._tokens)
+        self._out, self._out_ptr = None, None  # the last logits buffer and its pointer (decode reuses one)
 
     @property
     def allocated_bytes(self) -> int:
@@ -454,10 +455,12 @@ class Engine:
         if not 1 <= n <= self.max_chunk:
             raise EdgeLLMError(f"a chunk of {n} tokens; the engine takes 1 to {self.max_chunk}")
         self._tokens[:n] = tokens
-        size = n * self.vocab if all_logits else self.vocab
-        if out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable or out.size < size:
-            raise EdgeLLMError(f"logits buffer must be writable contiguous float32 of at least {size} values")
-        _check(lib.el_engine_forward(self._engine, _ptr(ffi, "float[]", out), out.size, self._tokens_ptr, n, position,
+        if out is not self._out:
+            if out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
+                raise EdgeLLMError("the logits buffer must be a writable C-contiguous float32 array")
+            self._out, self._out_ptr = out, _ptr(ffi, "float[]", out)
+        # the sizes (out too short, position past the context) are checked by el_engine_forward: EL_ERANGE
+        _check(lib.el_engine_forward(self._engine, self._out_ptr, out.size, self._tokens_ptr, n, position,
                                      int(all_logits)), "engine forward")
         return out
 
@@ -474,6 +477,7 @@ class Engine:
             ffi.release(self._engine)  # runs el_engine_destroy now
             self._engine = None
             self._keep = None
+            self._out = self._out_ptr = None
 
 
 # ---- numpy definitions: what the C code computes, bit for bit -----------------------------------

@@ -204,6 +204,13 @@ class NativeBackend(Backend):
 
         return np.ascontiguousarray(rope_inv_freq(self.config), np.float32)
 
+    def forward(self, token_ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        if len(token_ids) == 1 and not all_logits and self.position < self.context_length:
+            self.engine.forward(token_ids, self.position, self.logits)  # a decode step: no chunking to do
+            self.position += 1
+            return self.logits[0].copy()
+        return super().forward(token_ids, all_logits)
+
     def _forward_chunk(self, token_ids: Sequence[int], all_logits: bool) -> np.ndarray:
         s = len(token_ids)
         self.engine.forward(token_ids, self.position, self.logits, all_logits)
