@@ -21,6 +21,9 @@ engine once), so a burst of background load on a shared machine hits every engin
 medians and the ratios, not a single number. All engines get the same token ids, the same thread
 count and the same context. Every worker warms up on the longest prompt before it is timed.
 
+edgellm runs the bundle on its default backend (`backend="auto"`: the native C engine when it is
+built, else ONNX Runtime); machine.kernel_variant is the kernel variant that engine ran.
+
 Peers: llama.cpp (llama-cpp-python) runs the GGUF the bundle was exported from; onnxruntime-genai
 runs an int4 model its own builder makes from the same weights (cached under
 ~/.cache/edgellm/peers/). Note that the peers' weights are their own formats: the GGUF blocks as
@@ -49,9 +52,9 @@ from .errors import EdgeLLMError, InvalidSettingError
 
 SCHEMA = "edgellm-bench/1"
 ENGINE = "edgellm"
-# The kernels edgellm's backend runs: ONNX Runtime's MLAS. The native engine will report the
-# variant it picked at load (ref, avx2, neon-dotprod, ...) here instead.
-KERNEL_VARIANT = "onnxruntime-mlas"
+# The kernels edgellm's backend runs: the variant the native engine picked at load (ref, avx2,
+# avx512vnni, neon, dotprod, i8mm), as its worker reports it; this when it runs ONNX Runtime.
+KERNEL_VARIANT_ONNXRUNTIME = "onnxruntime-mlas"
 TTFT_PROMPT_TOKENS = 16
 CONTEXT_MARGIN = 8  # tokens of room past the longest prompt and the decoded tokens
 WORKER_TIMEOUT_S = 900.0
@@ -89,8 +92,13 @@ Progress = Callable[[str, float], None]
 
 # -- the public API -----------------------------------------------------------------------------------
 def run_bench(bundle: Path, *, runs: int = 5, prompt_lengths: tuple[int, ...] = (128, 512), decode_tokens: int = 128,
-              threads: int | None = None, compare: Sequence[str] = (), progress: Progress | None = None) -> dict:
-    """Benchmark `bundle` (and the peers in `compare`) and return the report (see the module docstring)."""
+              threads: int | None = None, compare: Sequence[str] = (), progress: Progress | None = None,
+              backend: str = "auto") -> dict:
+    """Benchmark `bundle` (and the peers in `compare`) and return the report (see the module docstring).
+    `backend` is edgellm's: "auto" (the native engine when it is built), "native" or "onnxruntime"."""
+    from .settings import RuntimeSettings
+
+    RuntimeSettings(backend=backend)  # an unknown backend fails here, before any worker runs
     from .manifest import read_manifest
     from .tokenizer import BundleTokenizer
 
@@ -112,7 +120,7 @@ def run_bench(bundle: Path, *, runs: int = 5, prompt_lengths: tuple[int, ...] = 
     ids = _bench_ids(BundleTokenizer(bundle, manifest), max(max(prompt_lengths), TTFT_PROMPT_TOKENS))
     job = {"threads": threads, "context": context, "first_token_prompt": ids[:TTFT_PROMPT_TOKENS],
            "prompts": {str(length): ids[:length] for length in prompt_lengths},
-           "decode_after": min(prompt_lengths), "decode_tokens": decode_tokens}
+           "decode_after": min(prompt_lengths), "decode_tokens": decode_tokens, "backend": backend}
     loadavg_before = _loadavg()
     engines = [ENGINE, *peers]
     measured: dict[str, list[dict]] = {engine: [] for engine in engines}
@@ -127,7 +135,8 @@ def run_bench(bundle: Path, *, runs: int = 5, prompt_lengths: tuple[int, ...] = 
                 "ttft_prompt_tokens": TTFT_PROMPT_TOKENS, "context": context, "interleaved": True}
     results = [_engine_result(engine, models[engine], measured[engine], measured[ENGINE], settings)
                for engine in engines]
-    machine = {**machine_facts(), "loadavg_before": loadavg_before, "loadavg_after": _loadavg()}
+    machine = {**machine_facts(measured[ENGINE][0].get("kernel_variant", KERNEL_VARIANT_ONNXRUNTIME)),
+               "loadavg_before": loadavg_before, "loadavg_after": _loadavg()}
     warnings = [f"{result['engine']}: other processes used up to {result['background_cpu_cores']['max']:.2f} cores "
                 "while it was measured; rerun on a quiet machine before quoting these numbers"
                 for result in results if result["background_cpu_cores"]["max"] > BACKGROUND_WARNING_CORES]
@@ -391,8 +400,8 @@ def _bench_ids(tokenizer, count: int) -> list[int]:
 
 
 # -- the machine ---------------------------------------------------------------------------------------
-def machine_facts() -> dict[str, Any]:
-    """What the numbers depend on: cpu, cores, features, board, kernel variant."""
+def machine_facts(kernel_variant: str | None = None) -> dict[str, Any]:
+    """What the numbers depend on: cpu, cores, features, board, the kernel variant edgellm ran."""
     fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -413,8 +422,15 @@ def machine_facts() -> dict[str, Any]:
         pass
     return {"cpu": cpu or "unknown", "cores": os.cpu_count(), "arch": platform.machine(),
             "cpu_features": [feature for feature in CPU_FEATURES if feature in flags],
-            "memory_mb": memory_mb, "board": board_name(), "kernel_variant": KERNEL_VARIANT,
+            "memory_mb": memory_mb, "board": board_name(), "kernel_variant": kernel_variant or _native_variant(),
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
+
+
+def _native_variant() -> str:
+    """The variant the native kernels would run here, or ONNX Runtime's when they are not built."""
+    from . import native
+
+    return native.kernel_variant() if native.available() else KERNEL_VARIANT_ONNXRUNTIME
 
 
 def board_name() -> str:

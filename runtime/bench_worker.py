@@ -35,32 +35,42 @@ MIB = 2**20
 
 # -- the engines: load, reset (untimed), prefill -> first token, step -> next token -------------------
 class EdgeLLMEngine:
-    """edgellm's own decode loop: Generator.generate_step with greedy sampling, EOS not special."""
+    """edgellm's own decode loop: Generator.generate_step with greedy sampling, EOS not special. The
+    backend is the job's ("auto" unless it names one: the native engine when it is built)."""
 
     name = "edgellm"
 
-    def __init__(self, model: str, threads: int, context: int):
+    def __init__(self, model: str, threads: int, context: int, backend: str = "auto"):
         import edgellm
         from edgellm.sampling import Sampler, SamplingParams
 
-        # the backend the report's kernel variant describes (bench.KERNEL_VARIANT), whatever the default
-        self.model = edgellm.load(model, threads=threads, context_length=context, backend="onnxruntime")
+        self.model = edgellm.load(model, threads=threads, context_length=context, backend=backend)
         self.sampler = Sampler(SamplingParams(temperature=0.0), self.model.config.vocab_size)
         self.steps = None
 
     @staticmethod
-    def import_modules() -> None:
-        import onnxruntime  # noqa: F401  (imported by the backend at load; counted as import time here)
-
+    def import_modules(job: dict) -> None:
         import edgellm.model  # noqa: F401
+        from edgellm.settings import RuntimeSettings
+
+        if RuntimeSettings(backend=job.get("backend", "auto")).backend == "onnxruntime":
+            import onnxruntime  # noqa: F401  (imported by the backend at load; counted as import time here)
 
     def describe(self) -> dict:
-        import onnxruntime
-
         from edgellm import __version__
 
         backend = self.model.backend
+        described = backend.describe()
+        if backend.name == "native":
+            return {"version": __version__, "backend": f"native C engine ({described['kernel_variant']} kernels)",
+                    "kernel_variant": described["kernel_variant"],
+                    "config": {"prefill_chunk": backend.prefill_chunk, "context": backend.context_length,
+                               "weights": "bundle weights.bin mapped in place (GGUF blocks carried over; "
+                                          "16-bit activations as two int8 planes)"}}
+        import onnxruntime
+
         return {"version": __version__, "backend": f"{backend.name} {onnxruntime.__version__} CPU",
+                "kernel_variant": "onnxruntime-mlas",
                 "config": {"prefill_chunk": backend.prefill_chunk, "context": backend.context_length,
                            "weights": "bundle weights.bin (GGUF blocks carried over; MatMulNBits fp32 kernel)"}}
 
@@ -97,7 +107,7 @@ class LlamaCppEngine:
         self.token = -1
 
     @staticmethod
-    def import_modules() -> None:
+    def import_modules(job: dict) -> None:
         import llama_cpp  # noqa: F401
 
     def describe(self) -> dict:
@@ -144,7 +154,7 @@ class OnnxRuntimeGenAIEngine:
         self.generator = None
 
     @staticmethod
-    def import_modules() -> None:
+    def import_modules(job: dict) -> None:
         import onnxruntime_genai  # noqa: F401
 
     def describe(self) -> dict:
@@ -193,9 +203,10 @@ def measure(job: dict[str, Any], say: Callable[[dict], None]) -> dict[str, Any]:
     engine_class = ENGINES[job["engine"]]
     clock = time.perf_counter
     started = clock()
-    engine_class.import_modules()
+    engine_class.import_modules(job)
     imported = clock()
-    engine = engine_class(job["model"], int(job["threads"]), int(job["context"]))
+    options = {"backend": job["backend"]} if job.get("backend") and engine_class is EdgeLLMEngine else {}
+    engine = engine_class(job["model"], int(job["threads"]), int(job["context"]), **options)
     loaded = clock()
     engine.reset()
     engine.prefill(job["first_token_prompt"])
