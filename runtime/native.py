@@ -454,7 +454,10 @@ class Engine:
         n = len(tokens)
         if not 1 <= n <= self.max_chunk:
             raise EdgeLLMError(f"a chunk of {n} tokens; the engine takes 1 to {self.max_chunk}")
-        self._tokens[:n] = tokens
+        try:
+            self._tokens[:n] = tokens
+        except (OverflowError, TypeError, ValueError):
+            raise EdgeLLMError(f"token ids must be whole numbers in the vocabulary [0, {self.vocab}), got {list(tokens)}") from None
         if out is not self._out:
             if out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
                 raise EdgeLLMError("the logits buffer must be a writable C-contiguous float32 array")

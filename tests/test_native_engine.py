@@ -409,6 +409,8 @@ def test_a_token_id_outside_the_vocabulary_is_an_error_not_a_crash(tiny_bundles)
     with edgellm.load(tiny_bundles("llama-untied"), backend="native") as model:
         with pytest.raises(EdgeLLMError, match="out of range"):
             model.backend.forward([model.config.vocab_size])
+        with pytest.raises(EdgeLLMError, match="vocabulary"):
+            model.backend.forward([2**40])
         assert model.backend.position == 0
         model.backend.forward([1, 2])
         assert model.backend.position == 2
