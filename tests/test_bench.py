@@ -45,13 +45,17 @@ def test_a_one_run_bench_of_a_tiny_bundle_reports_every_field_of_the_schema(tiny
     assert report["schema"] == SCHEMA
     machine = report["machine"]
     assert machine["cores"] >= 1 and machine["cpu"] and machine["board"] and machine["arch"]
-    assert machine["kernel_variant"] == "onnxruntime-mlas"
+    from edgellm import native
+
+    # The default backend: the native engine (reporting its dispatched kernel) when it is built.
+    expected_variant = native.kernel_variant() if native.available() else "onnxruntime-mlas"
+    assert machine["kernel_variant"] == expected_variant
     assert report["settings"] == {"runs": 1, "threads": 1, "prompt_lengths": [16], "decode_tokens": 8,
                                   "decode_after_prompt_tokens": 16, "ttft_prompt_tokens": 16, "context": 32,
                                   "interleaved": True}
     [result] = report["results"]
     assert result["engine"] == "edgellm" and result["threads"] == 1
-    assert result["version"] and result["backend"].startswith("onnxruntime")
+    assert result["version"] and result["backend"].startswith("native" if native.available() else "onnxruntime")
     assert set(result["prefill_tok_s"]) == {"16"} and positive_stats(result["prefill_tok_s"]["16"])
     for metric in ("decode_tok_s", "ttft_cold_s", "ttft_in_process_s", "import_s", "load_s", "peak_rss_mb"):
         assert positive_stats(result[metric]), metric
