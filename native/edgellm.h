@@ -53,7 +53,7 @@
 extern "C" {
 #endif
 
-#define EL_ABI_VERSION 2
+#define EL_ABI_VERSION 3
 #define EL_QBLOCK 32 /* values per activation block */
 
 /* The declarations from here to EL_CDEF_END are read verbatim by native/build_ffi.py as the
@@ -201,6 +201,11 @@ int el_engine_forward(el_engine *engine, float *logits, int64_t n_logits, const 
 
 /* Bytes the engine allocated (KV cache + scratch), and the context and chunk it was made for. */
 int64_t el_engine_bytes(const el_engine *engine);
+
+/* Gives memory the C heap holds but no longer uses back to the system (glibc's malloc_trim; a no-op
+ * elsewhere). Returns 1 if some was released. The runtime calls it once a model is loaded, before
+ * the weights are paged in: parsing a tokenizer's JSON leaves tens of MB of freed heap resident. */
+int el_heap_trim(void);
 
 /* Profile (EDGELLM_PROFILE=1 in the environment at el_engine_create): seconds spent per phase,
  * summed over calls on thread 0 (barrier waits included in the phase that waited). names[i]

@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import EdgeLLMError
 
-ABI_VERSION = 2  # must equal EL_ABI_VERSION in native/edgellm.h
+ABI_VERSION = 3  # must equal EL_ABI_VERSION in native/edgellm.h
 ACT_BLOCK = 32
 # One activation block: el_block_q16a {float d; int32_t sum; int8_t qh[32]; int8_t ql[32];}, 72 bytes;
 # x_i ~ d * (256 * qh_i + ql_i).
@@ -346,6 +346,12 @@ def add(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
     out = _out(out, a.shape, np.float32)
     _check(lib.el_add(_ptr(ffi, "float[]", out), _ptr(ffi, "float[]", a), _ptr(ffi, "float[]", b), a.size), "add")
     return out
+
+
+def trim_heap() -> bool:
+    """Give freed C-heap memory back to the system (glibc): True if some was released."""
+    _, lib = _load()
+    return bool(lib.el_heap_trim())
 
 
 # ---- the decoder engine ------------------------------------------------------------------------

@@ -3,12 +3,23 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include "kernels.h"
 
 #define CHUNK 64 /* activation blocks whose int32 sums are kept on the stack at a time */
 
 int el_abi_version(void) { return EL_ABI_VERSION; }
+
+int el_heap_trim(void) {
+#if defined(__GLIBC__)
+    return malloc_trim(0);
+#else
+    return 0;
+#endif
+}
 
 const char *el_status_string(int status) {
     switch (status) {

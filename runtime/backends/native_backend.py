@@ -193,6 +193,10 @@ class NativeBackend(Backend):
         self.kernel_variant = native.kernel_variant()
         # [chunk, V]: only the rows a call writes are ever touched (decode: the first one)
         self.logits = np.empty((self.prefill_chunk, c.vocab_size), np.float32)
+        # Loading freed what it parsed (the tokenizer's JSON alone leaves ~27 MB of free heap that
+        # glibc keeps resident): hand it back now, before the weights are paged in, so the resident
+        # set at its peak is the weights, the cache and what is in use.
+        native.trim_heap()
 
     def _inv_freq(self, index: TensorIndex) -> np.ndarray:
         """RoPE's inv_freq as exported: from weights.bin, or, for a head_dim under 32 (the exporter keeps
