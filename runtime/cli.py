@@ -91,7 +91,7 @@ def sampling_flags(temperature, top_k, top_p, min_p, repeat_penalty, presence_pe
 _threads = typer.Option(None, "--threads", help="CPU threads (default: one per core).")
 _context = typer.Option(None, "--context", help="Context length in tokens (default: min(trained, 2048)).")
 _max_memory = typer.Option(None, "--max-memory", help="Refuse to load beyond this much memory, e.g. 512M, 2G.")
-_backend = typer.Option(None, "--backend", help="Engine: onnxruntime.")
+_backend = typer.Option(None, "--backend", help="Engine: auto (native when built, else onnxruntime), native, onnxruntime.")
 _verify_weights = typer.Option(False, "--verify-weights", help="Hash weights.bin against the manifest at load.")
 _temperature = typer.Option(None, help="0 = greedy. Default 0.8.")
 _top_k = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off). Default 40.")
