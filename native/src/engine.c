@@ -27,12 +27,12 @@
 #include "kernels.h"
 
 enum {
-    PH_EMBED, PH_NORM, PH_QKV, PH_ATTN, PH_ATTN_COMBINE, PH_ATTN_Q, PH_O, PH_MLP_NORM, PH_GATE_UP, PH_DOWN,
-    PH_FINAL_NORM, PH_HEAD, N_PHASES
+    PH_EMBED, PH_NORM, PH_QKV, PH_ATTN, PH_ATTN_Q, PH_O, PH_MLP_NORM, PH_GATE_UP, PH_DOWN, PH_FINAL_NORM,
+    PH_HEAD, N_PHASES
 };
 static const char *const PHASE_NAMES[N_PHASES] = {
-    "embed", "attn_norm", "qkv_rope", "attention", "attn_combine", "attn_quantize", "o_proj", "mlp_norm",
-    "gate_up_silu", "down_proj", "final_norm", "head",
+    "embed", "attn_norm", "qkv_rope", "attention", "attn_quantize", "o_proj", "mlp_norm", "gate_up_silu",
+    "down_proj", "final_norm", "head",
 };
 
 /* Attention runs over chunks of KEY_CHUNK cache positions: each chunk's softmax partial (max, sum,
@@ -74,6 +74,13 @@ struct el_engine {
     float *scores;              /* [n_threads][KEY_CHUNK] */
     float *parts;               /* [n_threads][heads per kv head][max_chunks][head_dim + 2]  a prefill item's partials */
     float *decode_parts;        /* [n_heads][max_chunks][head_dim + 2]  a decode step's chunk partials */
+    /* A decode step keeps one copy per thread of what every thread reads whole (forward_decode):
+     * each computes the residual's norms and the attention's combine itself instead of waiting
+     * for one thread to do it. */
+    float *dx;                  /* [n_threads][hidden]  the residual stream */
+    float *dh;                  /* [n_threads][max(hidden, q_size)]  its norm, or the attention output */
+    float *drope;               /* [n_threads][2][head_dim / 2]  cos, sin of the position */
+    act *dact;                  /* [n_threads]  activation blocks of one token, nb_max of them */
     float *rope_cos, *rope_sin; /* [max_chunk][head_dim / 2] */
     int64_t bytes;
     int profile;
@@ -165,6 +172,12 @@ void el_engine_destroy(el_engine *e) {
     free(e->decode_parts);
     free(e->rope_cos);
     free(e->rope_sin);
+    free(e->dx);
+    free(e->dh);
+    free(e->drope);
+    if (e->dact)
+        for (int32_t i = 0; i < e->n_threads; i++) free_act(&e->dact[i]);
+    free(e->dact);
     free(e);
 }
 
@@ -222,6 +235,22 @@ int el_engine_create(el_engine **out, const el_model *model, int32_t context, in
     e->rope_sin = alloc_floats(e, chunk * (size_t)e->half, 0);
     if (!acts_ok || !e->key_cache || !e->value_cache || !e->x || !e->h || !e->q || !e->attn || !e->proj || !e->gate ||
         !e->up || !e->scores || !e->parts || !e->decode_parts || !e->rope_cos || !e->rope_sin) {
+        el_engine_destroy(e);
+        return EL_ENOMEM;
+    }
+    size_t widest_q = (size_t)(m->hidden > e->q_size ? m->hidden : e->q_size), threads = (size_t)e->n_threads;
+    e->dx = alloc_floats(e, threads * (size_t)m->hidden, 0);
+    e->dh = alloc_floats(e, threads * widest_q, 0);
+    e->drope = alloc_floats(e, threads * 2 * (size_t)e->half, 0);
+    e->dact = calloc(threads, sizeof(act));
+    int decode_ok = e->dx && e->dh && e->drope && e->dact;
+    if (e->dact) {
+        int32_t saved = e->max_chunk;
+        e->max_chunk = 1; /* alloc_act sizes for max_chunk tokens */
+        for (size_t i = 0; i < threads; i++) decode_ok &= alloc_act(e, &e->dact[i], e->nb_max);
+        e->max_chunk = saved;
+    }
+    if (!decode_ok) {
         el_engine_destroy(e);
         return EL_ENOMEM;
     }
@@ -293,15 +322,20 @@ typedef struct {
     int32_t n, pos, all;
 } forward_job;
 
-/* A phase ends: wait for the other threads; thread 0 books the time since the previous mark. */
-static void phase_end(const forward_job *job, int32_t ith, int phase, struct timespec *mark) {
-    el_pool_barrier(job->e->pool);
+/* Thread 0 books the time since the previous mark to `phase` (EDGELLM_PROFILE). */
+static void phase_mark(const forward_job *job, int32_t ith, int phase, struct timespec *mark) {
     if (ith == 0 && job->e->profile) {
         struct timespec now;
         clock_gettime(CLOCK_MONOTONIC, &now);
         job->e->seconds[phase] += (double)(now.tv_sec - mark->tv_sec) + 1e-9 * (double)(now.tv_nsec - mark->tv_nsec);
         *mark = now;
     }
+}
+
+/* A phase ends: wait for the other threads, then book the time (barrier wait included). */
+static void phase_end(const forward_job *job, int32_t ith, int phase, struct timespec *mark) {
+    el_pool_barrier(job->e->pool);
+    phase_mark(job, ith, phase, mark);
 }
 
 /* Tokens [t0, t1): x += proj (if add), h = rms_norm(x, weight), blocks of h. */
@@ -318,7 +352,8 @@ static void norm_tokens(const forward_job *job, int32_t t0, int32_t t1, const fl
 }
 
 /* q, k, v for the heads [u0, u1) of the H + 2 KV heads, with bias and RoPE, k and v into the cache. */
-static void qkv_heads(const forward_job *job, const el_layer *l, float *key, float *value, int32_t u0, int32_t u1) {
+static void qkv_heads(const forward_job *job, const el_layer *l, act *x, const float *rope_cos, const float *rope_sin,
+                      float *key, float *value, int32_t u0, int32_t u1) {
     el_engine *e = job->e;
     const el_kernels *k = job->k;
     const int32_t H = e->m.n_heads, KV = e->m.n_kv_heads, D = e->m.head_dim, S = job->n;
@@ -335,12 +370,12 @@ static void qkv_heads(const forward_job *job, const el_layer *l, float *key, flo
         int32_t hi = u1 < parts[p].first + parts[p].count ? u1 : parts[p].first + parts[p].count;
         if (lo >= hi) continue;
         int32_t h0 = lo - parts[p].first, h1 = hi - parts[p].first;
-        rows_of(k, parts[p].y, parts[p].w, &e->xq, e->nb_hidden, 0, S, h0 * D, h1 * D);
+        rows_of(k, parts[p].y, parts[p].w, x, e->nb_hidden, 0, S, h0 * D, h1 * D);
         for (int32_t t = 0; t < S; t++) {
             float *row = parts[p].y + (size_t)t * parts[p].stride;
             if (parts[p].bias) k->add(row + h0 * D, row + h0 * D, parts[p].bias + h0 * D, (h1 - h0) * D);
             if (parts[p].rope)
-                k->rope(row + h0 * D, row + h0 * D, e->rope_cos + (size_t)t * e->half, e->rope_sin + (size_t)t * e->half,
+                k->rope(row + h0 * D, row + h0 * D, rope_cos + (size_t)t * e->half, rope_sin + (size_t)t * e->half,
                         h1 - h0, D);
         }
     }
@@ -375,13 +410,23 @@ static void combine_chunks(float *out, const float *parts, int32_t n_chunks, int
     for (int32_t i = 0; i < D; i++) out[i] = out[i] / sum;
 }
 
-/* The attention output of (token t, head h), quantized here when a head is whole activation blocks. */
-static void finish_head(const forward_job *job, int32_t t, int32_t h, const float *parts, int32_t n_chunks) {
+/* The attention output of (token t, head h) into attn [tokens][q_size], quantized into a when a head
+ * is whole activation blocks. */
+static void finish_head(const forward_job *job, float *attn, act *a, int32_t t, int32_t h, const float *parts,
+                        int32_t n_chunks) {
     el_engine *e = job->e;
     const int32_t D = e->m.head_dim;
-    float *out = e->attn + (size_t)t * e->q_size + (size_t)h * D;
+    float *out = attn + (size_t)t * e->q_size + (size_t)h * D;
     combine_chunks(out, parts, n_chunks, D);
-    if (D % EL_QBLOCK == 0) quantize_to(job->k, &e->xq, e->nb_q, t, h * (D / EL_QBLOCK), out, D);
+    if (D % EL_QBLOCK == 0) quantize_to(job->k, a, e->nb_q, t, h * (D / EL_QBLOCK), out, D);
+}
+
+static void rope_table(const el_engine *e, float *cos_t, float *sin_t, int32_t position) {
+    for (int32_t i = 0; i < e->half; i++) {
+        float angle = (float)position * e->m.inv_freq[i]; /* float32, like the reference's positions * inv_freq */
+        cos_t[i] = cosf(angle);
+        sin_t[i] = sinf(angle);
+    }
 }
 
 /* Thread ith of nth computes its share of the rows of y [n_tokens][w->rows] = x W^T. */
@@ -394,14 +439,14 @@ static void product(const forward_job *job, const el_qmatrix *w, float *y, act *
 
 /* 32-row units [u0, u1) of ffn: gate and up rows, then silu(gate) * up and its activation blocks
  * (into xq_ffn: other threads may still read xq, the MLP input, for their rows). */
-static void gate_up_units(const forward_job *job, const el_layer *l, int32_t u0, int32_t u1) {
+static void gate_up_units(const forward_job *job, const el_layer *l, act *x, int32_t u0, int32_t u1) {
     el_engine *e = job->e;
     const el_kernels *k = job->k;
     const int32_t F = e->m.ffn, S = job->n;
     int32_t r0 = u0 * EL_QBLOCK, r1 = u1 * EL_QBLOCK < F ? u1 * EL_QBLOCK : F;
     if (r0 >= r1) return;
-    rows_of(k, e->gate, &l->gate, &e->xq, e->nb_hidden, 0, S, r0, r1);
-    rows_of(k, e->up, &l->up, &e->xq, e->nb_hidden, 0, S, r0, r1);
+    rows_of(k, e->gate, &l->gate, x, e->nb_hidden, 0, S, r0, r1);
+    rows_of(k, e->up, &l->up, x, e->nb_hidden, 0, S, r0, r1);
     for (int32_t t = 0; t < S; t++) {
         float *m = e->h + (size_t)t * F + r0;
         k->silu_mul(m, e->gate + (size_t)t * F + r0, e->up + (size_t)t * F + r0, r1 - r0);
@@ -424,12 +469,7 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
 
     for (int32_t t = t0; t < t1; t++) {
         embed_row(e->x + (size_t)t * m->hidden, &m->embed, job->tokens[t]);
-        float position = (float)(job->pos + t);
-        for (int32_t i = 0; i < e->half; i++) {
-            float angle = position * m->inv_freq[i]; /* float32, like the reference's positions * inv_freq */
-            e->rope_cos[(size_t)t * e->half + i] = cosf(angle);
-            e->rope_sin[(size_t)t * e->half + i] = sinf(angle);
-        }
+        rope_table(e, e->rope_cos + (size_t)t * e->half, e->rope_sin + (size_t)t * e->half, job->pos + t);
     }
     phase_end(job, ith, PH_EMBED, &mark);
 
@@ -443,23 +483,12 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
 
         int32_t u0, u1;
         split(H + 2 * KV, ith, nth, &u0, &u1);
-        qkv_heads(job, l, keys + (size_t)job->pos * e->kv_size, values + (size_t)job->pos * e->kv_size, u0, u1);
+        qkv_heads(job, l, &e->xq, e->rope_cos, e->rope_sin, keys + (size_t)job->pos * e->kv_size,
+                  values + (size_t)job->pos * e->kv_size, u0, u1);
         phase_end(job, ith, PH_QKV, &mark);
 
         const size_t part = (size_t)e->max_chunks * (size_t)(D + 2);
-        if (S == 1) { /* (chunk, head) pairs, chunk-major: each thread reads its own stretch of the cache */
-            int32_t n_chunks = ceil_div(job->pos + 1, KEY_CHUNK), i0, i1;
-            split(n_chunks * H, ith, nth, &i0, &i1);
-            for (int32_t i = i0; i < i1; i++) {
-                int32_t c = i / H, h = i % H;
-                attend_chunk(job, keys, values, 0, h, c, e->decode_parts + h * part + (size_t)c * (D + 2), scores);
-            }
-            phase_end(job, ith, PH_ATTN, &mark);
-            int32_t h0, h1;
-            split(H, ith, nth, &h0, &h1);
-            for (int32_t h = h0; h < h1; h++) finish_head(job, 0, h, e->decode_parts + h * part, n_chunks);
-            phase_end(job, ith, PH_ATTN_COMBINE, &mark);
-        } else { /* (token, kv head) pairs, each through its chunks with the query heads that share them */
+        { /* (token, kv head) pairs, each through its chunks with the query heads that share them */
             const int32_t G = H / KV;
             float *parts = e->parts + (size_t)ith * G * part;
             for (int32_t item = ith; item < S * KV; item += nth) {
@@ -467,7 +496,7 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
                 for (int32_t c = 0; c < n_chunks; c++)
                     for (int32_t i = 0; i < G; i++)
                         attend_chunk(job, keys, values, t, g * G + i, c, parts + i * part + (size_t)c * (D + 2), scores);
-                for (int32_t i = 0; i < G; i++) finish_head(job, t, g * G + i, parts + i * part, n_chunks);
+                for (int32_t i = 0; i < G; i++) finish_head(job, e->attn, &e->xq, t, g * G + i, parts + i * part, n_chunks);
             }
             phase_end(job, ith, PH_ATTN, &mark);
         }
@@ -490,7 +519,7 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
 
         int32_t units = ceil_div(F, EL_QBLOCK);
         split(units, ith, nth, &u0, &u1);
-        gate_up_units(job, l, u0, u1);
+        gate_up_units(job, l, &e->xq, u0, u1);
         phase_end(job, ith, PH_GATE_UP, &mark);
 
         product(job, &l->down, e->proj, &e->xq_ffn, e->nb_ffn, 0, S, ith, nth);
@@ -511,6 +540,78 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
     phase_end(job, ith, PH_HEAD, &mark);
 }
 
+/* One token (a decode step). Each thread keeps its own copy of the residual stream and computes
+ * the norms, the RoPE table and the attention's combine itself (identical work, identical bits),
+ * so only products and attention partials are split and a layer needs five barriers, not eight:
+ *   qkv | attention partials | combine (each thread, all heads) + o | norm (each) + gate/up | down |
+ * The math per value is that of forward_thread: a token decoded here gives the same bits as in a
+ * chunk. In the profile the norms count in the phase that follows them (qkv_rope, gate_up_silu,
+ * head) and the combine in o_proj. */
+static void forward_decode(void *ctx, int32_t ith, int32_t nth) {
+    const forward_job *job = ctx;
+    el_engine *e = job->e;
+    const el_kernels *k = job->k;
+    const el_model *m = &e->m;
+    const int32_t H = m->n_heads, KV = m->n_kv_heads, D = m->head_dim, F = m->ffn, E = m->hidden;
+    struct timespec mark = {0, 0};
+    if (ith == 0 && e->profile) clock_gettime(CLOCK_MONOTONIC, &mark);
+    float *x = e->dx + (size_t)ith * E, *h = e->dh + (size_t)ith * (E > e->q_size ? E : e->q_size);
+    float *cos_t = e->drope + (size_t)ith * 2 * e->half, *sin_t = cos_t + e->half;
+    act *own = &e->dact[ith];
+    float *scores = e->scores + (size_t)ith * KEY_CHUNK;
+    const size_t part = (size_t)e->max_chunks * (size_t)(D + 2);
+    const int32_t n_chunks = ceil_div(job->pos + 1, KEY_CHUNK);
+
+    embed_row(x, &m->embed, job->tokens[0]);
+    rope_table(e, cos_t, sin_t, job->pos);
+    phase_mark(job, ith, PH_EMBED, &mark); /* no barrier: nothing shared yet */
+
+    for (int32_t li = 0; li < m->n_layers; li++) {
+        const el_layer *l = &m->layers[li];
+        size_t layer_offset = (size_t)li * (size_t)e->context * (size_t)e->kv_size;
+        float *keys = e->key_cache + layer_offset, *values = e->value_cache + layer_offset;
+
+        if (li > 0) k->add(x, x, e->proj, E); /* the previous layer's down_proj */
+        k->rms_norm(h, x, l->attn_norm, E, m->rms_eps);
+        quantize_to(k, own, e->nb_hidden, 0, 0, h, E);
+        int32_t u0, u1;
+        split(H + 2 * KV, ith, nth, &u0, &u1);
+        qkv_heads(job, l, own, cos_t, sin_t, keys + (size_t)job->pos * e->kv_size, values + (size_t)job->pos * e->kv_size,
+                  u0, u1);
+        phase_end(job, ith, PH_QKV, &mark);
+
+        /* (chunk, head) pairs, chunk-major: each thread streams its own stretch of the cache */
+        int32_t i0, i1;
+        split(n_chunks * H, ith, nth, &i0, &i1);
+        for (int32_t i = i0; i < i1; i++) {
+            int32_t c = i / H, hd = i % H;
+            attend_chunk(job, keys, values, 0, hd, c, e->decode_parts + hd * part + (size_t)c * (D + 2), scores);
+        }
+        phase_end(job, ith, PH_ATTN, &mark);
+
+        for (int32_t hd = 0; hd < H; hd++) finish_head(job, h, own, 0, hd, e->decode_parts + hd * part, n_chunks);
+        if (D % EL_QBLOCK) quantize_to(k, own, e->nb_q, 0, 0, h, e->q_size);
+        product(job, &l->o, e->proj, own, e->nb_q, 0, 1, ith, nth);
+        phase_end(job, ith, PH_O, &mark);
+
+        k->add(x, x, e->proj, E);
+        k->rms_norm(h, x, l->mlp_norm, E, m->rms_eps);
+        quantize_to(k, own, e->nb_hidden, 0, 0, h, E);
+        split(ceil_div(F, EL_QBLOCK), ith, nth, &u0, &u1);
+        gate_up_units(job, l, own, u0, u1);
+        phase_end(job, ith, PH_GATE_UP, &mark);
+
+        product(job, &l->down, e->proj, &e->xq_ffn, e->nb_ffn, 0, 1, ith, nth);
+        phase_end(job, ith, PH_DOWN, &mark);
+    }
+
+    k->add(x, x, e->proj, E);
+    k->rms_norm(h, x, m->final_norm, E, m->rms_eps);
+    quantize_to(k, own, e->nb_hidden, 0, 0, h, E);
+    product(job, &m->head, job->logits, own, e->nb_hidden, 0, 1, ith, nth);
+    phase_end(job, ith, PH_HEAD, &mark);
+}
+
 int el_engine_forward(el_engine *e, float *logits, int64_t n_logits, const int32_t *tokens, int32_t n_tokens,
                       int32_t position, int32_t all_logits) {
     if (!e || !logits || !tokens || n_tokens < 1 || position < 0) return EL_EINVAL;
@@ -521,6 +622,6 @@ int el_engine_forward(el_engine *e, float *logits, int64_t n_logits, const int32
     const el_kernels *k = el_kernels_current();
     if (!k) return EL_EUNSUPPORTED;
     forward_job job = {e, k, logits, tokens, n_tokens, position, all_logits != 0};
-    el_pool_run(e->pool, forward_thread, &job);
+    el_pool_run(e->pool, n_tokens == 1 ? forward_decode : forward_thread, &job);
     return EL_OK;
 }
