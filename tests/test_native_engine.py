@@ -35,6 +35,7 @@ from conftest import FIXTURES  # noqa: E402
 from edgellm.backends.native_backend import NativeBackend  # noqa: E402
 from edgellm.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from edgellm.manifest import read_manifest  # noqa: E402
+from test_golden_llamacpp import assert_agrees_with_llamacpp  # noqa: E402
 from tiny_models import make_tiny_model, save_tiny_model  # noqa: E402
 
 MAX_NMSE = 1e-4
@@ -135,12 +136,6 @@ def test_a_chunk_gives_the_same_bits_as_its_tokens_one_by_one_and_after_a_trunca
         backend.close()
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 @pytest.mark.slow
 def test_smollm2_native_logits_agree_with_llamacpp_teacher_forced(smollm2_bundle):
     data = np.load(FIXTURES / "llamacpp_logits.npz")
@@ -151,17 +146,7 @@ def test_smollm2_native_logits_agree_with_llamacpp_teacher_forced(smollm2_bundle
     finally:
         backend.close()
     assert actual.shape == expected.shape and np.isfinite(actual).all()
-    top1 = float(np.mean(actual.argmax(-1) == expected.argmax(-1)))
-    log_p, log_q = log_softmax(expected), log_softmax(actual)  # p: llama.cpp, q: native
-    kl = float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)))
-    targets = np.array(ids[1:])
-    ppl_native = float(np.exp(-np.mean(log_q[np.arange(len(targets)), targets])))
-    ppl_llama = float(np.exp(-np.mean(log_p[np.arange(len(targets)), targets])))
-    print(f"top1 {top1:.4f}  mean KL {kl:.5f}  ppl native {ppl_native:.3f} llama.cpp {ppl_llama:.3f}")
-    assert top1 >= 0.97
-    assert kl <= 0.01
-    assert abs(ppl_native / ppl_llama - 1) <= 0.02
-
+    assert_agrees_with_llamacpp(actual, expected, ids, "native")
 
 # ---- greedy generation -----------------------------------------------------------------------------
 
