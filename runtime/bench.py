@@ -66,9 +66,6 @@ BENCH_TEXT = ("The lighthouse keeper climbed the spiral stairs each evening, cou
               "taught him. From the lamp room he could see the fishing boats returning, the gulls circling the "
               "harbor, and the long shadow of the cliffs stretching across the water. He wrote the weather in a "
               "small notebook: wind from the west, a thin fog after sunset, the sea calm but restless. ")
-CPU_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni",
-                "avx512_bf16", "amx_tile", "amx_int8", "neon", "asimd", "asimdhp", "asimddp", "i8mm", "bf16",
-                "sve", "sve2")
 
 
 @dataclass(frozen=True)
@@ -402,27 +399,15 @@ def _bench_ids(tokenizer, count: int) -> list[int]:
 # -- the machine ---------------------------------------------------------------------------------------
 def machine_facts(kernel_variant: str | None = None) -> dict[str, Any]:
     """What the numbers depend on: cpu, cores, features, board, the kernel variant edgellm ran."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    cpu = fields.get("model name") or fields.get("Hardware") or fields.get("Model") or platform.processor()
-    if not cpu and "CPU part" in fields:
-        cpu = f"implementer {fields.get('CPU implementer')} part {fields['CPU part']}"
-    flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    memory_mb = None
-    try:
-        with open("/proc/meminfo") as meminfo:
-            memory_mb = int(meminfo.readline().split()[1]) // 1024  # MemTotal, KiB
-    except (OSError, ValueError, IndexError):
-        pass
-    return {"cpu": cpu or "unknown", "cores": os.cpu_count(), "arch": platform.machine(),
-            "cpu_features": [feature for feature in CPU_FEATURES if feature in flags],
-            "memory_mb": memory_mb, "board": board_name(), "kernel_variant": kernel_variant or _native_variant(),
+    from .board_detect import CPU_FEATURES, detected
+
+    found = detected()
+    features = set(found.cpu.features)
+    return {"cpu": found.cpu.model_name, "cores": os.cpu_count(), "arch": platform.machine(),
+            "cpu_features": [feature for feature in CPU_FEATURES if feature in features],
+            "memory_mb": found.memory_total // (1 << 20) if found.memory_total else None,
+            "board": found.profile.name + (f" ({found.model})" if found.model else ""),
+            "kernel_variant": kernel_variant or _native_variant(),
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
 
 
@@ -431,16 +416,6 @@ def _native_variant() -> str:
     from . import native
 
     return native.kernel_variant() if native.available() else KERNEL_VARIANT_ONNXRUNTIME
-
-
-def board_name() -> str:
-    try:
-        model = Path("/proc/device-tree/model").read_bytes().rstrip(b"\0").decode(errors="replace").strip()
-        if model:
-            return model
-    except OSError:
-        pass
-    return f"generic-{platform.machine()}"
 
 
 def _loadavg() -> list[float] | None:

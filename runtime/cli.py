@@ -73,12 +73,12 @@ def info(
         fail(error)
 
 
-SETTINGS_HELP = "Runtime settings (flags > EDGELLM_* environment > defaults)."
+SETTINGS_HELP = "Runtime settings (flags > EDGELLM_* environment > board profile > defaults)."
 
 
-def runtime_settings(threads, context, max_memory, backend, verify_weights) -> dict:
+def runtime_settings(threads, context, max_memory, backend, verify_weights, board=None) -> dict:
     return {"threads": threads, "context_length": context, "max_memory": max_memory, "backend": backend,
-            "verify_weights": verify_weights or None}
+            "verify_weights": verify_weights or None, "board": board}
 
 
 def sampling_flags(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty,
@@ -93,6 +93,8 @@ _context = typer.Option(None, "--context", help="Context length in tokens (defau
 _max_memory = typer.Option(None, "--max-memory", help="Refuse to load beyond this much memory, e.g. 512M, 2G.")
 _backend = typer.Option(None, "--backend", help="Engine: auto (native when built, else onnxruntime), native, onnxruntime.")
 _verify_weights = typer.Option(False, "--verify-weights", help="Hash weights.bin against the manifest at load.")
+_board = typer.Option(None, "--board", help="Board profile for the defaults: a name (see `edgellm doctor`), a .toml "
+                                            "file, or 'none' (default: the detected board; env EDGELLM_BOARD).")
 _temperature = typer.Option(None, help="0 = greedy. Default 0.8.")
 _top_k = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off). Default 40.")
 _top_p = typer.Option(None, "--top-p", help="Nucleus sampling (1 = off). Default 0.95.")
@@ -118,13 +120,14 @@ def run(
     presence_penalty: Optional[float] = _presence_penalty, frequency_penalty: Optional[float] = _frequency_penalty,
     seed: Optional[int] = _seed, threads: Optional[int] = _threads, context: Optional[int] = _context,
     max_memory: Optional[str] = _max_memory, backend: Optional[str] = _backend, verify_weights: bool = _verify_weights,
+    board: Optional[str] = _board,
 ) -> None:
     """Stream the answer to a prompt. Without a bundle, uses SmolLM2-135M-Instruct (exported on first use)."""
     try:
         from .run_command import run_prompt
 
         run_prompt(args, chat=chat, system=system, max_tokens=max_tokens, stop=stop, as_json=as_json,
-                   show_stats=show_stats, settings=runtime_settings(threads, context, max_memory, backend, verify_weights),
+                   show_stats=show_stats, settings=runtime_settings(threads, context, max_memory, backend, verify_weights, board),
                    sampling=sampling_flags(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                                            frequency_penalty, seed))
     except EdgeLLMError as error:
@@ -140,13 +143,14 @@ def chat(
     presence_penalty: Optional[float] = _presence_penalty, frequency_penalty: Optional[float] = _frequency_penalty,
     seed: Optional[int] = _seed, threads: Optional[int] = _threads, context: Optional[int] = _context,
     max_memory: Optional[str] = _max_memory, backend: Optional[str] = _backend, verify_weights: bool = _verify_weights,
+    board: Optional[str] = _board,
 ) -> None:
     """Interactive multi-turn chat in the terminal (/reset, /exit)."""
     try:
         from .run_command import chat_loop
 
         chat_loop(bundle, system=system, max_tokens=max_tokens, stop=stop, show_stats=show_stats,
-                  settings=runtime_settings(threads, context, max_memory, backend, verify_weights),
+                  settings=runtime_settings(threads, context, max_memory, backend, verify_weights, board),
                   sampling=sampling_flags(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                                           frequency_penalty, seed))
     except EdgeLLMError as error:
@@ -202,6 +206,7 @@ def serve(
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id clients send (default: the bundle folder's name)."),
     threads: Optional[int] = _threads, context: Optional[int] = _context, max_memory: Optional[str] = _max_memory,
     backend: Optional[str] = _backend, verify_weights: bool = _verify_weights,
+    board: Optional[str] = _board,
 ) -> None:
     """Serve a bundle over an OpenAI-compatible HTTP API (needs the `serve` extra)."""
     try:
@@ -212,13 +217,29 @@ def serve(
         config = ServerConfig(host=host, port=port, max_queue=max_queue, timeout=timeout, grace=grace,
                               max_body_bytes=parse_bytes(max_body, "max_body"), api_key=resolve_api_key(api_key_file),
                               model_name=model_name)
-        settings = RuntimeSettings.resolve(**runtime_settings(threads, context, max_memory, backend, verify_weights))
+        settings = RuntimeSettings.resolve(**runtime_settings(threads, context, max_memory, backend, verify_weights, board))
         from .server.serve import run_server
 
         code = run_server(Path(bundle) if bundle else ensure_default_bundle(), config, settings)
     except EdgeLLMError as error:
         fail(error)
     raise typer.Exit(code)
+
+
+@app.command()
+def doctor(
+    bundle: Optional[str] = typer.Argument(None, help="Bundle to size against memory (default: the default model, if exported)."),
+    board: Optional[str] = _board,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Show the detected board, CPU features, kernel variant, ONNX Runtime providers (and QNN), memory
+    and the context that fits, and the service's status."""
+    try:
+        from .doctor import run_doctor
+
+        run_doctor(board, bundle, as_json)
+    except EdgeLLMError as error:
+        fail(error)
 
 
 service_app = typer.Typer(no_args_is_help=True, help="Run edgellm as a systemd service on this board.")

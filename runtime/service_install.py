@@ -25,8 +25,6 @@ from .settings import BACKENDS, RuntimeSettings, parse_bytes
 
 UNIT_NAME = "edgellm.service"
 UNIT_PATH = Path("/etc/systemd/system") / UNIT_NAME
-TEMPLATE = Path(__file__).resolve().parent.parent / "boards" / "systemd" / "edgellm.service.in"
-PROFILES = Path(__file__).resolve().parent.parent / "boards" / "profiles"
 CREDENTIAL = "edgellm-api-key"  # the API key reaches the dynamic user as a systemd credential
 # What the server adds to the runtime's own estimate (FastAPI, pydantic, uvicorn), and headroom on
 # top: MemoryMax= is a hard limit, so the kernel kills the service rather than the board swapping.
@@ -57,6 +55,7 @@ class ServiceOptions:
     device_allow: tuple[str, ...] = ()  # e.g. ("/dev/fastrpc-cdsp rw",) for an NPU; turns PrivateDevices off
     supplementary_groups: tuple[str, ...] = ()  # e.g. ("render",): the groups that own those device nodes
     ip_address_allow: tuple[str, ...] = ()  # who may connect when host is not loopback; () = anyone
+    board: str | None = None  # a board profile's name, passed on to `edgellm serve --board`
 
     def __post_init__(self) -> None:
         if self.memory_max is not None and not isinstance(self.memory_max, int):
@@ -87,47 +86,53 @@ class ServiceOptions:
 
 
 def load_board(board: str | Path | Mapping[str, Any] | None) -> dict[str, Any]:
-    """A board's service overrides: a mapping, a TOML file, or the name of boards/profiles/NAME.toml.
+    """A board's service settings: from a mapping, a board profile (by name or .toml path: its
+    runtime defaults that a unit carries, then its [service] table), or a TOML file that holds only
+    service settings (a [service] table, or the settings at top level)."""
+    from .board_profile import load_profile, profile_from_mapping
 
-    A file with a [service] table contributes that table only (so a full board profile can hold
-    other facts); a file without one is all service settings."""
     if board is None:
         return {}
     if isinstance(board, Mapping):
         return dict(board.get("service", board))
     path = Path(board)
     if not path.is_file():
-        path = PROFILES / f"{board}.toml"
-    if not path.is_file():
-        names = sorted(p.stem for p in PROFILES.glob("*.toml")) if PROFILES.is_dir() else []
-        raise InvalidSettingError(f"no board profile {board!r}",
-                                  f"known boards: {', '.join(names)}" if names else
-                                  "pass a TOML file with a [service] table (see boards/README.md)")
+        profile = load_profile(str(board))
+        return {**profile.service_defaults(), "board": profile.name}  # the service's runtime uses it too
     try:
         import tomllib
     except ImportError:  # Python 3.10
         import tomli as tomllib
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as error:
-        raise InvalidSettingError(f"cannot read board profile {path}: {error}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise InvalidSettingError(f"cannot read board profile {path}: {error}",
+                                  "see boards/README.md for the profile fields") from None
+    if "name" in data or "cpu" in data:  # a whole board profile
+        return profile_from_mapping(data, str(path)).service_defaults()
     return dict(data.get("service", data))
 
 
 def memory_max_for(bundle: Path, manifest: dict, options: ServiceOptions) -> int:
     """Bytes for MemoryMax=: the board's figure, else the runtime's estimate for these settings,
     plus the server, plus headroom, rounded up to a MiB."""
-    if options.memory_max is not None:
-        return options.memory_max
-    settings = RuntimeSettings.resolve(environ={}, threads=options.threads, context_length=options.context,
-                                       backend=options.backend)
+    # The board's defaults are already in `options`; the installing machine's board must not mix in.
+    settings = RuntimeSettings.resolve(environ={}, board="none", threads=options.threads,
+                                       context_length=options.context, backend=options.backend)
     config = model_config(manifest)
     context = settings.context_for(config.max_position_embeddings)
     # A backend picked at load time ("auto") is sized for the hungriest one it could pick.
     backends = [settings.backend] if settings.backend in BACKENDS else list(BACKENDS)
     needed = max(estimate(bundle, config, backend, context, settings.prefill_chunk).total for backend in backends)
     needed += SERVER_OVERHEAD
-    return math.ceil(needed * MEMORY_HEADROOM / MIB) * MIB
+    if options.memory_max is None:
+        return math.ceil(needed * MEMORY_HEADROOM / MIB) * MIB
+    if needed > options.memory_max:  # a cap the service would be killed at while loading
+        raise InvalidSettingError(
+            f"the service needs about {needed / MIB:.0f} MiB with a context of {context} tokens, more than "
+            f"memory_max ({options.memory_max / MIB:.0f} MiB)",
+            "pass a smaller --context, or raise memory_max (--memory-max or the board's [service] table)")
+    return options.memory_max
 
 
 def systemd_quote(word: str) -> str:
@@ -194,7 +199,8 @@ def exec_start(bundle: Path, options: ServiceOptions, python: str | None = None)
     argv = [python or sys.executable, "-m", "edgellm", "serve", str(bundle), "--host", options.host,
             "--port", str(options.port), "--max-queue", str(options.max_queue), "--timeout", f"{options.timeout:g}",
             "--grace", f"{options.grace:g}"]
-    for flag, value in (("--threads", options.threads), ("--context", options.context), ("--backend", options.backend)):
+    for flag, value in (("--threads", options.threads), ("--context", options.context), ("--backend", options.backend),
+                        ("--board", options.board)):
         if value is not None:
             argv += [flag, str(value)]
     words = [systemd_quote(a) for a in argv]
@@ -215,7 +221,7 @@ def _loopback(host: str) -> bool:
 
 
 def render_unit(bundle: str | Path, *, board: str | Path | Mapping[str, Any] | None = None,
-                python: str | None = None, template: Path = TEMPLATE, **overrides: Any) -> str:
+                python: str | None = None, template: Path | None = None, **overrides: Any) -> str:
     """The unit file's text for `bundle`. `overrides` (ServiceOptions fields) beat the board's."""
     bundle = Path(bundle).resolve()
     manifest = read_manifest(bundle)
@@ -245,6 +251,8 @@ def render_unit(bundle: str | Path, *, board: str | Path | Mapping[str, Any] | N
         "IP_ADDRESS_DENY": "any" if loopback or options.ip_address_allow else "",
         "IP_ADDRESS_ALLOW": "localhost" if loopback else " ".join(options.ip_address_allow),
     }
+    if template is None:
+        from .boards import UNIT_TEMPLATE as template  # package data: found in a wheel as in the source tree
     return fill_template(template.read_text(encoding="utf-8"), values)
 
 

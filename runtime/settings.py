@@ -1,6 +1,8 @@
-"""Runtime policy, layered: explicit arguments (CLI flags) > environment > bundle manifest > defaults.
+"""Runtime policy, layered: explicit arguments (CLI flags) > environment > the board's profile > defaults.
 
-Facts about the model come from the manifest; this holds only choices about how to run it.
+Facts about the model come from the manifest; this holds only choices about how to run it. The
+board profile (boards/profiles/*.toml) is the detected one unless `board=` / EDGELLM_BOARD names
+one (or "none").
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ DEFAULT_CONTEXT = 2048
 DEFAULT_PREFILL_CHUNK = 128
 
 ENVIRONMENT = {  # variable -> field
+    "EDGELLM_BOARD": "board",
     "EDGELLM_BACKEND": "backend",
     "EDGELLM_THREADS": "threads",
     "EDGELLM_CONTEXT": "context_length",
@@ -55,6 +58,11 @@ class RuntimeSettings:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)  # ONNX Runtime execution providers, in order
     provider_options: tuple[Mapping[str, Any], ...] = field(default=())
     verify_weights: bool = False  # hash weights.bin against the manifest at load (slow on big models)
+    optional_providers: bool = False  # providers missing from this ONNX Runtime are skipped (a board's wish list)
+    default_context: int = DEFAULT_CONTEXT  # the context when context_length is 0, capped by the model's
+    cpu_affinity: str | None = None  # e.g. "4-7": the runtime's threads stay on these CPUs (big cores)
+    kernel_ceiling: str | None = None  # the best native kernel variant allowed (a board's cap)
+    board: str | None = None  # the board profile these defaults came from
 
     def __post_init__(self) -> None:
         if self.backend == AUTO_BACKEND:
@@ -69,23 +77,39 @@ class RuntimeSettings:
             raise InvalidSettingError(f"prefill_chunk must be >= 1, got {self.prefill_chunk!r}")
         if self.max_memory is not None and self.max_memory <= 0:
             raise InvalidSettingError(f"max_memory must be positive, got {self.max_memory!r}")
+        if self.cpu_affinity == "":  # explicitly no pinning (over a board's default)
+            object.__setattr__(self, "cpu_affinity", None)
+        if self.cpu_affinity is not None:
+            from .board_profile import parse_cpu_list
+
+            parse_cpu_list(self.cpu_affinity, "cpu_affinity")
 
     @property
     def thread_count(self) -> int:
-        return self.threads or os.cpu_count() or 1
+        """The threads asked for; else one per CPU of the affinity; else one per core."""
+        if self.threads:
+            return self.threads
+        if self.cpu_affinity:
+            from .board_profile import parse_cpu_list
+
+            return len(parse_cpu_list(self.cpu_affinity))
+        return os.cpu_count() or 1
 
     def context_for(self, trained_context: int) -> int:
-        return self.context_length or min(trained_context, DEFAULT_CONTEXT)
+        return self.context_length or min(trained_context, self.default_context)
 
     @classmethod
     def resolve(cls, environ: Mapping[str, str] | None = None, **explicit: Any) -> "RuntimeSettings":
-        """Defaults, overridden by EDGELLM_* environment variables, overridden by `explicit` (not None)."""
+        """Defaults, overridden by the board profile (`board`: "auto" = detected, a name, a .toml
+        path, or "none"), overridden by EDGELLM_* environment variables, overridden by `explicit`
+        (not None)."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for variable, name in ENVIRONMENT.items():
             if variable in environ:
                 values[name] = environ[variable]
         values.update({k: v for k, v in explicit.items() if v is not None})
+        values = {**board_defaults(values.pop("board", "auto")), **values}
         for name in ("threads", "context_length", "prefill_chunk"):
             if name in values and isinstance(values[name], str):
                 try:
@@ -98,3 +122,23 @@ class RuntimeSettings:
         if unknown:
             raise InvalidSettingError(f"unknown runtime settings: {', '.join(sorted(unknown))}")
         return cls(**values)
+
+
+def board_defaults(board: str | None) -> dict[str, Any]:
+    """The RuntimeSettings fields a board profile sets: "auto" detects the board, "none" sets nothing."""
+    from .board_profile import load_profile
+
+    if board in (None, "", "none"):
+        return {}
+    if board == "auto":
+        from .board_detect import detected
+
+        profile = detected().profile
+    else:
+        profile = load_profile(board)
+    values = profile.runtime_defaults()
+    values["default_context"] = values.pop("context_length") or DEFAULT_CONTEXT
+    values["optional_providers"] = True
+    if values["backend"] == "native":  # the board's preference; ONNX Runtime where the engine is not built
+        values["backend"] = AUTO_BACKEND
+    return values

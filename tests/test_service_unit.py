@@ -115,16 +115,16 @@ def test_memory_max_is_the_estimate_plus_the_server_and_headroom_unless_the_boar
     assert npu["PrivateDevices"] == ["no"] and npu["PrivateUsers"] == ["no"] and npu["SupplementaryGroups"] == ["render"]
 
 
-def test_a_board_profile_toml_gives_overrides_and_flags_beat_it(bundle, tmp_path):
-    profile = tmp_path / "rk3588.toml"
-    profile.write_text('[cpu]\ncores = 8\n\n[service]\ncpu_affinity = "4-7"\nthreads = 4\nport = 8081\n')
+def test_a_service_settings_toml_gives_overrides_and_flags_beat_it(bundle, tmp_path):
+    profile = tmp_path / "my-board.toml"
+    profile.write_text('[service]\ncpu_affinity = "4-7"\nthreads = 4\nport = 8081\n')
     assert load_board(profile) == {"cpu_affinity": "4-7", "threads": 4, "port": 8081}
     found = directives(render_unit(bundle, board=profile, port=9090))
     assert found["CPUAffinity"] == ["4-7"]
     assert "--threads 4" in found["ExecStart"][0] and "--port 9090" in found["ExecStart"][0]
     with pytest.raises(InvalidSettingError, match="known: host"):
         render_unit(bundle, board={"service": {"big_cores": 4}})
-    with pytest.raises(InvalidSettingError, match="no board profile"):
+    with pytest.raises(InvalidSettingError, match="unknown board 'no-such-board'"):
         load_board("no-such-board")
     with pytest.raises(InvalidSettingError, match="cpu_affinity"):
         ServiceOptions(cpu_affinity="big cores")

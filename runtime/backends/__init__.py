@@ -10,7 +10,13 @@ from .base import Backend
 
 
 def create_backend(bundle: Path, manifest: dict, settings: RuntimeSettings, context_length: int) -> Backend:
+    from ..placement import cap_kernel_variant, pin_process
+
+    if settings.cpu_affinity:  # before any backend starts its threads: they inherit it
+        pin_process(settings.cpu_affinity)
     if settings.backend == "native":
+        if settings.kernel_ceiling:
+            cap_kernel_variant(settings.kernel_ceiling)
         from .native_backend import NativeBackend
 
         return NativeBackend(bundle, manifest, settings, context_length)

@@ -38,16 +38,10 @@ class OnnxRuntimeBackend(Backend):
         options.intra_op_num_threads = settings.thread_count
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        available = ort.get_available_providers()
-        missing = [p for p in settings.providers if p not in available]
-        if missing:
-            raise InvalidSettingError(f"ONNX Runtime execution provider(s) {', '.join(missing)} not available",
-                                      f"available here: {', '.join(available)}")
-        provider_options = list(settings.provider_options) or [{} for _ in settings.providers]
+        providers, provider_options = self._providers(settings, ort.get_available_providers())
         try:
             self.session = ort.InferenceSession(str(Path(bundle) / ONNX_CPU_FILE), options,
-                                                providers=list(settings.providers),
-                                                provider_options=provider_options)
+                                                providers=providers, provider_options=provider_options)
         except Exception as exc:  # ORT raises its own types for a bad or mismatched graph
             raise BundleError(f"{Path(bundle) / ONNX_CPU_FILE}: ONNX Runtime cannot load it ({exc})",
                               "the bundle is damaged or from an incompatible exporter; export it again") from None
@@ -59,6 +53,19 @@ class OnnxRuntimeBackend(Backend):
         self.row_bytes = c.num_key_value_heads * c.head_dim * 4  # one position of one layer's K or V
         self.binding = self.session.io_binding()
 
+
+    @staticmethod
+    def _providers(settings: RuntimeSettings, available: list[str]) -> tuple[list[str], list[dict]]:
+        """The providers to ask for, with their options. Ones this ONNX Runtime lacks are an error when
+        the user named them, and skipped when they are a board profile's wish list (CUDA on a Jetson
+        whose onnxruntime is the CPU build)."""
+        options = list(settings.provider_options) or [{} for _ in settings.providers]
+        chosen = [(p, o) for p, o in zip(settings.providers, options) if p in available]
+        missing = [p for p in settings.providers if p not in available]
+        if missing and not (settings.optional_providers and chosen):
+            raise InvalidSettingError(f"ONNX Runtime execution provider(s) {', '.join(missing)} not available",
+                                      f"available here: {', '.join(available)}")
+        return [p for p, _ in chosen], [o for _, o in chosen]
     def _forward_chunk(self, token_ids: Sequence[int], all_logits: bool) -> np.ndarray:
         s, p = len(token_ids), self.position
         c = self.config
