@@ -163,7 +163,7 @@ def bench(
     runs: int = typer.Option(5, "--runs", help="Interleaved runs per engine; medians are reported."),
     prompt_lengths: List[int] = typer.Option([128, 512], "--prompt-length", help="Prefill lengths (repeatable)."),
     decode_tokens: int = typer.Option(128, "--decode-tokens", help="Tokens decoded per run."),
-    threads: Optional[int] = _threads,
+    threads: Optional[int] = _threads, backend: str = typer.Option("auto", "--backend", help="edgellm's engine: auto, native, onnxruntime."),
     compare: List[str] = typer.Option([], "--compare", help="Peer engine: llama.cpp, onnxruntime-genai (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (schema edgellm-bench/1)."),
 ) -> None:
@@ -181,7 +181,7 @@ def bench(
                       transient=True, disable=not console.is_terminal) as bar:
             task = bar.add_task("bench", total=1.0)
             report = run_bench(path, runs=runs, prompt_lengths=tuple(prompt_lengths), decode_tokens=decode_tokens,
-                               threads=threads, compare=compare,
+                               threads=threads, compare=compare, backend=backend,
                                progress=lambda stage, done: bar.update(task, description=stage, completed=done))
         if as_json:
             typer.echo(json.dumps(report, indent=2))
