@@ -211,16 +211,19 @@ class DecoderGraphBuilder:
                                                  np.array([0, 0, heads, self.c.head_dim], np.int64))],
                        f"{path}/Reshape")  # [B, S, heads, D]
 
+    def make_qkv(self, i: int, x: str, cos: str, sin: str) -> tuple[str, str, str]:
+        """q [B,S,H,D] and k [B,S,KV,D] rotated, v [B,S,KV,D]: layer i's projections split into heads."""
+        c = self.c
+        prefix, path = f"model.layers.{i}.self_attn", f"/model/layers.{i}/self_attn"
+        q, k, v = (self.make_linear(x, f"{prefix}.{n}_proj", f"{path}/{n}_proj", c.attention_bias) for n in "qkv")
+        q = self.make_rope(self.split_heads(q, c.num_attention_heads, f"{path}/q"), cos, sin, f"{path}/q_rope")
+        k = self.make_rope(self.split_heads(k, c.num_key_value_heads, f"{path}/k"), cos, sin, f"{path}/k_rope")
+        return q, k, self.split_heads(v, c.num_key_value_heads, f"{path}/v")
+
     def make_attention(self, i: int, x: str, cos: str, sin: str, mask: str) -> str:
         c = self.c
         prefix, path = f"model.layers.{i}.self_attn", f"/model/layers.{i}/self_attn"
-        bias = c.attention_bias
-        q = self.make_linear(x, f"{prefix}.q_proj", f"{path}/q_proj", bias)
-        k = self.make_linear(x, f"{prefix}.k_proj", f"{path}/k_proj", bias)
-        v = self.make_linear(x, f"{prefix}.v_proj", f"{path}/v_proj", bias)
-        q = self.make_rope(self.split_heads(q, c.num_attention_heads, f"{path}/q"), cos, sin, f"{path}/q_rope")
-        k = self.make_rope(self.split_heads(k, c.num_key_value_heads, f"{path}/k"), cos, sin, f"{path}/k_rope")
-        v = self.split_heads(v, c.num_key_value_heads, f"{path}/v")  # [B,S,KV,D]
+        q, k, v = self.make_qkv(i, x, cos, sin)
         self.nodes.append(helper.make_node("Identity", [k], [f"new_key_values.{i}.key"], name=f"{path}/new_key"))
         self.nodes.append(helper.make_node("Identity", [v], [f"new_key_values.{i}.value"], name=f"{path}/new_value"))
         all_k = self.op("Concat", [f"past_key_values.{i}.key", k], f"{path}/all_keys", axis=1)  # [B,T,KV,D]

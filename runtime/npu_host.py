@@ -1,0 +1,157 @@
+"""The host side of the static-shape NPU graphs: embedding lookup, the fixed-size KV cache, masks.
+
+The NPU graphs (export/npu_graph.py) take fixed shapes: a prefill chunk of S tokens or a single
+decode token, over a cache window of C slots. This module feeds them, whichever execution
+provider runs them (QNN on the NPU, or ONNX Runtime's CPU provider when the exporter verifies):
+
+  - the embedding rows of the tokens, dequantized from weights.bin's table on the host;
+  - positions P..P+n-1 and an additive mask: cache slots < P and the chunk's causal triangle are
+    visible, every other slot (unwritten or stale cache, padding) gets MASK_VALUE;
+  - the cache [1, KV, C, D] per layer and K/V, bound once; after a run the valid rows of the new
+    slices [1, KV, S, D] are written into it in place at P.
+A short last prefill chunk is padded to S: pad rows repeat the last position, their keys are
+never written to the cache and no valid row can see them (they lie in its causal future).
+Every buffer is bound to its graph once (IO binding); a step rewrites their contents, nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import BundleError, ContextOverflowError
+from .model_config import ModelConfig
+
+MASK_VALUE = np.float32(-100.0)  # the value export/npu_graph.py was calibrated with (manifest: mask_value)
+FORMAT_ZERO_POINTS = {"int8_sym": 128, "int4_sym": 8}  # implied zero point of the symmetric block formats
+
+
+class HostEmbedding:
+    """Rows of the bundle's block-quantized embedding table (weights.bin), dequantized on demand."""
+
+    def __init__(self, weights, matrix: dict):
+        self.format, self.bits, self.cols = matrix["format"], matrix["bits"], matrix["cols"]
+        self.codes = weights.array(matrix["qweight"])  # uint8 [V, n_blocks, block*bits/8]
+        self.scales = weights.array(matrix["scales"])  # float32 [V, n_blocks]
+        self.mins = weights.array(matrix["mins"]) if matrix.get("mins") else None
+        if self.mins is None and self.format not in FORMAT_ZERO_POINTS:
+            raise BundleError(f"embedding table format {self.format!r} is not one the NPU backend reads",
+                              "export the bundle again")
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """float32 [n, E] for token ids [n]."""
+        packed = np.asarray(self.codes[ids])  # [n, nb, blob]
+        if self.bits == 4:  # code 2k in the low nibble, 2k+1 in the high one
+            packed = np.stack([packed & np.uint8(15), packed >> np.uint8(4)], axis=-1).reshape(*packed.shape[:2], -1)
+        codes = packed.astype(np.float32)  # [n, nb, block]
+        scales = np.asarray(self.scales[ids])[..., None]
+        if self.mins is not None:
+            values = codes * scales + np.asarray(self.mins[ids])[..., None]
+        else:
+            values = (codes - np.float32(FORMAT_ZERO_POINTS[self.format])) * scales
+        return values.reshape(len(ids), -1)[:, : self.cols]
+
+
+class StaticGraph:
+    """One static graph (prefill or decode) with every input and output bound to a host buffer."""
+
+    def __init__(self, session, config: ModelConfig, seq: int, context: int, cache: dict[str, np.ndarray]):
+        c = config
+        self.session, self.seq = session, seq
+        self.valid = 0  # rows of the current chunk that are real tokens (the rest is padding)
+        self.embeds = np.zeros((1, seq, c.hidden_size), np.float32)
+        self.positions = np.zeros((1, seq), np.int32)
+        self.mask = np.full((1, seq, context + seq), MASK_VALUE, np.float32)
+        self.logits = np.zeros((1, seq, c.vocab_size), np.float32)
+        self.new_kv = {name: np.zeros((1, c.num_key_value_heads, seq, c.head_dim), np.float32) for name in cache}
+        self.inputs: dict[str, np.ndarray] = {"inputs_embeds": self.embeds, "position_ids": self.positions,
+                                              "attention_mask": self.mask,
+                                              **{f"past_key_values.{n}": buf for n, buf in cache.items()}}
+        self.outputs: dict[str, np.ndarray] = {"logits": self.logits,
+                                               **{f"new_key_values.{n}": buf for n, buf in self.new_kv.items()}}
+        self.binding = session.io_binding()
+        for name, array in self.inputs.items():
+            self.binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        for name, array in self.outputs.items():
+            self.binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+
+    def run(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Copies of the current inputs (calibration data for the quantizer)."""
+        return {name: array.copy() for name, array in self.inputs.items()}
+
+
+def check_graph_io(session, config: ModelConfig, seq: int, context: int, what: str) -> None:
+    """The session's inputs and outputs are the static ones this host feeds; else BundleError."""
+    expected = {"inputs_embeds": [1, seq, config.hidden_size], "position_ids": [1, seq],
+                "attention_mask": [1, seq, context + seq], "logits": [1, seq, config.vocab_size]}
+    for i in range(config.num_hidden_layers):
+        for kind in ("key", "value"):
+            expected[f"past_key_values.{i}.{kind}"] = [1, config.num_key_value_heads, context, config.head_dim]
+            expected[f"new_key_values.{i}.{kind}"] = [1, config.num_key_value_heads, seq, config.head_dim]
+    found = {arg.name: list(arg.shape) for arg in [*session.get_inputs(), *session.get_outputs()]}
+    if found != expected:
+        wrong = sorted(name for name in set(found) | set(expected) if found.get(name) != expected.get(name))
+        raise BundleError(f"{what}: its inputs/outputs are not the static ones the NPU host feeds "
+                          f"(first mismatch: {wrong[0]}: {found.get(wrong[0])} vs {expected.get(wrong[0])})",
+                          "the NPU graphs are damaged or from another model; export the bundle again")
+
+
+class NpuDecoder:
+    """The fixed-size KV cache on the host and the two static graphs that read it."""
+
+    def __init__(self, config: ModelConfig, context: int, sessions: dict[int, Any],
+                 embed: Callable[[np.ndarray], np.ndarray]):
+        """`sessions`: chunk length -> ONNX Runtime session (the prefill chunk and 1 for decode)."""
+        c = config
+        self.config, self.context, self.embed = config, context, embed
+        self.chunk = max(sessions)
+        self.position = 0
+        self.cache = {f"{i}.{kind}": np.zeros((1, c.num_key_value_heads, context, c.head_dim), np.float32)
+                      for i in range(c.num_hidden_layers) for kind in ("key", "value")}  # [1, KV, C, D]
+        self.graphs = {seq: StaticGraph(session, config, seq, context, self.cache) for seq, session in sessions.items()}
+
+    def prepare(self, token_ids: Sequence[int]) -> StaticGraph:
+        """Fill the inputs of the graph that takes these n <= chunk tokens at `position`."""
+        n, p = len(token_ids), self.position
+        if not 1 <= n <= self.chunk:
+            raise ValueError(f"a chunk holds 1..{self.chunk} tokens, got {n}")
+        if p + n > self.context:
+            raise ContextOverflowError(f"{p + n} tokens do not fit in the NPU graphs' fixed context of "
+                                       f"{self.context}", "shorten the prompt, or export with a larger --npu-context")
+        graph = self.graphs[1] if n == 1 and 1 in self.graphs else self.graphs[self.chunk]
+        s, c = graph.seq, self.context
+        graph.valid = n
+        graph.embeds[0, :n] = self.embed(np.asarray(token_ids, np.int64))
+        graph.embeds[0, n:] = 0
+        graph.positions[0] = np.minimum(np.arange(p, p + s), p + n - 1)  # pad rows repeat the last position
+        graph.mask.fill(MASK_VALUE)
+        graph.mask[0, :, :p] = 0  # the cache so far
+        graph.mask[0, :, c:][np.tril(np.ones((s, s), bool))] = 0  # the chunk itself, causally
+        return graph
+
+    def commit(self, graph: StaticGraph) -> np.ndarray:
+        """After `graph` ran: its valid new keys and values into the cache at `position`; their logits [n, V]."""
+        n, p = graph.valid, self.position
+        for name, buffer in self.cache.items():
+            buffer[:, :, p:p + n] = graph.new_kv[name][:, :, :n]
+        self.position = p + n
+        return graph.logits[0, :n].copy()
+
+    def forward_chunk(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits [n, V] of n <= chunk tokens at `position`; their keys and values join the cache."""
+        graph = self.prepare(token_ids)
+        graph.run()
+        return self.commit(graph)
+
+    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits [len, V]: the tokens in chunks (the last one padded), decode graph for single tokens."""
+        rows = [self.forward_chunk(token_ids[i:i + self.chunk]) for i in range(0, len(token_ids), self.chunk)]
+        return np.concatenate(rows)
+
+    def truncate(self, position: int) -> None:
+        """Forget positions >= `position`: the mask hides them, so the buffers need no clearing."""
+        self.position = position
