@@ -22,10 +22,12 @@ from edgellm.errors import EdgeLLMError
 
 from .bundle_writer import attach_initializers, matrix_index, write_json, write_weights
 from .canonical import CanonicalModel, as_float
+from .npu_export import NPU_FILES, NpuOptions
 from .quantize import QuantOptions, quantize_tensors
 from .reference import ReferenceModel
 
 Progress = Callable[[str, float], None]  # (stage description, fraction done 0..1)
+PROFILES = ("cpu", "npu")  # npu: the CPU bundle plus the NPU graphs
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,12 @@ class ExportOptions:
     quant: QuantOptions = field(default_factory=QuantOptions)
     verify: bool = True
     force: bool = False
+    profile: str = "cpu"  # "npu": also the static-shape QDQ graphs for an NPU (export/npu_export.py)
+    npu: NpuOptions = field(default_factory=NpuOptions)
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise EdgeLLMError(f"--profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
 
 
 def load_source(source: str | Path) -> CanonicalModel:
@@ -115,9 +123,15 @@ def export_model(source: str | Path, output: Path, options: ExportOptions = Expo
                     f"(max {verification['thresholds']['max_nmse']}), top-1 {verification['mean_top1']:.3f} "
                     f"(min {verification['thresholds']['min_top1']})",
                     "the bundle was not written; report this with the source file, or pass --no-verify to inspect it")
+        npu = None
+        if options.profile == "npu":
+            from .npu_export import export_npu
+
+            npu = export_npu(model, staging, index, matrix_index(tensors), options.npu, make_encoder(model),
+                             options.verify, progress)
         progress("writing manifest", 0.95)
         manifest = build_manifest(model, tensors, index, quant_report.to_dict(), options, verification,
-                                  staging, time.perf_counter() - started)
+                                  staging, time.perf_counter() - started, npu)
         write_json(staging / MANIFEST_FILE, manifest)
         publish(staging, output)
     finally:
@@ -138,18 +152,23 @@ def publish(staging: Path, output: Path) -> None:
 
 
 def build_manifest(model: CanonicalModel, tensors: dict, index: dict, quant_report: dict,
-                   options: ExportOptions, verification: dict, folder: Path, seconds: float) -> dict:
+                   options: ExportOptions, verification: dict, folder: Path, seconds: float,
+                   npu: dict | None = None) -> dict:
     tok = model.tokenizer
+    files = (WEIGHTS_FILE, ONNX_CPU_FILE, TOKENIZER_FILE) + (tuple(NPU_FILES.values()) if npu else ())
+    graphs = {"cpu": {"file": ONNX_CPU_FILE, "inputs": ["input_ids", "position_ids", "past_key_values.{i}.key",
+                                                        "past_key_values.{i}.value"],
+                      "outputs": ["logits", "new_key_values.{i}.key", "new_key_values.{i}.value"],
+                      "kv_layout": "[batch, sequence, kv_heads, head_dim] float32"}}
+    if npu:
+        graphs["npu"] = npu
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "model": {"name": model.source.get("name"), **model.config.to_dict()},
         "files": {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
-                  for name in (WEIGHTS_FILE, ONNX_CPU_FILE, TOKENIZER_FILE)},
-        "graphs": {"cpu": {"file": ONNX_CPU_FILE, "inputs": ["input_ids", "position_ids", "past_key_values.{i}.key",
-                                                             "past_key_values.{i}.value"],
-                           "outputs": ["logits", "new_key_values.{i}.key", "new_key_values.{i}.value"],
-                           "kv_layout": "[batch, sequence, kv_heads, head_dim] float32"}},
+                  for name in files},
+        "graphs": graphs,
         "tensors": index,
         "matrices": matrix_index(tensors),
         "quantization": {"options": options.quant.to_dict(), **quant_report},

@@ -38,6 +38,12 @@ def export(
                                         help="Tensor names (or fnmatch patterns) kept at 8 bits; repeatable."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check ONNX Runtime against the reference."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
+    profile: str = typer.Option("cpu", "--profile", help="cpu, or npu: also static-shape QDQ graphs for the Hexagon "
+                                                         "NPU (QNN), in the same bundle."),
+    npu_chunk: int = typer.Option(64, "--npu-chunk", help="npu profile: tokens per prefill graph call."),
+    npu_context: int = typer.Option(512, "--npu-context", help="npu profile: the fixed context window (KV slots)."),
+    npu_quant: str = typer.Option("a16w8", "--npu-quant", help="npu profile: a16w8 (16-bit activations, 8-bit "
+                                                               "weights) or a16w4."),
 ) -> None:
     """Lower a model to a verified, quantized-ONNX bundle."""
     try:
@@ -49,7 +55,8 @@ def export(
             output = default_bundle_dir()
             output.parent.mkdir(parents=True, exist_ok=True)
         run_export(source, output, bits=bits, block=block, symmetric=symmetric, keep_8bit=tuple(keep_8bit),
-                   verify=verify, force=force)
+                   verify=verify, force=force, profile=profile, npu_chunk=npu_chunk, npu_context=npu_context,
+                   npu_quant=npu_quant)
     except EdgeLLMError as error:
         fail(error)
 
@@ -91,7 +98,8 @@ def sampling_flags(temperature, top_k, top_p, min_p, repeat_penalty, presence_pe
 _threads = typer.Option(None, "--threads", help="CPU threads (default: one per core).")
 _context = typer.Option(None, "--context", help="Context length in tokens (default: min(trained, 2048)).")
 _max_memory = typer.Option(None, "--max-memory", help="Refuse to load beyond this much memory, e.g. 512M, 2G.")
-_backend = typer.Option(None, "--backend", help="Engine: auto (native when built, else onnxruntime), native, onnxruntime.")
+_backend = typer.Option(None, "--backend", help="Engine: auto (native when built, else onnxruntime), native, onnxruntime, "
+                                                "or npu (the bundle's NPU graphs on QNN; needs onnxruntime-qnn).")
 _verify_weights = typer.Option(False, "--verify-weights", help="Hash weights.bin against the manifest at load.")
 _board = typer.Option(None, "--board", help="Board profile for the defaults: a name (see `edgellm doctor`), a .toml "
                                             "file, or 'none' (default: the detected board; env EDGELLM_BOARD).")

@@ -19,17 +19,21 @@ def require_export_extras() -> None:
 
 
 def run_export(source: str, output: Path, *, bits: int, block: int, symmetric: bool, keep_8bit: tuple[str, ...],
-               verify: bool, force: bool) -> None:
+               verify: bool, force: bool, profile: str = "cpu", npu_chunk: int = 64, npu_context: int = 512,
+               npu_quant: str = "a16w8") -> None:
     require_export_extras()
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .bundle_info import print_quantization, print_verification
+    from .npu_report import print_npu
     from .export.exporter import ExportOptions, export_model
+    from .export.npu_export import NpuOptions
     from .export.quantize import QuantOptions
 
     options = ExportOptions(QuantOptions(bits=bits, block=block, symmetric=symmetric, keep_8bit=keep_8bit),
-                            verify=verify, force=force)
+                            verify=verify, force=force, profile=profile,
+                            npu=NpuOptions(chunk=npu_chunk, context=npu_context, quant=npu_quant))
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description:<60.60}"), BarColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as bar:
@@ -41,4 +45,6 @@ def run_export(source: str, output: Path, *, bits: int, block: int, symmetric: b
         console.print(f"[yellow]warning:[/yellow] {warning}")
     print_quantization(manifest, out)
     print_verification(manifest, out)
+    if "npu" in manifest["graphs"]:
+        print_npu(manifest, out)
     out.print(f"bundle written to [bold]{output}[/bold] in {manifest['provenance']['export_seconds']:.1f} s")
