@@ -2,8 +2,8 @@
 
 The detected board and why, the CPU and its features, the native kernel variant the runtime would
 run (after the board's ceiling and EDGELLM_KERNELS), ONNX Runtime's providers and whether QNN is
-installed, memory and the context a bundle fits in, the settings a `run` would use, and the
-service's status when its unit is installed. Nothing here loads a model.
+installed (and whether the bundle has NPU graphs for it), memory and the context a bundle fits in, the
+settings a `run` would use, and the service's status when its unit is installed. Nothing here loads a model.
 """
 
 from __future__ import annotations
@@ -75,6 +75,21 @@ def memory_report(settings: RuntimeSettings, bundle: Path | None) -> dict[str, A
     return report
 
 
+def npu_report(settings: RuntimeSettings, bundle: Path | None) -> dict[str, Any]:
+    """The SoC model QNN would compile for, and whether the bundle carries NPU graphs (--backend npu)."""
+    from .npu_report import npu_summary
+    from .npu_session import DEFAULT_SOC_MODEL
+
+    soc = str(settings.npu_provider_options.get("soc_model", DEFAULT_SOC_MODEL))
+    report: dict[str, Any] = {"soc_model": soc, "soc_model_from": "board profile" if "soc_model" in
+                              settings.npu_provider_options else "default (SM8650)", "bundle": None}
+    if bundle is not None:
+        from .manifest import read_manifest
+
+        report["bundle"] = {"path": str(bundle), "graphs": npu_summary(read_manifest(bundle))}
+    return report
+
+
 def service_report() -> dict[str, Any]:
     from .service_install import UNIT_PATH
 
@@ -115,6 +130,7 @@ def doctor_report(board: str | None = None, bundle: Path | None = None, root: st
         "settings": {"backend": settings.backend, "threads": settings.thread_count, "cpu_affinity": settings.cpu_affinity,
                      "default_context": settings.default_context, "providers": list(settings.providers)},
         "memory": {"total_bytes": found.memory_total, **memory_report(settings, bundle)},
+        "npu": npu_report(settings, bundle),
         "service": service_report(),
     }
 
@@ -136,6 +152,7 @@ def print_report(report: dict[str, Any], console) -> None:
          else f"unavailable: {ort['reason']}"),
         ("qnn", ("installed" + (f" (onnxruntime-qnn {ort['qnn']['package']})" if ort["qnn"]["package"] else ""))
          if ort.get("qnn", {}).get("installed") else f"not installed: {ort.get('qnn', {}).get('hint')}"),
+        ("npu", _npu_line(report["npu"])),
         ("settings", f"backend {settings['backend']}, {settings['threads']} threads"
                      + (f" on CPUs {settings['cpu_affinity']}" if settings["cpu_affinity"] else "")
                      + f", context {settings['default_context']}"),
@@ -148,6 +165,17 @@ def print_report(report: dict[str, Any], console) -> None:
     width = max(len(key) for key, _ in lines)
     for key, value in lines:
         console.print(f"[bold]{key:<{width}}[/bold]  {escape(value)}", highlight=False, soft_wrap=True)
+
+
+def _npu_line(npu: dict[str, Any]) -> str:
+    text = f"QNN SoC model {npu['soc_model']} ({npu['soc_model_from']})"
+    bundle = npu.get("bundle")
+    if bundle:
+        graphs = bundle["graphs"]
+        text += (f"; {Path(bundle['path']).name} has NPU graphs (prefill {graphs['chunk']} tokens, context "
+                 f"{graphs['context']}, {graphs['quantization']}): --backend npu" if graphs else
+                 f"; {Path(bundle['path']).name} has no NPU graphs (export with --profile npu)")
+    return text
 
 
 def _memory_line(memory: dict[str, Any]) -> str:

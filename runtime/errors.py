@@ -28,3 +28,8 @@ class ContextOverflowError(EdgeLLMError):
 
 class MemoryBudgetError(EdgeLLMError):
     """The model with the requested context does not fit in the memory available."""
+
+
+class NpuError(EdgeLLMError):
+    """The NPU backend cannot run: QNN is not installed, the bundle has no NPU graphs, or the NPU
+    refused a graph. Never answered by running on the CPU instead."""

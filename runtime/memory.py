@@ -3,7 +3,8 @@
 What a loaded model keeps resident:
   weights   weights.bin, mapped: the native engine reads it in place (the file once); ONNX Runtime also
             prepacks its MatMulNBits weights (and folds the int8 head into 4-bit planes), so its
-            backend holds about twice the file
+            backend holds about twice the file; the NPU backend holds its own npu_weights.bin as the
+            graphs' initializers and two compiled QNN contexts (prefill, decode), each a copy
   kv cache  2 (K and V) x layers x context x kv_heads x head_dim x 4 bytes, preallocated
   scratch   logits for one prefill chunk, the chunk's activations and attention scores
   runtime   the interpreter, ONNX Runtime and the tokenizer (measured: ~90 MB on x86-64)
@@ -11,17 +12,20 @@ What a loaded model keeps resident:
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .bundle_format import WEIGHTS_FILE
+from .bundle_format import MANIFEST_FILE, WEIGHTS_FILE
 from .errors import MemoryBudgetError
 from .model_config import ModelConfig
 
-# resident bytes per byte of weights.bin: native maps the file once; ONNX Runtime's measured on SmolLM2
-WEIGHT_FACTOR = {"native": 1.0, "onnxruntime": 2.2}
+# resident bytes per byte of weights.bin: native maps the file once; ONNX Runtime's measured on SmolLM2.
+# npu: per byte of npu_weights.bin, the peak of a load from the context cache on the x86-64 HTP
+# simulator, SmolLM2 a16w8 (1.27 GB for 161 MB; a first load, which compiles, peaks ~30% higher).
+WEIGHT_FACTOR = {"native": 1.0, "onnxruntime": 2.2, "npu": 7.0}
 RUNTIME_OVERHEAD = 90 * 2**20
 MIB = 2**20
 
@@ -57,8 +61,19 @@ def scratch_bytes(config: ModelConfig, context: int, chunk: int) -> int:
     return logits + activations + scores + keys
 
 
+def weights_file(bundle: Path, backend: str) -> Path:
+    """The file a backend's weights come from: weights.bin, or the NPU graphs' own for the npu backend."""
+    if backend == "npu":
+        try:
+            graphs = json.loads((Path(bundle) / MANIFEST_FILE).read_text(encoding="utf-8")).get("graphs", {})
+            return Path(bundle) / graphs["npu"]["files"]["weights"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no NPU graphs: the backend itself will say so
+    return Path(bundle) / WEIGHTS_FILE
+
+
 def estimate(bundle: Path, config: ModelConfig, backend: str, context: int, chunk: int) -> MemoryEstimate:
-    weights = (Path(bundle) / WEIGHTS_FILE).stat().st_size
+    weights = weights_file(bundle, backend).stat().st_size
     return MemoryEstimate(weights=int(weights * WEIGHT_FACTOR.get(backend, 1.0)),
                           kv_cache=kv_cache_bytes(config, context),
                           scratch=scratch_bytes(config, context, min(chunk, context)),

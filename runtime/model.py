@@ -33,6 +33,10 @@ class Model:
         self.settings = settings
         self.config = model_config(manifest)
         self.context_length = settings.context_for(self.config.max_position_embeddings)
+        if settings.backend == "npu":  # the NPU graphs were compiled for one window
+            from .backends.npu_backend import npu_context
+
+            self.context_length = npu_context(manifest, settings)
         if self.context_length > self.config.max_position_embeddings:
             raise ContextOverflowError(f"a context of {self.context_length} tokens is longer than the model was "
                                        f"trained for ({self.config.max_position_embeddings})",

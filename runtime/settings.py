@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from .errors import InvalidSettingError
 
-BACKENDS = ("native", "onnxruntime")
+BACKENDS = ("native", "onnxruntime", "npu")  # npu: the bundle's NPU graphs on QNN (never chosen by auto)
 AUTO_BACKEND = "auto"  # native when the C extension loads here, else onnxruntime
 DEFAULT_CONTEXT = 2048
 DEFAULT_PREFILL_CHUNK = 128
@@ -63,6 +63,7 @@ class RuntimeSettings:
     cpu_affinity: str | None = None  # e.g. "4-7": the runtime's threads stay on these CPUs (big cores)
     kernel_ceiling: str | None = None  # the best native kernel variant allowed (a board's cap)
     board: str | None = None  # the board profile these defaults came from
+    npu_provider_options: Mapping[str, Any] = field(default_factory=dict)  # the board's [npu] provider_options (soc_model)
 
     def __post_init__(self) -> None:
         if self.backend == AUTO_BACKEND:
@@ -139,6 +140,7 @@ def board_defaults(board: str | None) -> dict[str, Any]:
     values = profile.runtime_defaults()
     values["default_context"] = values.pop("context_length") or DEFAULT_CONTEXT
     values["optional_providers"] = True
+    values["npu_provider_options"] = dict(profile.npu.get("provider_options", {}))
     if values["backend"] == "native":  # the board's preference; ONNX Runtime where the engine is not built
         values["backend"] = AUTO_BACKEND
     return values

@@ -24,6 +24,10 @@ def create_backend(bundle: Path, manifest: dict, settings: RuntimeSettings, cont
         from .onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(bundle, manifest, settings, context_length)
+    if settings.backend == "npu":
+        from .npu_backend import NpuBackend
+
+        return NpuBackend(bundle, manifest, settings, context_length)
     raise InvalidSettingError(f"unknown backend {settings.backend!r}")
 
 

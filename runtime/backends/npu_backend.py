@@ -1,0 +1,84 @@
+"""NPU backend: the bundle's static-shape QDQ graphs on the Hexagon NPU, through ONNX Runtime's QNN EP.
+
+The graphs (`edgellm export --profile npu`) were compiled for one context window and one prefill
+chunk; runtime/npu_host.py feeds them (host embedding, masks, the fixed-size KV cache written in
+place) and runtime/npu_session.py opens them on the HTP with CPU fallback off and the compiled
+context cached. The generator, sampler and streaming are the same as on every other backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import ContextOverflowError, NpuError
+from ..model_config import ModelConfig
+from ..npu_host import MASK_VALUE, HostEmbedding, NpuDecoder, check_graph_io
+from ..npu_session import CacheKey, QnnSessions, cache_dir, model_hash
+from ..settings import RuntimeSettings
+from ..weights import BundleWeights
+from .base import Backend
+
+def npu_entry(manifest: dict) -> dict:
+    """The manifest's description of the NPU graphs; NpuError when the bundle has none."""
+    entry = manifest.get("graphs", {}).get("npu")
+    if not entry:
+        raise NpuError("this bundle has no NPU graphs",
+                       "export it with them: edgellm export SRC -o BUNDLE --profile npu")
+    if entry.get("mask_value") != float(MASK_VALUE):
+        raise NpuError(f"the NPU graphs were calibrated for mask value {entry.get('mask_value')}, this runtime "
+                       f"feeds {float(MASK_VALUE)}", "export the bundle again with this edgellm")
+    return entry
+
+
+def npu_context(manifest: dict, settings: RuntimeSettings) -> int:
+    """The context the NPU backend runs: the graphs' fixed window, or less when --context asks for less."""
+    window = npu_entry(manifest)["context"]
+    if settings.context_length > window:
+        raise ContextOverflowError(f"a context of {settings.context_length} tokens is longer than the NPU graphs' "
+                                   f"fixed window of {window}",
+                                   f"use --context {window} or less, or export with --npu-context {settings.context_length}")
+    return settings.context_length or window
+
+
+class NpuBackend(Backend):
+    name = "npu"
+
+    def __init__(self, bundle: Path, manifest: dict, settings: RuntimeSettings, context_length: int,
+                 config: ModelConfig | None = None):
+        from ..manifest import model_config
+
+        entry = npu_entry(manifest)
+        self.config = config or model_config(manifest)
+        self.window = entry["context"]  # KV cache slots the graphs were compiled for
+        self.context_length = min(context_length, self.window)
+        self.prefill_chunk = entry["chunk"]
+        self.position = 0
+        qnn = QnnSessions(settings.npu_provider_options)
+        folder = cache_dir(bundle)
+        digest = model_hash(manifest, entry["files"])
+        sessions, self.loads = {}, []
+        for role, seq in (("prefill", self.prefill_chunk), ("decode", 1)):
+            key = CacheKey(role, digest, qnn.soc_model, qnn.qnn_version)
+            session, report = qnn.open(Path(bundle) / entry["files"][role], key, folder)
+            check_graph_io(session, self.config, seq, self.window, f"{Path(bundle) / entry['files'][role]}")
+            sessions[seq] = session
+            self.loads.append(report)
+        table = manifest["matrices"]["model.embed_tokens.weight"]
+        self.decoder = NpuDecoder(self.config, self.window, sessions, HostEmbedding(BundleWeights(bundle, manifest), table))
+
+    def _forward_chunk(self, token_ids: Sequence[int], all_logits: bool) -> np.ndarray:
+        self.decoder.truncate(self.position)
+        logits = self.decoder.forward_chunk(token_ids)
+        self.position = self.decoder.position
+        return logits if all_logits else logits[-1]
+
+    def close(self) -> None:
+        self.decoder = None
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "context_length": self.context_length, "prefill_chunk": self.prefill_chunk,
+                "execution_provider": "QNNExecutionProvider (HTP, CPU fallback disabled)",
+                "soc_model": self.loads[0]["soc_model"] if self.loads else None, "loads": self.loads}
