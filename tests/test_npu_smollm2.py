@@ -95,8 +95,9 @@ def test_smollm2_prefills_64_tokens_and_decodes_4_on_the_htp_simulator(smollm2_n
     cpu = cpu_provider_decoder(bundle, manifest)
     expected = [cpu.forward(prompt)[-1]] + [cpu.forward([t])[-1] for t in tokens[:-1]]
     kl = kl_divergence(np.stack(expected), np.stack(rows))
+    loads = ", ".join(f"{r['graph']} {r['seconds']:.1f} s" for r in backend.loads)
     print(f"\nHTP simulator (soc {backend.describe()['soc_model']}): load {load_seconds:.1f} s "
-          f"({', '.join(f'{r['graph']} {r['seconds']:.1f} s' for r in backend.loads)}), prefill of 64 tokens "
+          f"({loads}), prefill of 64 tokens "
           f"{prefill_seconds:.1f} s, 4 decode steps {decode_seconds:.1f} s; greedy: {model.tokenizer.decode(tokens)!r}; "
           f"KL vs the CPU provider per step {np.round(kl, 4).tolist()}")
     assert backend.position == 68
