@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 from .errors import InvalidSettingError
 
-BACKENDS = ("native", "onnxruntime", "npu")  # npu: the bundle's NPU graphs on QNN (never chosen by auto)
+CPU_BACKENDS = ("native", "onnxruntime")  # what "auto" chooses from
+BACKENDS = CPU_BACKENDS + ("npu",)  # npu: the bundle's NPU graphs on ONNX Runtime's QNN EP, when asked for
 AUTO_BACKEND = "auto"  # native when the C extension loads here, else onnxruntime
 DEFAULT_CONTEXT = 2048
 DEFAULT_PREFILL_CHUNK = 128
@@ -70,7 +71,8 @@ class RuntimeSettings:
             object.__setattr__(self, "backend", resolve_auto_backend())
         if self.backend not in BACKENDS:
             raise InvalidSettingError(f"unknown backend {self.backend!r}",
-                                      f"available: {', '.join(BACKENDS + (AUTO_BACKEND,))}")
+                                      f"available: {', '.join(CPU_BACKENDS + (AUTO_BACKEND,))}, or npu for a bundle "
+                                      "exported with --profile npu, with onnxruntime-qnn installed")
         for name in ("threads", "context_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise InvalidSettingError(f"{name} must be a whole number >= 0, got {getattr(self, name)!r}")
