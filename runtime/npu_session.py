@@ -87,6 +87,7 @@ class CacheKey:
     model_hash: str  # over the manifest's sha256 of the NPU graph files and their weights
     soc_model: str
     qnn_version: str  # onnxruntime-qnn, which brings the QNN SDK that compiled it
+    options: str = ""  # the board's other provider options (htp_arch, ...), in the sidecar only
 
     def file_name(self) -> str:
         version = re.sub(r"[^0-9A-Za-z.]", "_", self.qnn_version)
@@ -134,6 +135,10 @@ class QnnSessions:
         self.soc_model = self.options["soc_model"]
         self.qnn_version = qnn_version()
         self.threads = threads
+
+    def key(self, graph: str, model_hash: str) -> CacheKey:
+        others = {k: v for k, v in sorted(self.options.items()) if k not in ("backend_path", "soc_model")}
+        return CacheKey(graph, model_hash, self.soc_model, self.qnn_version, json.dumps(others) if others else "")
 
     def session_options(self, context_file: Path | None = None):
         so = self.ort.SessionOptions()

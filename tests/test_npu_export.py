@@ -222,3 +222,21 @@ def test_the_npu_runtime_modules_import_without_the_export_packages(tmp_path):
     result = run_blocked(body, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_qnn_missing_is_a_clear_error_that_says_what_to_install(monkeypatch):
+    """Runs with or without onnxruntime-qnn: where it is installed, its import is made to fail."""
+    import edgellm
+    from edgellm.errors import NpuError
+
+    trained = npu_bundle("trained")
+    monkeypatch.setitem(sys.modules, "onnxruntime_qnn", None)  # import fails as if it were not installed
+    with pytest.raises(NpuError, match="pip install onnxruntime-qnn"):
+        edgellm.load(trained, backend="npu")
+    blocker = ("import sys; sys.modules['onnxruntime_qnn'] = None; from edgellm.cli import main; "
+               "sys.argv[0] = 'edgellm'; main()")
+    done = subprocess.run([sys.executable, "-c", blocker, "run", str(trained), "Hi", "--backend", "npu"],
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: the NPU backend needs onnxruntime-qnn") and "pip install" in lines[0]

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import ContextOverflowError, NpuError
 from ..model_config import ModelConfig
 from ..npu_host import MASK_VALUE, HostEmbedding, NpuDecoder, check_graph_io
-from ..npu_session import CacheKey, QnnSessions, cache_dir, model_hash
+from ..npu_session import QnnSessions, cache_dir, model_hash
 from ..settings import RuntimeSettings
 from ..weights import BundleWeights
 from .base import Backend
@@ -61,7 +61,7 @@ class NpuBackend(Backend):
         digest = model_hash(manifest, entry["files"])
         sessions, self.loads = {}, []
         for role, seq in (("prefill", self.prefill_chunk), ("decode", 1)):
-            key = CacheKey(role, digest, qnn.soc_model, qnn.qnn_version)
+            key = qnn.key(role, digest)
             session, report = qnn.open(Path(bundle) / entry["files"][role], key, folder)
             check_graph_io(session, self.config, seq, self.window, f"{Path(bundle) / entry['files'][role]}")
             sessions[seq] = session
