@@ -171,7 +171,7 @@ def bench(
     runs: int = typer.Option(5, "--runs", help="Interleaved runs per engine; medians are reported."),
     prompt_lengths: List[int] = typer.Option([128, 512], "--prompt-length", help="Prefill lengths (repeatable)."),
     decode_tokens: int = typer.Option(128, "--decode-tokens", help="Tokens decoded per run."),
-    threads: Optional[int] = _threads, backend: str = typer.Option("auto", "--backend", help="edgellm's engine: auto, native, onnxruntime."),
+    threads: Optional[int] = _threads, backend: str = typer.Option("auto", "--backend", help="edgellm's engine: auto, native, onnxruntime, npu."),
     compare: List[str] = typer.Option([], "--compare", help="Peer engine: llama.cpp, onnxruntime-genai (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (schema edgellm-bench/1)."),
 ) -> None:
