@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import ContextOverflowError, NpuError
 from ..model_config import ModelConfig
 from ..npu_host import MASK_VALUE, HostEmbedding, NpuDecoder, check_graph_io
-from ..npu_session import QnnSessions, cache_dir, model_hash
+from ..npu_session import QnnSessions, cache_dir, log, model_hash
 from ..settings import RuntimeSettings
 from ..weights import BundleWeights
 from .base import Backend
@@ -58,6 +58,9 @@ class NpuBackend(Backend):
         self.position = 0
         qnn = QnnSessions(settings.npu_provider_options)
         folder = cache_dir(bundle)
+        if folder is None:
+            log.warning("neither %s nor ~/.cache/edgellm/npu can be written: the NPU graphs are compiled at "
+                        "every start", Path(bundle) / "npu_cache")
         digest = model_hash(manifest, entry["files"])
         sessions, self.loads = {}, []
         for role, seq in (("prefill", self.prefill_chunk), ("decode", 1)):
