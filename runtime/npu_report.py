@@ -25,9 +25,9 @@ def print_npu(manifest: dict[str, Any], console: Console) -> None:
     quant = entry["quantization"]
     calibration = quant["calibration"]
     console.print(f"NPU graphs: prefill {entry['chunk']} tokens and decode 1 token over a fixed context of "
-                  f"{entry['context']}; {quant['scheme']} ({quant['activations']} activations, {quant['weights']} "
-                  f"weights), calibrated on {calibration['prefill_samples']} prefill and {calibration['decode_samples']} "
-                  f"decode samples of {calibration['file']}")
+                  f"{entry['context']}; {quant['scheme']}: activations {quant['activations']}, weights "
+                  f"{quant['weights']}; calibrated on {calibration['prefill_samples']} prefill and "
+                  f"{calibration['decode_samples']} decode samples of {calibration['file']}")
     report = entry.get("verification", {})
     if report.get("skipped"):
         console.print("[yellow]NPU verification skipped (--no-verify)[/yellow]")
