@@ -33,7 +33,7 @@ from .errors import InvalidSettingError, NpuError
 
 EP_NAME = "QNNExecutionProvider"
 DEFAULT_SOC_MODEL = "57"  # SM8650 (Hexagon v75), the simulator's target when the board profile names no SoC
-INSTALL_HINT = "pip install onnxruntime-qnn (the extra: pip install 'edgellm[npu]')"
+INSTALL_HINT = "pip install onnxruntime-qnn, or the extra: pip install 'edgellm[npu]'"
 COMPAT_KEY = f"ep_compatibility_info.{EP_NAME}"  # metadata QNN writes into a context model: "v2:...:<soc>:..."
 COMPAT_SOC_FIELD = 5
 FINGERPRINT_BYTES = 1 << 20
@@ -175,8 +175,12 @@ class QnnSessions:
             recorded = json.loads(_sidecar(cached).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None, "no readable sidecar says what it was compiled from"
-        if recorded.get("key") != asdict(key):
-            return None, f"it was compiled for {recorded.get('key')}, not {asdict(key)}"
+        compiled_for, wanted = recorded.get("key") or {}, asdict(key)
+        if compiled_for != wanted:
+            short = lambda name, value: str(value)[:16] if name == "model_hash" else value  # noqa: E731
+            differ = [f"{name} {short(name, compiled_for.get(name))!r}, not {short(name, value)!r}"
+                      for name, value in wanted.items() if compiled_for.get(name) != value]
+            return None, f"it was compiled for another {'; '.join(differ)}"
         if recorded.get("fingerprint") != fingerprint(cached):
             return None, "it is not the file its sidecar describes (replaced or damaged)"
         try:
@@ -184,8 +188,7 @@ class QnnSessions:
                 session = self.ort.InferenceSession(str(cached), self.session_options())
         except Exception as error:
             return None, f"ONNX Runtime cannot load it ({_first_line(error)})"
-        compiled_for = session.get_modelmeta().custom_metadata_map.get(COMPAT_KEY, "")
-        fields = compiled_for.split(":")
+        fields = session.get_modelmeta().custom_metadata_map.get(COMPAT_KEY, "").split(":")
         if len(fields) > COMPAT_SOC_FIELD and fields[COMPAT_SOC_FIELD] != key.soc_model:
             return None, f"QNN compiled it for SoC model {fields[COMPAT_SOC_FIELD]}, not {key.soc_model}"
         return session, None
