@@ -70,12 +70,18 @@ def info(
     try:
         from .bundle_info import print_info, summarize
         from .manifest import read_manifest
+        from .npu_report import npu_summary, print_npu
 
         manifest = read_manifest(bundle)
         if as_json:
-            typer.echo(json.dumps(summarize(manifest, bundle), indent=2, ensure_ascii=False))
+            typer.echo(json.dumps({**summarize(manifest, bundle), "npu": npu_summary(manifest)}, indent=2,
+                                  ensure_ascii=False))
         else:
             print_info(manifest, bundle)
+            if npu_summary(manifest):
+                from rich.console import Console
+
+                print_npu(manifest, Console())
     except EdgeLLMError as error:
         fail(error)
 

@@ -192,6 +192,9 @@ def test_the_cli_exports_an_npu_variant_and_prints_its_verification(tmp_path):
     assert (manifest["graphs"]["npu"]["chunk"], manifest["graphs"]["npu"]["context"]) == (8, 32)
     report = json.loads(cli("doctor", str(tmp_path / "b"), "--json").stdout)
     assert report["npu"]["bundle"]["graphs"]["context"] == 32
+    info = json.loads(cli("info", str(tmp_path / "b"), "--json").stdout)
+    assert info["npu"]["quantization"] == "a16w8" and info["npu"]["verification"]["passed"]
+    assert "NPU verification" in cli("info", str(tmp_path / "b")).stdout
 
 
 @pytest.mark.parametrize("flags, message", [
