@@ -5,7 +5,7 @@ a prefill graph over a chunk of S tokens (S = 64 by default) and a decode graph 
 
 Inputs:  inputs_embeds  float32 [1, S, E]        embedding rows, looked up on the host
          position_ids   int32   [1, S]           absolute positions (RoPE), each < C
-         attention_mask float32 [1, S, C + S]    additive: 0 = visible, MASK_VALUE = hidden
+         attention_mask float32 [1, S, C + S]    additive: 0 = visible, npu_host.MASK_VALUE = hidden
          past_key_values.{i}.key / .value float32 [1, KV, C, D]   the whole cache, valid or not
 Outputs: logits float32 [1, S, V]
          new_key_values.{i}.key / .value float32 [1, KV, S, D]   this chunk's slice only
@@ -41,11 +41,6 @@ from .onnx_graph import DecoderGraphBuilder
 from .reference import rope_inv_freq
 
 OPSET = 23  # RMSNormalization
-# Additive mask for hidden slots. Not -inf: the mask and the masked scores are quantized to 16 bits
-# over their calibrated range, so a huge value would leave the visible scores a coarse grid.
-# exp(-100) underflows to 0 like -inf would; scores in a llama stay far inside +-100.
-MASK_VALUE = -100.0
-
 
 # Nodes the quantizer leaves in float: the residual adds, every norm, the MLP's product and down projection.
 FLOAT_NODES = re.compile(r".*/(residual_attn|residual_mlp|RMSNormalization|mlp/Mul|mlp/down_proj/\w+)$")

@@ -20,10 +20,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import BundleError, ContextOverflowError
+from .errors import BundleError, ContextOverflowError, InvalidSettingError
 from .model_config import ModelConfig
 
-MASK_VALUE = np.float32(-100.0)  # the value export/npu_graph.py was calibrated with (manifest: mask_value)
+# Added to the scores of hidden slots (the manifest's mask_value: the graphs are calibrated with it).
+# Not -inf: the mask and the masked scores are quantized to 16 bits over their calibrated range, so a
+# huge value would leave the visible scores a coarse grid. exp(-100) underflows to 0 like -inf would.
+MASK_VALUE = np.float32(-100.0)
 FORMAT_ZERO_POINTS = {"int8_sym": 128, "int4_sym": 8}  # implied zero point of the symmetric block formats
 
 
@@ -41,6 +44,9 @@ class HostEmbedding:
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         """float32 [n, E] for token ids [n]."""
+        if ids.min() < 0 or ids.max() >= len(self.codes):
+            raise InvalidSettingError(f"token ids must be 0..{len(self.codes) - 1} (the vocabulary), got "
+                                      f"{int(ids.min() if ids.min() < 0 else ids.max())}")
         packed = np.asarray(self.codes[ids])  # [n, nb, blob]
         if self.bits == 4:  # code 2k in the low nibble, 2k+1 in the high one
             packed = np.stack([packed & np.uint8(15), packed >> np.uint8(4)], axis=-1).reshape(*packed.shape[:2], -1)

@@ -223,6 +223,12 @@ def test_a_graph_the_npu_refuses_fails_loudly_instead_of_running_on_the_cpu(tmp_
     assert manifest["graphs"]["cpu"]["file"] == "model.onnx"
 
 
+def test_a_token_id_outside_the_vocabulary_is_a_setting_error(trained):
+    model = edgellm.load(trained, backend="npu")
+    with pytest.raises(edgellm.InvalidSettingError, match="the vocabulary"):
+        list(model.stream([5, 10**6], max_tokens=2))
+
+
 def test_an_unknown_soc_model_is_a_setting_error(trained):
     with pytest.raises(edgellm.InvalidSettingError, match="soc_model"):
         edgellm.load(trained, backend="npu", npu_provider_options={"soc_model": "sm8650"})
