@@ -20,7 +20,7 @@ from edgellm.manifest import model_config, read_manifest
 from edgellm.memory import MIB, estimate
 from edgellm.service_install import (MEMORY_HEADROOM, SERVER_OVERHEAD, ServiceOptions, fill_template, install,
                                      load_board, render_unit, uninstall, unreadable_by_service)
-from edgellm.settings import BACKENDS
+from edgellm.settings import CPU_BACKENDS
 from server_harness import MODEL_NAME, start_server, tiny_bundle, unit_syscall_policy
 
 needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
@@ -182,7 +182,7 @@ def test_install_warns_when_the_dynamic_user_cannot_read_the_bundle(bundle, tmp_
 @needs_systemd_analyze
 @pytest.mark.skipif(platform.machine() != "x86_64" or not Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h").exists(),
                     reason="the BPF rendering of the unit's policy is written for x86-64 (needs linux-libc-dev)")
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)  # npu needs NPU graphs and QNN: not this bundle
 def test_the_server_runs_inside_the_units_syscall_sandbox_with_memory_deny_write_execute(bundle, tmp_path, backend):
     try:
         import edgellm
