@@ -190,9 +190,8 @@ static void rope_neon(float *out, const float *x, const float *cos_t, const floa
     }
 }
 
-static void softmax_neon(float *out, const float *x, int32_t n) {
-    float max = -INFINITY;
-    for (int32_t i = 0; i < n; i++) max = x[i] > max ? x[i] : max;
+/* out[i] = exp(x[i] - max) (out may be x); returns their sum: softmax's and attention's middle step. */
+static float exp_shifted_sum_neon(float *out, const float *x, float max, int32_t n) {
     float32x4_t vmax = vdupq_n_f32(max), acc = vdupq_n_f32(0.0f);
     int32_t i = 0;
     for (; i + 4 <= n; i += 4) {
@@ -205,8 +204,16 @@ static void softmax_neon(float *out, const float *x, int32_t n) {
         out[i] = expf(x[i] - max);
         sum += out[i];
     }
+    return sum;
+}
+
+static void softmax_neon(float *out, const float *x, int32_t n) {
+    float max = -INFINITY;
+    for (int32_t i = 0; i < n; i++) max = x[i] > max ? x[i] : max;
+    float sum = exp_shifted_sum_neon(out, x, max, n);
     float32x4_t vsum = vdupq_n_f32(sum);
-    for (i = 0; i + 4 <= n; i += 4) vst1q_f32(out + i, vdivq_f32(vld1q_f32(out + i), vsum));
+    int32_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(out + i, vdivq_f32(vld1q_f32(out + i), vsum));
     for (; i < n; i++) out[i] = out[i] / sum;
 }
 
@@ -264,20 +271,9 @@ static void attend_part_neon(float *out, float *max, float *sum, float *scores, 
         scores[j] = vaddvq_f32(vaddq_f32(acc0, acc1)) * scale;
         m = scores[j] > m ? scores[j] : m;
     }
-    float32x4_t vm = vdupq_n_f32(m), vsum = vdupq_n_f32(0.0f);
-    int32_t j = 0;
-    for (; j + 4 <= n_keys; j += 4) {
-        float32x4_t e = exp_f32x4(vsubq_f32(vld1q_f32(scores + j), vm));
-        vst1q_f32(scores + j, e);
-        vsum = vaddq_f32(vsum, e);
-    }
-    float l = vaddvq_f32(vsum);
-    for (; j < n_keys; j++) {
-        scores[j] = expf(scores[j] - m);
-        l += scores[j];
-    }
+    float l = exp_shifted_sum_neon(scores, scores, m, n_keys);
     for (int32_t i = 0; i < nv; i++) o[i] = vdupq_n_f32(0.0f);
-    for (j = 0; j < n_keys; j++) {
+    for (int32_t j = 0; j < n_keys; j++) {
         const float *value = values + (size_t)j * stride;
         for (int32_t i = 0; i < nv; i++) o[i] = vaddq_f32(o[i], vmulq_n_f32(vld1q_f32(value + 4 * i), scores[j]));
     }
