@@ -145,16 +145,22 @@ def test_ready_watchdog_stopping_and_a_drain_that_loses_no_admitted_request(bund
         assert events[-3]["choices"][0]["finish_reason"] == "length"
 
 
+def start_long_stream(server, results) -> threading.Thread:
+    """A 1,900-token stream in a thread (its status and events land in results[0]), once it generates."""
+    thread = threading.Thread(target=stream_completion, args=(server, 1900, results, 0))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while server.metrics()["edgellm_generation_active"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return thread
+
+
 def test_when_the_grace_period_ends_streams_are_cut_with_an_error_event_and_the_exit_is_0(bundle, tmp_path,
                                                                                         notify_socket):
     env = {"NOTIFY_SOCKET": notify_socket.path}
     with start_server(bundle, tmp_path, env=env, config={"grace": 0.3}) as server:
         results = {}
-        thread = threading.Thread(target=stream_completion, args=(server, 1900, results, 0))
-        thread.start()
-        deadline = time.monotonic() + 5
-        while server.metrics()["edgellm_generation_active"] != 1 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        thread = start_long_stream(server, results)
         started = time.monotonic()
         server.process.send_signal(15)
         assert server.process.wait(10) == 0
@@ -170,11 +176,7 @@ def test_when_the_grace_period_ends_streams_are_cut_with_an_error_event_and_the_
 def test_a_second_signal_cuts_the_drain_short_and_still_exits_0(bundle, tmp_path):
     with start_server(bundle, tmp_path, config={"grace": 60}) as server:
         results = {}
-        thread = threading.Thread(target=stream_completion, args=(server, 1900, results, 0))
-        thread.start()
-        deadline = time.monotonic() + 5
-        while server.metrics()["edgellm_generation_active"] != 1 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        thread = start_long_stream(server, results)
         started = time.monotonic()
         server.process.send_signal(15)
         time.sleep(0.05)
