@@ -80,8 +80,7 @@ def read_text(path: Path) -> str | None:
         return None
     if len(data) > MAX_FILE_BYTES:
         return None
-    text = data.decode("utf-8", errors="replace")
-    return text
+    return data.decode("utf-8", errors="replace")
 
 
 def read_dt_strings(path: Path) -> tuple[str, ...]:

@@ -166,14 +166,12 @@ def profile_from_mapping(data: Mapping[str, Any], source: str) -> BoardProfile:
     for part in match.get("cpu_parts", []):
         if not re.fullmatch(r"0x[0-9a-f]{2}:0x[0-9a-f]{3}", part):
             raise _problem(source, "match.cpu_parts", f"expected 'implementer:part' like '0x41:0xd0b', got {part!r}")
-    for key in ("big_cores",):
-        if key in cpu:
-            _cpu_list(source, f"cpu.{key}", cpu[key])
+    if "big_cores" in cpu:
+        _cpu_list(source, "cpu.big_cores", cpu["big_cores"])
     if "cpu_affinity" in runtime:
         _cpu_list(source, "runtime.cpu_affinity", runtime["cpu_affinity"])
-    for key in ("cores",):
-        if key in cpu and cpu[key] < 1:
-            raise _problem(source, f"cpu.{key}", f"expected a whole number >= 1, got {cpu[key]}")
+    if cpu.get("cores", 1) < 1:
+        raise _problem(source, "cpu.cores", f"expected a whole number >= 1, got {cpu['cores']}")
     for key in ("threads", "context_length"):
         if runtime.get(key, 0) < 0:
             raise _problem(source, f"runtime.{key}", f"expected a whole number >= 0, got {runtime[key]}")
