@@ -42,16 +42,16 @@ static float reduce_lanes(const float *l) {
     return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
 }
 
-void el_prepare_blocks(float *d, int32_t *sum, int8_t *pairs, const el_block_q16a *x, int32_t first, int32_t count) {
+void el_prepare_blocks(float *d, int32_t *sum, int8_t *quads, const el_block_q16a *x, int32_t first, int32_t count) {
     for (int32_t j = first; j < first + count; j++) {
         d[j] = x[j].d;
         sum[j] = x[j].sum;
-        int8_t *pair = pairs + (size_t)(j / 2) * EL_PAIR_BYTES + (j % 2) * 16;
+        int8_t *slot = quads + (size_t)(j / 4) * EL_QUAD_BYTES + (j % 4) * 16;
         for (int i = 0; i < 16; i++) {
-            pair[i] = x[j].qh[2 * i];
-            pair[32 + i] = x[j].qh[2 * i + 1];
-            pair[64 + i] = x[j].ql[2 * i];
-            pair[96 + i] = x[j].ql[2 * i + 1];
+            slot[i] = x[j].qh[2 * i];
+            slot[64 + i] = x[j].qh[2 * i + 1];
+            slot[128 + i] = x[j].ql[2 * i];
+            slot[192 + i] = x[j].ql[2 * i + 1];
         }
     }
 }
@@ -81,7 +81,7 @@ static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
     int32_t isum[4 * CHUNK];
 
     if (w->block == 32 && (q4 ? k->row_q4 != NULL : k->row_q8 != NULL)) { /* the fused row kernels */
-        const size_t pair_stride = (size_t)((nb + 1) / 2) * EL_PAIR_BYTES;
+        const size_t quad_stride = el_quad_stride(nb);
         for (int32_t r = r0; r < r1; r++) {
             const uint8_t *codes = w->qweight + (size_t)r * row_bytes;
             const float *sc = w->scales + (size_t)r * n_wblocks;
@@ -90,12 +90,12 @@ static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
             if (q4 && k->row4_q4)
                 for (; t + 4 <= n_tokens; t += 4)
                     k->row4_q4(job->y + (size_t)t * rows + r, (size_t)rows, format, codes, sc, mn,
-                               job->x.pairs + t * pair_stride, pair_stride, xd + (size_t)t * nb, xsum + (size_t)t * nb,
+                               job->x.quads + t * quad_stride, quad_stride, xd + (size_t)t * nb, xsum + (size_t)t * nb,
                                (size_t)nb, nb);
             for (; t < n_tokens; t++) {
                 size_t o = (size_t)t * nb;
                 job->y[(size_t)t * rows + r] =
-                    q4 ? k->row_q4(format, codes, sc, mn, job->x.pairs + t * pair_stride, xd + o, xsum + o, nb)
+                    q4 ? k->row_q4(format, codes, sc, mn, job->x.quads + t * quad_stride, xd + o, xsum + o, nb)
                        : k->row_q8(codes, sc, x + o, xd + o, xsum + o, nb);
             }
         }
@@ -162,8 +162,8 @@ static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
 void el_matmul_rows(const el_kernels *k, float *y, const el_qmatrix *w, const el_acts *x, int32_t t0,
                     int32_t n_tokens, int32_t r0, int32_t r1) {
     if (r0 >= r1 || n_tokens <= 0) return;
-    size_t o = (size_t)t0 * x->nb, pair_stride = (size_t)((x->nb + 1) / 2) * EL_PAIR_BYTES;
-    matmul_job job = {y, w, {x->q + o, x->d + o, x->sum + o, x->pairs + t0 * pair_stride, x->nb}, n_tokens, k};
+    size_t o = (size_t)t0 * x->nb;
+    matmul_job job = {y, w, {x->q + o, x->d + o, x->sum + o, x->quads + t0 * el_quad_stride(x->nb), x->nb}, n_tokens, k};
     matmul_range(&job, r0, r1);
 }
 
@@ -193,21 +193,21 @@ int el_matmul(float *y, int32_t n_tokens, int32_t n_y, const el_qmatrix *w, cons
     const el_kernels *k = el_kernels_current();
     if (!k) return EL_EUNSUPPORTED;
     if (n_tokens == 0 || w->rows == 0) return EL_OK;
-    size_t count = (size_t)n_tokens * (size_t)n_blocks, pair_stride = (size_t)((n_blocks + 1) / 2) * EL_PAIR_BYTES;
+    size_t count = (size_t)n_tokens * (size_t)n_blocks, quad_stride = el_quad_stride(n_blocks);
     float *xd = malloc(sizeof(float) * count);
     int32_t *xsum = malloc(sizeof(int32_t) * count);
-    int8_t *pairs = malloc((size_t)n_tokens * pair_stride);
-    int status_alloc = xd && xsum && pairs ? EL_OK : EL_ENOMEM;
+    int8_t *quads = el_alloc_quads((size_t)n_tokens, n_blocks);
+    int status_alloc = xd && xsum && quads ? EL_OK : EL_ENOMEM;
     if (status_alloc == EL_OK) {
         for (int32_t t = 0; t < n_tokens; t++)
-            el_prepare_blocks(xd + (size_t)t * n_blocks, xsum + (size_t)t * n_blocks, pairs + t * pair_stride,
+            el_prepare_blocks(xd + (size_t)t * n_blocks, xsum + (size_t)t * n_blocks, quads + t * quad_stride,
                               x + (size_t)t * n_blocks, 0, n_blocks);
-        matmul_job job = {y, w, {x, xd, xsum, pairs, n_blocks}, n_tokens, k};
+        matmul_job job = {y, w, {x, xd, xsum, quads, n_blocks}, n_tokens, k};
         el_pool_run(pool, matmul_thread, &job);
     }
     free(xd);
     free(xsum);
-    free(pairs);
+    free(quads);
     return status_alloc;
 }
 

@@ -49,7 +49,7 @@ typedef struct {
     el_block_q16a *q;
     float *d;
     int32_t *sum;
-    int8_t *pairs; /* [tokens][ceil(nb / 2)][EL_PAIR_BYTES] */
+    int8_t *quads; /* [tokens][ceil(nb / 4)][EL_QUAD_BYTES] */
     el_acts view;
 } act;
 
@@ -136,21 +136,21 @@ static void *alloc_floats(el_engine *e, size_t count, int zeroed) {
 }
 
 static int alloc_act(el_engine *e, act *a, int32_t nb) {
-    size_t count = (size_t)e->max_chunk * (size_t)nb, pair_bytes = (size_t)e->max_chunk * (size_t)((nb + 1) / 2) * EL_PAIR_BYTES;
+    size_t count = (size_t)e->max_chunk * (size_t)nb, quad_bytes = (size_t)e->max_chunk * el_quad_stride(nb);
     a->q = malloc(sizeof(el_block_q16a) * count);
     a->d = malloc(sizeof(float) * count);
     a->sum = malloc(sizeof(int32_t) * count);
-    a->pairs = malloc(pair_bytes);
-    e->bytes += (int64_t)((sizeof(el_block_q16a) + sizeof(float) + sizeof(int32_t)) * count + pair_bytes);
-    a->view = (el_acts){a->q, a->d, a->sum, a->pairs, nb};
-    return a->q && a->d && a->sum && a->pairs;
+    a->quads = el_alloc_quads((size_t)e->max_chunk, nb);
+    e->bytes += (int64_t)((sizeof(el_block_q16a) + sizeof(float) + sizeof(int32_t)) * count + quad_bytes);
+    a->view = (el_acts){a->q, a->d, a->sum, a->quads, nb};
+    return a->q && a->d && a->sum && a->quads;
 }
 
 static void free_act(act *a) {
     free(a->q);
     free(a->d);
     free(a->sum);
-    free(a->pairs);
+    free(a->quads);
 }
 
 void el_engine_destroy(el_engine *e) {
@@ -296,7 +296,7 @@ static void embed_row(float *out, const el_qmatrix *w, int32_t token) {
 static void quantize_to(const el_kernels *k, act *a, int32_t nb, int32_t t, int32_t first, const float *x, int32_t n) {
     size_t o = (size_t)t * nb;
     k->quantize_q16a(a->q + o + first, x, n);
-    el_prepare_blocks(a->d + o, a->sum + o, a->pairs + (size_t)t * ((nb + 1) / 2) * EL_PAIR_BYTES, a->q + o, first,
+    el_prepare_blocks(a->d + o, a->sum + o, a->quads + (size_t)t * el_quad_stride(nb), a->q + o, first,
                       (n + EL_QBLOCK - 1) / EL_QBLOCK);
 }
 

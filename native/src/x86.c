@@ -347,11 +347,12 @@ static inline AVX2 void nibbles2(const uint8_t *codes, int both, __m256i *lo, __
     *hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
 }
 
-/* 256 * sum(code * qh) + sum(code * ql) for a pair of blocks (lanes 0-3: block j, 4-7: block j+1) */
+/* 256 * sum(code * qh) + sum(code * ql) for a pair of blocks (lanes 0-3: block j, 4-7: block j+1);
+ * the pair's four planes are 64 bytes apart (half a quad, kernels.h) */
 static inline AVX2 __m256i planes_avx2(__m256i lo, __m256i hi, const int8_t *pair) {
     const __m256i *p = (const __m256i *)pair;
-    __m256i h16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(p)), _mm256_maddubs_epi16(hi, _mm256_loadu_si256(p + 1)));
-    __m256i l16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(p + 2)), _mm256_maddubs_epi16(hi, _mm256_loadu_si256(p + 3)));
+    __m256i h16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(p)), _mm256_maddubs_epi16(hi, _mm256_loadu_si256(p + 2)));
+    __m256i l16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(p + 4)), _mm256_maddubs_epi16(hi, _mm256_loadu_si256(p + 6)));
     return planes_i32(h16, l16); /* int16 sums below 2 * 2 * 15 * 127: no saturation */
 }
 
@@ -366,16 +367,16 @@ static inline AVX2 __m256i pair_avx2(const uint8_t *codes, int both, const int8_
     __m256 acc = _mm256_setzero_ps();                                                                         \
     int32_t j = 0;                                                                                            \
     for (; j + 8 <= nb; j += 8) {                                                                             \
-        __m256i p[4] = {PAIR(codes + 16 * j, 1, pairs + 64 * j), PAIR(codes + 16 * j + 32, 1, pairs + 64 * j + 128), \
-                        PAIR(codes + 16 * j + 64, 1, pairs + 64 * j + 256),                                   \
-                        PAIR(codes + 16 * j + 96, 1, pairs + 64 * j + 384)};                                  \
+        __m256i p[4] = {PAIR(codes + 16 * j, 1, el_pair_at(quads, j)), PAIR(codes + 16 * j + 32, 1, el_pair_at(quads, j + 2)), \
+                        PAIR(codes + 16 * j + 64, 1, el_pair_at(quads, j + 4)),                              \
+                        PAIR(codes + 16 * j + 96, 1, el_pair_at(quads, j + 6))};                             \
         acc = _mm256_add_ps(acc, terms8(format, hsum_pairs(p), scales + j, mins ? mins + j : NULL, xd + j, xsum + j, 8)); \
     }                                                                                                         \
     if (j < nb) {                                                                                             \
         int32_t n = nb - j;                                                                                   \
         __m256i p[4];                                                                                         \
         for (int k = 0; k < 4; k++)                                                                           \
-            p[k] = 2 * k < n ? PAIR(codes + 16 * (j + 2 * k), 2 * k + 1 < n, pairs + 64 * (j + 2 * k))        \
+            p[k] = 2 * k < n ? PAIR(codes + 16 * (j + 2 * k), 2 * k + 1 < n, el_pair_at(quads, j + 2 * k))   \
                              : _mm256_setzero_si256();                                                        \
         acc = _mm256_add_ps(acc, terms8(format, hsum_pairs(p), scales + j, mins ? mins + j : NULL, xd + j, xsum + j, n)); \
     }                                                                                                         \
@@ -383,7 +384,7 @@ static inline AVX2 __m256i pair_avx2(const uint8_t *codes, int both, const int8_
 
 /* One row against four tokens (prefill): the codes are unpacked once for the four, each token's
  * eight-block groups are reduced and accumulated exactly as ROW_Q4 does for one, so every y is
- * bit-identical to ROW_Q4's. y[t * y_stride] for t = 0..3; the tokens' pairs are pair_stride
+ * bit-identical to ROW_Q4's. y[t * y_stride] for t = 0..3; the tokens' quads are quad_stride
  * bytes apart, their d and sum x_stride values apart. */
 #define UNROLL4 _Pragma("GCC unroll 4")
 #define ROW4_Q4(PLANES, NIBBLES)                                                                              \
@@ -395,7 +396,7 @@ static inline AVX2 __m256i pair_avx2(const uint8_t *codes, int both, const int8_
             if (2 * k < n) {                                                                                  \
                 __m256i lo, hi;                                                                               \
                 NIBBLES(codes + 16 * (j + 2 * k), 2 * k + 1 < n, &lo, &hi);                                   \
-                UNROLL4 for (int t = 0; t < 4; t++) p[t][k] = PLANES(lo, hi, pairs + t * pair_stride + 64 * (j + 2 * k)); \
+                UNROLL4 for (int t = 0; t < 4; t++) p[t][k] = PLANES(lo, hi, el_pair_at(quads + t * quad_stride, j + 2 * k)); \
             } else {                                                                                          \
                 UNROLL4 for (int t = 0; t < 4; t++) p[t][k] = _mm256_setzero_si256();                         \
             }                                                                                                 \
@@ -407,13 +408,13 @@ static inline AVX2 __m256i pair_avx2(const uint8_t *codes, int both, const int8_
     UNROLL4 for (int t = 0; t < 4; t++) y[t * y_stride] = hsum_f32x8(acc[t]);
 
 static AVX2 void row4_q4_avx2(float *y, size_t y_stride, int32_t format, const uint8_t *codes, const float *scales,
-                              const float *mins, const int8_t *pairs, size_t pair_stride, const float *xd,
+                              const float *mins, const int8_t *quads, size_t quad_stride, const float *xd,
                               const int32_t *xsum, size_t x_stride, int32_t nb) {
     ROW4_Q4(planes_avx2, nibbles2)
 }
 
 static AVX2 float row_q4_avx2(int32_t format, const uint8_t *codes, const float *scales, const float *mins,
-                              const int8_t *pairs, const float *xd, const int32_t *xsum, int32_t nb) {
+                              const int8_t *quads, const float *xd, const int32_t *xsum, int32_t nb) {
     ROW_Q4(pair_avx2)
 }
 
@@ -546,9 +547,9 @@ const el_kernels el_kernels_avx2 = {
 };
 
 /* ---- AVX-512 VNNI: vpdpbusd (unsigned codes x signed q, four products into each int32 lane,
- * no saturation) in its 256-bit EVEX form, one block per instruction. On the cores measured
- * (Zen 4) 512-bit vectors run as two 256-bit halves and gathering two 40-byte activation blocks
- * into one costs more than it saves. -------------------------------------------------------- */
+ * no saturation). 8-bit rows and the isums use its 256-bit EVEX form, one block per instruction:
+ * el_block_q16a's planes are 72 bytes apart, and gathering two blocks into one 512-bit vector
+ * costs more than it saves. 4-bit rows read the quads (below). ------------------------------- */
 
 /* 256 * sum(code * qh) + sum(code * ql): two vpdpbusd with a shift between them */
 static inline AVX512VNNI __m256i dot_planes_vnni(__m256i codes, const el_block_q16a *x) {
@@ -581,31 +582,75 @@ static AVX512VNNI void isums_q8_avx512vnni(int32_t *isum, const uint8_t *codes, 
     for (j = 0; j < nb; j++) isum[j] -= 128 * x[j].sum;
 }
 
-/* a pair of blocks with vpdpbusd: (sum even + sum odd) of the high plane, shifted, then the low plane */
-static inline AVX512VNNI __m256i planes_vnni(__m256i lo, __m256i hi, const int8_t *pair) {
-    const __m256i *p = (const __m256i *)pair;
-    __m256i h = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, _mm256_loadu_si256(p)), hi,
-                                    _mm256_loadu_si256(p + 1));
-    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_slli_epi32(h, 8), lo, _mm256_loadu_si256(p + 2)), hi,
-                               _mm256_loadu_si256(p + 3));
+/* ---- 4-bit rows a quad (four blocks, kernels.h) per 512-bit vector: on the cores measured (Zen 5
+ * in a VM: 512-bit ops issue at half the 256-bit rate) they do the same integer work as 256-bit
+ * pairs with half the instructions, and the eight block sums of two quads come out of one short
+ * reduction instead of three vphaddd. ------------------------------------------------------- */
+
+/* codes of blocks j .. j+n-1 (n <= 4; the bytes of missing blocks load as zeros, never read) */
+static inline AVX512VNNI void nibbles4(const uint8_t *codes, int32_t n, __m512i *lo, __m512i *hi) {
+    const __m512i m = _mm512_set1_epi8(0x0F);
+    __m512i b = n >= 4 ? _mm512_loadu_si512(codes) : _mm512_maskz_loadu_epi8((__mmask64)((1ull << (16 * n)) - 1), codes);
+    *lo = _mm512_and_si512(b, m);
+    *hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m);
 }
 
-static inline AVX512VNNI __m256i pair_vnni(const uint8_t *codes, int both, const int8_t *pair) {
-    __m256i lo, hi;
-    nibbles2(codes, both, &lo, &hi);
-    return planes_vnni(lo, hi, pair);
+/* 256 * sum(code * qh) + sum(code * ql) of a quad: lanes 4k .. 4k+3 hold block k's partial sums */
+static inline AVX512VNNI __m512i quad_vnni(__m512i lo, __m512i hi, const int8_t *quad) {
+    const __m512i *p = (const __m512i *)quad;
+    __m512i h = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(p)), hi,
+                                    _mm512_loadu_si512(p + 1));
+    __m512i l = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(p + 2)), hi,
+                                    _mm512_loadu_si512(p + 3));
+    return _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);
 }
 
+/* z0 (blocks 0-3) and z1 (blocks 4-7) -> the eight block sums in order (exact int32 adds) */
+static inline AVX512VNNI __m256i reduce_quads(__m512i z0, __m512i z1) {
+    __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi32(z0, z1), _mm512_unpackhi_epi32(z0, z1));
+    __m512i u = _mm512_add_epi32(t, _mm512_shuffle_epi32(t, _MM_PERM_BADC)); /* per 128 bits: z0's, z1's, z0's, z1's */
+    return _mm512_castsi512_si256(
+        _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0), u));
+}
+
+/* One row against four tokens: the codes of eight blocks are unpacked once for the four, and each
+ * token's sums and terms go exactly as row_q4_avx512vnni's (so each y is bit-identical to it). */
 static AVX512VNNI void row4_q4_avx512vnni(float *y, size_t y_stride, int32_t format, const uint8_t *codes,
-                                          const float *scales, const float *mins, const int8_t *pairs,
-                                          size_t pair_stride, const float *xd, const int32_t *xsum, size_t x_stride,
+                                          const float *scales, const float *mins, const int8_t *quads,
+                                          size_t quad_stride, const float *xd, const int32_t *xsum, size_t x_stride,
                                           int32_t nb) {
-    ROW4_Q4(planes_vnni, nibbles2)
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int32_t j = 0; j < nb; j += 8) {
+        int32_t n = nb - j < 8 ? nb - j : 8;
+        __m512i lo0, hi0, lo1 = _mm512_setzero_si512(), hi1 = _mm512_setzero_si512();
+        nibbles4(codes + 16 * j, n, &lo0, &hi0);
+        if (n > 4) nibbles4(codes + 16 * j + 64, n - 4, &lo1, &hi1);
+        UNROLL4 for (int t = 0; t < 4; t++) {
+            const int8_t *q = quads + t * quad_stride + 64 * j;
+            __m512i z0 = quad_vnni(lo0, hi0, q), z1 = n > 4 ? quad_vnni(lo1, hi1, q + EL_QUAD_BYTES) : _mm512_setzero_si512();
+            acc[t] = _mm256_add_ps(acc[t], terms8(format, reduce_quads(z0, z1), scales + j, mins ? mins + j : NULL,
+                                                  xd + t * x_stride + j, xsum + t * x_stride + j, n));
+        }
+    }
+    UNROLL4 for (int t = 0; t < 4; t++) y[t * y_stride] = hsum_f32x8(acc[t]);
 }
 
 static AVX512VNNI float row_q4_avx512vnni(int32_t format, const uint8_t *codes, const float *scales, const float *mins,
-                                         const int8_t *pairs, const float *xd, const int32_t *xsum, int32_t nb) {
-    ROW_Q4(pair_vnni)
+                                         const int8_t *quads, const float *xd, const int32_t *xsum, int32_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int32_t j = 0; j < nb; j += 8) {
+        int32_t n = nb - j < 8 ? nb - j : 8;
+        __m512i lo, hi, z0, z1 = _mm512_setzero_si512();
+        nibbles4(codes + 16 * j, n, &lo, &hi);
+        z0 = quad_vnni(lo, hi, quads + 64 * j); /* quads + (j / 4) * EL_QUAD_BYTES */
+        if (n > 4) {
+            nibbles4(codes + 16 * j + 64, n - 4, &lo, &hi);
+            z1 = quad_vnni(lo, hi, quads + 64 * j + EL_QUAD_BYTES);
+        }
+        acc = _mm256_add_ps(acc, terms8(format, reduce_quads(z0, z1), scales + j, mins ? mins + j : NULL, xd + j,
+                                        xsum + j, n));
+    }
+    return hsum_f32x8(acc); /* ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)), the order of api.c */
 }
 
 static inline AVX512VNNI __m256i block_q8_vnni(const uint8_t *codes32, const el_block_q16a *x) {
