@@ -64,6 +64,8 @@ typedef struct {
     const el_kernels *k;
 } matmul_job;
 
+#define TILE_BYTES (24 * 1024) /* half of a 48 KB L1 (Zen 4/5); Cortex-A76's 64 KB holds it too */
+
 static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
     const el_qmatrix *w = job->w;
     const el_kernels *k = job->k;
@@ -82,21 +84,29 @@ static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
 
     if (w->block == 32 && (q4 ? k->row_q4 != NULL : k->row_q8 != NULL)) { /* the fused row kernels */
         const size_t quad_stride = el_quad_stride(nb);
-        for (int32_t r = r0; r < r1; r++) {
-            const uint8_t *codes = w->qweight + (size_t)r * row_bytes;
-            const float *sc = w->scales + (size_t)r * n_wblocks;
-            const float *mn = w->mins ? w->mins + (size_t)r * n_wblocks : NULL;
-            int32_t t = 0;
-            if (q4 && k->row4_q4)
-                for (; t + 4 <= n_tokens; t += 4)
-                    k->row4_q4(job->y + (size_t)t * rows + r, (size_t)rows, format, codes, sc, mn,
-                               job->x.quads + t * quad_stride, quad_stride, xd + (size_t)t * nb, xsum + (size_t)t * nb,
-                               (size_t)nb, nb);
-            for (; t < n_tokens; t++) {
-                size_t o = (size_t)t * nb;
-                job->y[(size_t)t * rows + r] =
-                    q4 ? k->row_q4(format, codes, sc, mn, job->x.quads + t * quad_stride, xd + o, xsum + o, nb)
-                       : k->row_q8(codes, sc, x + o, xd + o, xsum + o, nb);
+        /* Tiles of tokens whose activations stay in L1 (TILE_BYTES) while the rows stream past:
+         * a prefill chunk's activations read once per row would come from L2, and that traffic,
+         * not the arithmetic, would set the pace. Every y is still one kernel call's. */
+        int32_t tile = (int32_t)(TILE_BYTES / (quad_stride + (size_t)nb * 8)) & ~3;
+        if (tile < 4) tile = 4;
+        for (int32_t t0 = 0; t0 < n_tokens; t0 += tile) {
+            const int32_t t1 = t0 + tile < n_tokens ? t0 + tile : n_tokens;
+            for (int32_t r = r0; r < r1; r++) {
+                const uint8_t *codes = w->qweight + (size_t)r * row_bytes;
+                const float *sc = w->scales + (size_t)r * n_wblocks;
+                const float *mn = w->mins ? w->mins + (size_t)r * n_wblocks : NULL;
+                int32_t t = t0;
+                if (q4 && k->row4_q4)
+                    for (; t + 4 <= t1; t += 4)
+                        k->row4_q4(job->y + (size_t)t * rows + r, (size_t)rows, format, codes, sc, mn,
+                                   job->x.quads + t * quad_stride, quad_stride, xd + (size_t)t * nb,
+                                   xsum + (size_t)t * nb, (size_t)nb, nb);
+                for (; t < t1; t++) {
+                    size_t o = (size_t)t * nb;
+                    job->y[(size_t)t * rows + r] =
+                        q4 ? k->row_q4(format, codes, sc, mn, job->x.quads + t * quad_stride, xd + o, xsum + o, nb)
+                           : k->row_q8(codes, sc, x + o, xd + o, xsum + o, nb);
+                }
             }
         }
         return;
