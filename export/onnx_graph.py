@@ -51,6 +51,7 @@ class DecoderGraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.arrays: dict[str, np.ndarray] = {}  # initializers, in the order they are first used
         self._block_sums: dict[tuple[str, int], str] = {}  # (activation, block) -> [B,S,n_blocks]
+        self._float32: dict[str, str] = {}  # float16 initializer -> its Cast to float32
 
     # -- small helpers --------------------------------------------------------------------
     def node(self, op: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "", **attrs) -> list[str]:
@@ -66,6 +67,13 @@ class DecoderGraphBuilder:
             self.arrays[name] = np.asarray(value)
         return name
 
+    def as_float32(self, name: str) -> str:
+        """A float16 initializer (block scales, mins: weights.bin stores them as GGUF does) as float32,
+        through one Cast that ONNX Runtime folds into a constant at load; the graph's math is float32."""
+        if name not in self._float32:
+            self._float32[name] = self.op("Cast", [name], f"/float32/{name}", to=TensorProto.FLOAT)
+        return self._float32[name]
+
     def weight(self, name: str) -> str:
         return self.const(name, np.asarray(self.tensors[name], np.float32))
 
@@ -75,7 +83,7 @@ class DecoderGraphBuilder:
         t: BlockQuantTensor = self.tensors[name]
         self.const(f"{name}.qweight", t.packed_codes())
         self.const(f"{name}.scales", np.ascontiguousarray(t.scales))
-        inputs = [x, f"{name}.qweight", f"{name}.scales"]
+        inputs = [x, f"{name}.qweight", self.as_float32(f"{name}.scales")]
         if t.mins is not None:  # codes*scale + min: integer zero point 0 here, the min term below
             zero = np.zeros(t.rows * -(-t.n_blocks * t.bits // 8), np.uint8)
             inputs.append(self.const(f"const.zero_points.u{t.bits}.{t.rows}x{t.n_blocks}", zero))
@@ -85,8 +93,8 @@ class DecoderGraphBuilder:
                     bits=t.bits, block_size=t.block, accuracy_level=self.accuracy_level)
         if t.mins is None:
             return y
-        mins_t = self.op("Transpose", [self.const(f"{name}.mins", np.ascontiguousarray(t.mins))],
-                         f"{path}/mins_T", perm=[1, 0])  # [n_blocks, N], folded at load
+        self.const(f"{name}.mins", np.ascontiguousarray(t.mins))
+        mins_t = self.op("Transpose", [self.as_float32(f"{name}.mins")], f"{path}/mins_T", perm=[1, 0])  # [n_blocks, N], folded at load
         min_term = self.op("MatMul", [self.block_sums(x, t), mins_t], f"{path}/MatMul_mins")
         return self.op("Add", [y, min_term], f"{path}/Add_mins")
 
@@ -98,7 +106,7 @@ class DecoderGraphBuilder:
         split into nibble planes by ops ONNX Runtime folds into constants at load.
         """
         codes = f"{name}.qweight"  # uint8 [N, n_blocks, block]
-        scales = f"{name}.scales"
+        scales = self.as_float32(f"{name}.scales")
         u8 = lambda v, tag: self.const(f"const.u8.{tag}", np.array(v, np.uint8))  # noqa: E731
         planes = {"lo": self.op("BitwiseAnd", [codes, u8(15, "15")], f"{path}/lo"),
                   "hi": self.op("BitShift", [codes, u8(4, "4")], f"{path}/hi", direction="RIGHT")}
@@ -168,11 +176,13 @@ class DecoderGraphBuilder:
                              f"{path}/codes")
         codes = self.op("Cast", [packed], f"{path}/Cast", to=TensorProto.FLOAT)  # [B,S,nb,block]
         axis = self.const("const.axes.-1", np.array([-1], np.int64))
-        scales = self.op("Unsqueeze", [self.op("Gather", [f"{name}.scales", ids], f"{path}/Gather_scales", axis=0),
-                                       axis], f"{path}/scales_u")
+        # the rows' float16 scales (and mins) gathered, then made float32: only the looked-up rows
+        gathered = {part: self.op("Cast", [self.op("Gather", [f"{name}.{part}", ids], f"{path}/Gather_{part}", axis=0)],
+                                  f"{path}/Cast_{part}", to=TensorProto.FLOAT) for part in ("scales", "mins")
+                    if part == "scales" or t.mins is not None}
+        scales = self.op("Unsqueeze", [gathered["scales"], axis], f"{path}/scales_u")
         if t.mins is not None:  # codes*scale + min
-            mins = self.op("Unsqueeze", [self.op("Gather", [f"{name}.mins", ids], f"{path}/Gather_mins", axis=0),
-                                         axis], f"{path}/mins_u")
+            mins = self.op("Unsqueeze", [gathered["mins"], axis], f"{path}/mins_u")
             values = self.op("Add", [self.op("Mul", [codes, scales], f"{path}/Mul"), mins], f"{path}/Add")
         else:  # (codes - implied zero point) * scale
             zp = self.const(f"const.f32.zp{t.bits}", np.array(2 ** (t.bits - 1), np.float32))

@@ -1,19 +1,22 @@
 """Block quantization formats, defined once in numpy (the C header mirrors these, bit-exact).
 
 Every quantized matrix is [rows, cols] with blocks of `block` consecutive values along cols
-(the input dimension). Formats (bits per weight: codes + fp32 scale (+ fp32 min), blocks of 32):
+(the input dimension). Formats (bits per weight: codes + fp16 scale (+ fp16 min), blocks of 32):
 
-  int4_asym  w = code * scale + min,   codes 0..15   (4 + 64/32 = 6.0 bpw)
+  int4_asym  w = code * scale + min,   codes 0..15   (4 + 32/32 = 5.0 bpw)
              GGUF Q4_1 (w = d*q + m) maps bit-exactly: code=q, scale=d, min=m.
-  int4_sym   w = (code - 8) * scale,   codes 0..15   (4 + 32/32 = 5.0 bpw)
+  int4_sym   w = (code - 8) * scale,   codes 0..15   (4 + 16/32 = 4.5 bpw)
              GGUF Q4_0 (w = d*(q - 8)) maps bit-exactly: code=q, scale=d.
-  int8_sym   w = (code - 128) * scale, codes 0..255  (8 + 32/32 = 9.0 bpw)
+  int8_sym   w = (code - 128) * scale, codes 0..255  (8 + 16/32 = 8.5 bpw)
              GGUF Q8_0 (w = d*q, q int8) maps bit-exactly: code=q+128, scale=d.
+Scales and mins are float16, as in GGUF: a GGUF's blocks are carried bit for bit, and a decode step,
+which reads every weight once, reads 5 bits per weight instead of the 6 float32 scales cost. The
+math that reads them is float32 (every float16 is exactly a float32).
 
 Storage is ONNX Runtime's MatMulNBits layout, which the native engine maps too:
   qweight  uint8 [rows, n_blocks, block*bits/8]; 4-bit: byte k = code[2k] | code[2k+1] << 4
-  scales   float32 [rows, n_blocks]
-  mins     float32 [rows, n_blocks] (int4_asym only)
+  scales   float16 [rows, n_blocks]
+  mins     float16 [rows, n_blocks] (int4_asym only)
 The minimum is kept as its own term rather than folded into a float zero point (-m/d): that is
 exact, and ONNX Runtime runs MatMulNBits with float zero points ~20x slower than with integer
 ones. The graph computes x.w = MatMulNBits(x; codes, scale, zero point 0) + blocksum(x) . min.
@@ -45,8 +48,8 @@ class BlockQuantTensor:
     cols: int
     block: int
     codes: np.ndarray  # uint8 [rows, n_blocks, block], values 0 .. 2**bits - 1
-    scales: np.ndarray  # float32 [rows, n_blocks]
-    mins: np.ndarray | None  # float32 [rows, n_blocks] for int4_asym, else None
+    scales: np.ndarray  # float16 [rows, n_blocks]
+    mins: np.ndarray | None  # float16 [rows, n_blocks] for int4_asym, else None
     source_format: str = ""  # provenance, e.g. "gguf:Q4_1" or "f32"
 
     @property
@@ -58,11 +61,11 @@ class BlockQuantTensor:
         return self.codes.shape[1]
 
     def dequantize(self) -> np.ndarray:  # float32 [rows, cols]
-        codes = self.codes.astype(np.float32)
+        codes, scales = self.codes.astype(np.float32), self.scales.astype(np.float32)[..., None]
         if self.mins is not None:
-            values = codes * self.scales[..., None] + self.mins[..., None]
+            values = codes * scales + self.mins.astype(np.float32)[..., None]
         else:
-            values = (codes - np.float32(FORMATS[self.format][1])) * self.scales[..., None]
+            values = (codes - np.float32(FORMATS[self.format][1])) * scales
         return values.reshape(self.rows, -1)[:, : self.cols]
 
     def take_rows(self, index: np.ndarray) -> "BlockQuantTensor":
@@ -95,6 +98,11 @@ def _gguf_blocks(raw: np.ndarray, rows: int, cols: int, block_bytes: int) -> np.
     return blocks
 
 
+def _gguf_half(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The float16 at byte `at` of every block: float16 [rows, n_blocks], the bits as they are."""
+    return np.ascontiguousarray(blocks[..., at:at + 2]).view(np.float16)[..., 0].copy()
+
+
 def _gguf_nibbles(qs: np.ndarray) -> np.ndarray:
     """GGUF's 16 bytes of a 4-bit block -> 32 codes (low nibbles first, then high nibbles)."""
     return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
@@ -102,27 +110,43 @@ def _gguf_nibbles(qs: np.ndarray) -> np.ndarray:
 
 def from_gguf_q4_1(raw: np.ndarray, rows: int, cols: int) -> BlockQuantTensor:
     blocks = _gguf_blocks(raw, rows, cols, 20)  # d f16, m f16, qs[16]
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    d, m = _gguf_half(blocks, 0), _gguf_half(blocks, 2)
     return BlockQuantTensor("int4_asym", rows, cols, 32, _gguf_nibbles(blocks[..., 4:]), d, m, "gguf:Q4_1")
 
 
 def from_gguf_q4_0(raw: np.ndarray, rows: int, cols: int) -> BlockQuantTensor:
     blocks = _gguf_blocks(raw, rows, cols, 18)  # d f16, qs[16]
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    d = _gguf_half(blocks, 0)
     return BlockQuantTensor("int4_sym", rows, cols, 32, _gguf_nibbles(blocks[..., 2:]), d, None, "gguf:Q4_0")
 
 
 def from_gguf_q8_0(raw: np.ndarray, rows: int, cols: int) -> BlockQuantTensor:
     blocks = _gguf_blocks(raw, rows, cols, 34)  # d f16, qs[32] int8
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    d = _gguf_half(blocks, 0)
     codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
     return BlockQuantTensor("int8_sym", rows, cols, 32, codes, d, None, "gguf:Q8_0")
 
 
 # ---------------------------------------------------------------------------------------------
 # Float -> our formats. Rounding is round-half-away-from-zero done as in ggml (trunc(x + 0.5) on
-# non-negative values), so that the C quantizer can reproduce it bit for bit.
+# non-negative values). The scale (and min) is rounded to float16 FIRST, away from the block's values
+# (scales up in magnitude, mins down), and the codes are computed with the stored value: so every
+# value stays within half a step of its code, as with float32 scales (ggml computes the codes with
+# the unrounded scale and can land a value a rounding error past the last code).
+
+def _half_outward(v: np.ndarray, up: bool) -> np.ndarray:
+    """float32 -> the nearest float16 at or above v (up) or at or below it; an error if v is past float16."""
+    h = v.astype(np.float16)
+    short = h.astype(np.float32) < v if up else h.astype(np.float32) > v
+    h = np.where(short, np.nextafter(h, np.float16(np.inf if up else -np.inf)), h)
+    if not np.all(np.isfinite(h)):
+        raise EdgeLLMError(f"a block's scale or minimum is beyond float16's range (|v| > 65504): "
+                           f"max |v| = {float(np.abs(v).max()):.6g}", "the weights are not a trained model's")
+    return h
+
+
+def _half_magnitude_up(v: np.ndarray) -> np.ndarray:
+    return np.where(v < 0, -_half_outward(-v, up=True), _half_outward(np.abs(v), up=True)).astype(np.float16)
 
 def _float_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, int]:
     if weight.ndim != 2:
@@ -143,25 +167,29 @@ def quantize(weight: np.ndarray, fmt: str, block: int = 32, source_format: str =
     x, cols = _float_blocks(np.asarray(weight, np.float32), block)
     rows = x.shape[0]
     if fmt == "int4_asym":
-        lo, hi = x.min(axis=-1), x.max(axis=-1)
-        scale = ((hi - lo) / np.float32(15)).astype(np.float32)
+        lo16 = _half_outward(x.min(axis=-1), up=False)
+        lo = lo16.astype(np.float32)
+        scale16 = _half_outward(((x.max(axis=-1) - lo) / np.float32(15)).astype(np.float32), up=True)
+        scale = scale16.astype(np.float32)
         inv = np.where(scale == 0, np.float32(0), np.float32(1) / np.where(scale == 0, 1, scale))
         codes = np.trunc((x - lo[..., None]) * inv[..., None] + np.float32(0.5)).clip(0, 15).astype(np.uint8)
-        return BlockQuantTensor(fmt, rows, cols, block, codes, scale, lo.astype(np.float32), source_format)
+        return BlockQuantTensor(fmt, rows, cols, block, codes, scale16, lo16, source_format)
     if fmt == "int4_sym":
         index = np.abs(x).argmax(axis=-1)[..., None]
         signed_max = np.take_along_axis(x, index, axis=-1)[..., 0]
-        scale = (signed_max / np.float32(-8)).astype(np.float32)
+        scale16 = _half_magnitude_up((signed_max / np.float32(-8)).astype(np.float32))
+        scale = scale16.astype(np.float32)
         inv = np.where(scale == 0, np.float32(0), np.float32(1) / np.where(scale == 0, 1, scale))
         codes = np.trunc(x * inv[..., None] + np.float32(8.5)).clip(0, 15).astype(np.uint8)
-        return BlockQuantTensor(fmt, rows, cols, block, codes, scale, None, source_format)
+        return BlockQuantTensor(fmt, rows, cols, block, codes, scale16, None, source_format)
     # int8_sym
-    scale = (np.abs(x).max(axis=-1) / np.float32(127)).astype(np.float32)
+    scale16 = _half_outward((np.abs(x).max(axis=-1) / np.float32(127)).astype(np.float32), up=True)
+    scale = scale16.astype(np.float32)
     inv = np.where(scale == 0, np.float32(0), np.float32(1) / np.where(scale == 0, 1, scale))
     scaled = x * inv[..., None]
     rounded = np.sign(scaled) * np.trunc(np.abs(scaled) + np.float32(0.5))  # ggml's roundf
     codes = (rounded.clip(-127, 127) + 128).astype(np.uint8)
-    return BlockQuantTensor(fmt, rows, cols, block, codes, scale, None, source_format)
+    return BlockQuantTensor(fmt, rows, cols, block, codes, scale16, None, source_format)
 
 
 def quantization_error(weight: np.ndarray, tensor: BlockQuantTensor) -> dict[str, float]:

@@ -12,13 +12,18 @@
  *   qweight  uint8   [rows][n_blocks][block * bits / 8]
  *            4-bit: byte k holds code 2k in its low nibble and code 2k+1 in its high nibble
  *            (ONNX Runtime's MatMulNBits order; GGUF's Q4_0/Q4_1 order is re-packed at export)
- *   scales   float32 [rows][n_blocks]
- *   mins     float32 [rows][n_blocks]   int4_asym only
+ *   scales   float16 [rows][n_blocks]  (IEEE binary16 bits, el_half; read as the float32 they equal)
+ *   mins     float16 [rows][n_blocks]   int4_asym only
  *
  *   format      weight                    codes     bits per weight (block 32)
- *   int4_asym   w = code * scale + min    0..15     4 + 64/32 = 6.0   (= GGUF Q4_1)
- *   int4_sym    w = (code - 8) * scale    0..15     4 + 32/32 = 5.0   (= GGUF Q4_0)
- *   int8_sym    w = (code - 128) * scale  0..255    8 + 32/32 = 9.0   (= GGUF Q8_0, code = q + 128)
+ *   int4_asym   w = code * scale + min    0..15     4 + 32/32 = 5.0   (= GGUF Q4_1)
+ *   int4_sym    w = (code - 8) * scale    0..15     4 + 16/32 = 4.5   (= GGUF Q4_0)
+ *   int8_sym    w = (code - 128) * scale  0..255    8 + 16/32 = 8.5   (= GGUF Q8_0, code = q + 128)
+ *
+ * float16 like GGUF's blocks, so a GGUF's scales are carried bit for bit, and a decode step, which
+ * streams every weight once, reads 5 bits per weight instead of 6 (float32 scales and mins were a
+ * sixth of the bytes). Every use converts a scale to float32 exactly first, so the math below is
+ * float32 throughout.
  *
  * Block sizes 32, 64 and 128 are supported (a multiple of the activation block, 32).
  *
@@ -53,7 +58,7 @@
 extern "C" {
 #endif
 
-#define EL_ABI_VERSION 3
+#define EL_ABI_VERSION 4
 #define EL_QBLOCK 32 /* values per activation block */
 
 /* The declarations from here to EL_CDEF_END are read verbatim by native/build_ffi.py as the
@@ -70,6 +75,8 @@ enum el_status {
 
 enum el_format { EL_INT4_ASYM = 0, EL_INT4_SYM = 1, EL_INT8_SYM = 2 };
 
+typedef uint16_t el_half; /* an IEEE binary16 value's bits (the block scales and mins) */
+
 /* One activation block: 72 bytes; x_i ~ d * (256 * qh_i + ql_i). */
 typedef struct {
     float d;        /* the fine scale amax / 127 / 256; NaN if the block held a NaN or an infinity */
@@ -84,8 +91,8 @@ typedef struct {
     int32_t rows, cols;      /* logical shape [rows, cols] */
     int32_t block;           /* 32, 64 or 128 */
     const uint8_t *qweight;  /* [rows][ceil(cols/block)][block*bits/8] */
-    const float *scales;     /* [rows][ceil(cols/block)] */
-    const float *mins;       /* [rows][ceil(cols/block)] for int4_asym, else NULL */
+    const el_half *scales;   /* [rows][ceil(cols/block)] */
+    const el_half *mins;     /* [rows][ceil(cols/block)] for int4_asym, else NULL */
 } el_qmatrix;
 
 typedef struct el_pool el_pool;
@@ -227,7 +234,7 @@ typedef struct { uint8_t qs[EL_QBLOCK]; } el_codes_q8;     /* code = q + 128 */
 _Static_assert(sizeof(el_block_q16a) == 8 + 2 * EL_QBLOCK, "el_block_q16a: float d, int32 sum, 2 x 32 x int8");
 _Static_assert(sizeof(el_codes_q4) == 16, "4 bits per code");
 _Static_assert(sizeof(el_codes_q8) == 32, "8 bits per code");
-_Static_assert(sizeof(float) == 4, "fp32 scales and mins");
+_Static_assert(sizeof(float) == 4 && sizeof(el_half) == 2, "float32 math, float16 scales and mins");
 #endif
 
 #endif /* EDGELLM_H */

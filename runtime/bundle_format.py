@@ -4,7 +4,7 @@ import hashlib
 from pathlib import Path
 
 FORMAT_NAME = "edgellm-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ALIGN = 64  # bytes: every tensor in weights.bin starts at a multiple of this
 
 MANIFEST_FILE = "manifest.json"

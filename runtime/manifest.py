@@ -29,9 +29,13 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
         raise EdgeLLMError(f"{path}: missing fields {', '.join(missing)}", "the bundle is damaged; export it again")
     if manifest["format"] != FORMAT_NAME:
         raise EdgeLLMError(f"{path}: format is {manifest['format']!r}, expected {FORMAT_NAME!r}")
-    if manifest["format_version"] > FORMAT_VERSION:
-        raise EdgeLLMError(f"{path}: format version {manifest['format_version']} is newer than this edgellm "
+    version = manifest["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise EdgeLLMError(f"{path}: format version {version!r} is newer than this edgellm "
                            f"understands ({FORMAT_VERSION})", "upgrade edgellm")
+    if version < FORMAT_VERSION:  # 1 stored float32 block scales; 2 stores float16, as GGUF
+        raise EdgeLLMError(f"{path}: format version {version} is older than this edgellm reads ({FORMAT_VERSION}: "
+                           f"float16 block scales)", f"export it again: edgellm export SRC -o {bundle} --force")
     check_files(bundle, manifest)
     return manifest
 

@@ -196,7 +196,7 @@ def _pool_handle(pool: ThreadPool | None):
 class QMatrix:
     """A block-quantized [rows, cols] matrix in the layout of native/edgellm.h (and of weights.bin).
 
-    qweight uint8 [rows, n_blocks, block*bits/8], scales float32 [rows, n_blocks], mins float32
+    qweight uint8 [rows, n_blocks, block*bits/8], scales float16 [rows, n_blocks], mins float16
     [rows, n_blocks] for int4_asym. The arrays are referenced, not copied: a memory-mapped
     weights.bin stays on disk.
     """
@@ -220,16 +220,16 @@ class QMatrix:
             raise EdgeLLMError(f"bad matrix shape [{self.rows}, {self.cols}]")
         n_blocks = -(-self.cols // self.block)
         _array(self.qweight, np.uint8, "qweight", self.rows * n_blocks * self.block * BITS[self.format] // 8)
-        _array(self.scales, np.float32, "scales", self.rows * n_blocks)
+        _array(self.scales, np.float16, "scales", self.rows * n_blocks)
         if self.format == "int4_asym":
             if self.mins is None:
                 raise EdgeLLMError("int4_asym needs mins")
-            _array(self.mins, np.float32, "mins", self.rows * n_blocks)
+            _array(self.mins, np.float16, "mins", self.rows * n_blocks)
         elif self.mins is not None:
             raise EdgeLLMError(f"{self.format} has no mins")
         ffi, _ = _load()
-        buffers = (_ptr(ffi, "uint8_t[]", self.qweight), _ptr(ffi, "float[]", self.scales),
-                   _ptr(ffi, "float[]", self.mins) if self.mins is not None else ffi.NULL)
+        buffers = (_ptr(ffi, "uint8_t[]", self.qweight), _ptr(ffi, "el_half[]", self.scales),
+                   _ptr(ffi, "el_half[]", self.mins) if self.mins is not None else ffi.NULL)
         struct = ffi.new("el_qmatrix *")
         struct.format, struct.rows, struct.cols, struct.block = FORMATS[self.format], self.rows, self.cols, self.block
         struct.qweight, struct.scales, struct.mins = buffers
@@ -539,8 +539,11 @@ def reduce_lanes(lanes: np.ndarray) -> np.ndarray:
 def matvec_numpy(fmt: str, codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, cols: int,
                  xq: np.ndarray) -> np.ndarray:
     """y float32 [rows] from unpacked codes uint8 [rows, n_blocks, block] (quant_formats' codes),
-    scales/mins [rows, n_blocks] and activation blocks xq [ceil(cols/32)], in the C order."""
+    scales/mins [rows, n_blocks] (float16, as weights.bin stores them, or float32) and activation blocks
+    xq [ceil(cols/32)], in the C order."""
     rows, _, block = codes.shape
+    scales = scales.astype(np.float32)  # exact: every float16 is a float32
+    mins = None if mins is None else mins.astype(np.float32)
     n_xblocks = -(-cols // ACT_BLOCK)
     c = codes.reshape(rows, -1)[:, : n_xblocks * ACT_BLOCK].reshape(rows, n_xblocks, ACT_BLOCK)
     isum = ((c.astype(np.int64) - ZERO_POINTS[fmt]) * activation_values(xq)).sum(axis=-1)  # exact, |isum| < 2**31

@@ -36,7 +36,7 @@ class HostEmbedding:
     def __init__(self, weights, matrix: dict):
         self.format, self.bits, self.cols = matrix["format"], matrix["bits"], matrix["cols"]
         self.codes = weights.array(matrix["qweight"])  # uint8 [V, n_blocks, block*bits/8]
-        self.scales = weights.array(matrix["scales"])  # float32 [V, n_blocks]
+        self.scales = weights.array(matrix["scales"])  # float16 [V, n_blocks]
         self.mins = weights.array(matrix["mins"]) if matrix.get("mins") else None
         if self.mins is None and self.format not in FORMAT_ZERO_POINTS:
             raise BundleError(f"embedding table format {self.format!r} is not one the NPU backend reads",
@@ -51,9 +51,9 @@ class HostEmbedding:
         if self.bits == 4:  # code 2k in the low nibble, 2k+1 in the high one
             packed = np.stack([packed & np.uint8(15), packed >> np.uint8(4)], axis=-1).reshape(*packed.shape[:2], -1)
         codes = packed.astype(np.float32)  # [n, nb, block]
-        scales = np.asarray(self.scales[ids])[..., None]
+        scales = np.asarray(self.scales[ids], np.float32)[..., None]  # exact: float16 -> float32
         if self.mins is not None:
-            values = codes * scales + np.asarray(self.mins[ids])[..., None]
+            values = codes * scales + np.asarray(self.mins[ids], np.float32)[..., None]
         else:
             values = (codes - np.float32(FORMAT_ZERO_POINTS[self.format])) * scales
         return values.reshape(len(ids), -1)[:, : self.cols]

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .bundle_format import FORMAT_VERSION, MANIFEST_FILE
 from .errors import EdgeLLMError, InvalidSettingError
 from .generation import Chunk
 from .sampling import SamplingParams
@@ -24,15 +25,28 @@ def default_bundle_dir() -> Path:
     return cache / "smollm2-135m-instruct"
 
 
+def _format_version(bundle: Path):
+    """The format_version a bundle's manifest records; None when there is no readable manifest."""
+    try:
+        return json.loads((bundle / MANIFEST_FILE).read_text(encoding="utf-8")).get("format_version")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def ensure_default_bundle() -> Path:
     """The default model's bundle, exported into the cache folder on first use."""
     bundle = default_bundle_dir()
-    if (bundle / "manifest.json").is_file():
+    version = _format_version(bundle)
+    if version == FORMAT_VERSION:
         return bundle
     from .export_command import require_export_extras
 
     require_export_extras()
-    print(f"first use: exporting the default model to {bundle}", file=sys.stderr)
+    if version is None:
+        print(f"first use: exporting the default model to {bundle}", file=sys.stderr)
+    else:  # a bundle an older (or newer) edgellm wrote into the cache
+        print(f"the cached default model is bundle format {version}, this edgellm reads {FORMAT_VERSION}: "
+              f"exporting it again to {bundle}", file=sys.stderr)
     bundle.parent.mkdir(parents=True, exist_ok=True)
     # In a child process, so that the exporter's memory (float weights for verification) is not
     # counted in this process's resident set for the rest of its life.

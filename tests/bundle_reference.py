@@ -14,9 +14,9 @@ def reference_from_bundle(bundle, manifest) -> ReferenceModel:
     tensors = {}
     for name, m in manifest["matrices"].items():
         codes = unpack_codes(np.asarray(weights.array(m["qweight"])), m["bits"]).astype(np.float32)
-        scales = np.asarray(weights.array(m["scales"]))[..., None]
+        scales = np.asarray(weights.array(m["scales"]), np.float32)[..., None]
         if m["mins"]:
-            values = codes * scales + np.asarray(weights.array(m["mins"]))[..., None]
+            values = codes * scales + np.asarray(weights.array(m["mins"]), np.float32)[..., None]
         else:
             values = (codes - np.float32(2 ** (m["bits"] - 1))) * scales
         tensors[name] = values.reshape(m["rows"], -1)[:, : m["cols"]]

@@ -289,7 +289,7 @@ def test_a_damaged_tensor_index_is_refused_naming_the_tensor(tiny_bundles, damag
     elif damage == "transposed shape":
         entry["shape"] = entry["shape"][::-1]
     elif damage == "dtype":
-        entry["dtype"], entry["shape"] = "float16", entry["shape"][:-1] + [entry["shape"][-1] * 2]
+        entry["dtype"], entry["shape"] = "uint8", entry["shape"][:-1] + [entry["shape"][-1] * 2]  # same bytes
     elif damage == "missing tensor":
         del manifest["tensors"][name]
     elif damage == "negative offset":

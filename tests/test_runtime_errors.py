@@ -77,6 +77,36 @@ def test_a_manifest_of_a_newer_format_is_refused(bundle):
     assert "upgrade edgellm" in cli("run", str(bundle), "hi")
 
 
+def test_a_manifest_of_an_older_format_is_refused_with_how_to_export_again(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["format_version"] = 1  # float32 block scales: the engine would read them as float16
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="older"):
+        edgellm.load(bundle)
+    assert "export it again" in cli("run", str(bundle), "hi")
+
+
+@pytest.mark.parametrize("cached", [None, 1, "current"])
+def test_the_default_bundle_is_exported_when_missing_or_of_another_format(tmp_path, monkeypatch, cached):
+    from edgellm import run_command
+    from edgellm.bundle_format import FORMAT_VERSION
+
+    folder = tmp_path / "smollm2"
+    if cached is not None:
+        folder.mkdir()
+        version = FORMAT_VERSION if cached == "current" else cached
+        (folder / "manifest.json").write_text(json.dumps({"format_version": version}))
+    exports = []
+    monkeypatch.setattr(run_command, "default_bundle_dir", lambda: folder)
+    monkeypatch.setattr("edgellm.export_command.require_export_extras", lambda: None)
+    monkeypatch.setattr(run_command.subprocess, "run",
+                        lambda argv, **_: exports.append(argv) or subprocess.CompletedProcess(argv, 0))
+    assert run_command.ensure_default_bundle() == folder
+    assert len(exports) == (0 if cached == "current" else 1)
+    if exports:
+        assert exports[0][-4:] == ["default", "-o", str(folder), "--force"]
+
+
 def test_a_prompt_longer_than_the_context_is_refused(pristine):
     long_prompt = "word " * 400
     with edgellm.load(pristine, context_length=64) as model:

@@ -36,7 +36,7 @@ def main() -> None:
     for fmt in native.FORMATS:
         per_row = n_blocks * 32 * native.BITS[fmt] // 8
         qweight = rng.integers(0, 256, (args.rows, per_row), dtype=np.uint8)
-        scales = rng.uniform(0.001, 0.05, (args.rows, n_blocks)).astype(np.float32)
+        scales = rng.uniform(0.001, 0.05, (args.rows, n_blocks)).astype(np.float16)
         mins = -scales * 8 if fmt == "int4_asym" else None
         w = native.QMatrix(fmt, args.rows, args.cols, qweight, scales, mins)
         with native.ThreadPool(2) as pool:

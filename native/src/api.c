@@ -93,8 +93,8 @@ static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
             const int32_t t1 = t0 + tile < n_tokens ? t0 + tile : n_tokens;
             for (int32_t r = r0; r < r1; r++) {
                 const uint8_t *codes = w->qweight + (size_t)r * row_bytes;
-                const float *sc = w->scales + (size_t)r * n_wblocks;
-                const float *mn = w->mins ? w->mins + (size_t)r * n_wblocks : NULL;
+                const el_half *sc = w->scales + (size_t)r * n_wblocks;
+                const el_half *mn = w->mins ? w->mins + (size_t)r * n_wblocks : NULL;
                 int32_t t = t0;
                 if (q4 && k->row4_q4)
                     for (; t + 4 <= t1; t += 4)
@@ -116,8 +116,8 @@ static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
     if (isums_2x2 && n_tokens >= 2) {
         for (; r + 2 <= r1; r += 2) {
             const uint8_t *c0 = w->qweight + (size_t)r * row_bytes, *c1 = c0 + row_bytes;
-            const float *s0 = w->scales + (size_t)r * n_wblocks, *s1 = s0 + n_wblocks;
-            const float *m0 = w->mins ? w->mins + (size_t)r * n_wblocks : NULL, *m1 = m0 ? m0 + n_wblocks : NULL;
+            const el_half *s0 = w->scales + (size_t)r * n_wblocks, *s1 = s0 + n_wblocks;
+            const el_half *m0 = w->mins ? w->mins + (size_t)r * n_wblocks : NULL, *m1 = m0 ? m0 + n_wblocks : NULL;
             int32_t t = 0;
             for (; t + 2 <= n_tokens; t += 2) {
                 size_t o0 = (size_t)t * nb, o1 = o0 + nb;
@@ -138,8 +138,8 @@ static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
             if (t < n_tokens) { /* an odd last token: the two rows one at a time, below */
                 for (int32_t rr = r; rr < r + 2; rr++) {
                     const uint8_t *codes = w->qweight + (size_t)rr * row_bytes;
-                    const float *sc = w->scales + (size_t)rr * n_wblocks;
-                    const float *mn = w->mins ? w->mins + (size_t)rr * n_wblocks : NULL;
+                    const el_half *sc = w->scales + (size_t)rr * n_wblocks;
+                    const el_half *mn = w->mins ? w->mins + (size_t)rr * n_wblocks : NULL;
                     size_t o = (size_t)t * nb;
                     float lanes[8] = {0};
                     for (int32_t j0 = 0; j0 < nb; j0 += CHUNK) {
@@ -154,8 +154,8 @@ static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
     }
     for (; r < r1; r++) {
         const uint8_t *codes = w->qweight + (size_t)r * row_bytes;
-        const float *sc = w->scales + (size_t)r * n_wblocks;
-        const float *mn = w->mins ? w->mins + (size_t)r * n_wblocks : NULL;
+        const el_half *sc = w->scales + (size_t)r * n_wblocks;
+        const el_half *mn = w->mins ? w->mins + (size_t)r * n_wblocks : NULL;
         for (int32_t t = 0; t < n_tokens; t++) {
             size_t o = (size_t)t * nb;
             float lanes[8] = {0};

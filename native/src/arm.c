@@ -123,9 +123,14 @@ static void isums_q8_neon(int32_t *isum, const uint8_t *codes, const el_block_q1
     }
 }
 
+/* four float16 scales as float32 (fcvtl: exact, like el_half_to_float) */
+static inline float32x4_t halves4(const el_half *h) {
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
+}
+
 /* Eight blocks per step in two vectors of four lanes: the reference's float operations, in its order. */
 static void combine_neon(float *lanes, int32_t format, const int32_t *isum, const float *xd, const int32_t *xsum,
-                         const float *scales, const float *mins, int32_t n, int32_t shift) {
+                         const el_half *scales, const el_half *mins, int32_t n, int32_t shift) {
     if (shift != 0) { /* blocks of 64 or 128 weights: not a hot path */
         el_combine_ref(lanes, format, isum, xd, xsum, scales, mins, n, shift);
         return;
@@ -137,10 +142,10 @@ static void combine_neon(float *lanes, int32_t format, const int32_t *isum, cons
             int32_t o = j + 4 * h;
             float32x4_t d = vld1q_f32(xd + o);
             int32x4_t is = vld1q_s32(isum + o);
-            float32x4_t sd = vmulq_f32(vld1q_f32(scales + o), d), t;
+            float32x4_t sd = vmulq_f32(halves4(scales + o), d), t;
             if (format == EL_INT4_ASYM) {
                 float32x4_t sum = vcvtq_f32_s32(vld1q_s32(xsum + o));
-                t = vaddq_f32(vmulq_f32(sd, vcvtq_f32_s32(is)), vmulq_f32(vmulq_f32(vld1q_f32(mins + o), d), sum));
+                t = vaddq_f32(vmulq_f32(sd, vcvtq_f32_s32(is)), vmulq_f32(vmulq_f32(halves4(mins + o), d), sum));
             } else if (format == EL_INT4_SYM) {
                 t = vmulq_f32(sd, vcvtq_f32_s32(vsubq_s32(is, vshlq_n_s32(vld1q_s32(xsum + o), 3))));
             } else {
@@ -151,7 +156,9 @@ static void combine_neon(float *lanes, int32_t format, const int32_t *isum, cons
     }
     vst1q_f32(lanes, acc[0]);
     vst1q_f32(lanes + 4, acc[1]);
-    for (; j < n; j++) lanes[j % 8] += el_block_term(format, isum[j], xd[j], xsum[j], scales[j], mins ? mins[j] : 0.0f);
+    for (; j < n; j++)
+        lanes[j % 8] += el_block_term(format, isum[j], xd[j], xsum[j], el_half_to_float(scales[j]),
+                                      mins ? el_half_to_float(mins[j]) : 0.0f);
 }
 
 static void rms_norm_neon(float *out, const float *x, const float *weight, int32_t n, float eps) {

@@ -24,9 +24,11 @@ static int cpu_has(const char *name) {
     uint64_t xcr0 = xgetbv0();
     if ((xcr0 & 0x6) != 0x6) return 0; /* XMM and YMM state */
     if (__get_cpuid_max(0, NULL) < 7) return 0;
-    int fma = (c >> 12) & 1; /* leaf 1: every AVX2 CPU since Haswell and Zen has it; the variant uses it */
+    /* leaf 1: every AVX2 CPU since Haswell and Zen has FMA and F16C; the variants use them (F16C
+     * converts the float16 block scales) */
+    int fma = (c >> 12) & 1, f16c = (c >> 29) & 1;
     __cpuid_count(7, 0, a, b, c, d);
-    int avx2 = ((b >> 5) & 1) && fma;
+    int avx2 = ((b >> 5) & 1) && fma && f16c;
     if (strcmp(name, "avx2") == 0) return avx2;
     if (strcmp(name, "avx512vnni") == 0) {
         int f = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1, vnni = (c >> 11) & 1;

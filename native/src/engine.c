@@ -278,15 +278,16 @@ static void embed_row(float *out, const el_qmatrix *w, int32_t token) {
     const int32_t n_wb = ceil_div(w->cols, w->block);
     const int q4 = w->format != EL_INT8_SYM;
     const uint8_t *codes = w->qweight + (size_t)token * (size_t)n_wb * (size_t)w->block / (q4 ? 2 : 1);
-    const float *scales = w->scales + (size_t)token * n_wb;
-    const float *mins = w->mins ? w->mins + (size_t)token * n_wb : NULL;
+    const el_half *scales = w->scales + (size_t)token * n_wb;
+    const el_half *mins = w->mins ? w->mins + (size_t)token * n_wb : NULL;
     for (int32_t i = 0; i < w->cols; i++) {
         int32_t b = i / w->block;
         float code = q4 ? (float)((codes[i >> 1] >> ((i & 1) * 4)) & 0x0F) : (float)codes[i];
+        float scale = el_half_to_float(scales[b]);
         switch (w->format) {
-        case EL_INT4_ASYM: out[i] = code * scales[b] + mins[b]; break;
-        case EL_INT4_SYM: out[i] = (code - 8.0f) * scales[b]; break;
-        default: out[i] = (code - 128.0f) * scales[b]; break;
+        case EL_INT4_ASYM: out[i] = code * scale + el_half_to_float(mins[b]); break;
+        case EL_INT4_SYM: out[i] = (code - 8.0f) * scale; break;
+        default: out[i] = (code - 128.0f) * scale; break;
         }
     }
 }

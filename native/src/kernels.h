@@ -31,7 +31,7 @@ typedef void (*el_isums_2x2_fn)(int32_t *isum, int32_t stride, const uint8_t *co
  * blocks: isum [n] from isums (raw codes for int4), xd [n] and xsum [n] the activation blocks'
  * d and sum, scales and mins at the span's first weight block, weight block of j = j >> shift. */
 typedef void (*el_combine_fn)(float *lanes, int32_t format, const int32_t *isum, const float *xd,
-                              const int32_t *xsum, const float *scales, const float *mins, int32_t n,
+                              const int32_t *xsum, const el_half *scales, const el_half *mins, int32_t n,
                               int32_t shift);
 
 /* The activations of n tokens as the products read them (prepared once, read by every row):
@@ -67,14 +67,14 @@ typedef struct {
 
 /* A whole row against one token for blocks of 32 weights (optional, x86): the same bits as isums
  * + combine + the lane reduction, fused so the block sums never leave the registers. */
-typedef float (*el_row_q4_fn)(int32_t format, const uint8_t *codes, const float *scales, const float *mins,
+typedef float (*el_row_q4_fn)(int32_t format, const uint8_t *codes, const el_half *scales, const el_half *mins,
                               const int8_t *quads, const float *xd, const int32_t *xsum, int32_t nb);
 /* The same row against four tokens at once (prefill): y[t * y_stride], tokens' quads quad_stride bytes
  * apart and their d and sum x_stride values apart; bit-identical to four el_row_q4_fn calls. */
-typedef void (*el_row4_q4_fn)(float *y, size_t y_stride, int32_t format, const uint8_t *codes, const float *scales,
-                              const float *mins, const int8_t *quads, size_t quad_stride, const float *xd,
+typedef void (*el_row4_q4_fn)(float *y, size_t y_stride, int32_t format, const uint8_t *codes, const el_half *scales,
+                              const el_half *mins, const int8_t *quads, size_t quad_stride, const float *xd,
                               const int32_t *xsum, size_t x_stride, int32_t nb);
-typedef float (*el_row_q8_fn)(const uint8_t *codes, const float *scales, const el_block_q16a *x, const float *xd,
+typedef float (*el_row_q8_fn)(const uint8_t *codes, const el_half *scales, const el_block_q16a *x, const float *xd,
                               const int32_t *xsum, int32_t nb);
 
 typedef struct {
@@ -124,7 +124,23 @@ void el_quantize_q16a_ref(el_block_q16a *out, const float *x, int32_t n);
 void el_isums_q4_ref(int32_t *isum, const uint8_t *codes, const el_block_q16a *x, int32_t nb);
 void el_isums_q8_ref(int32_t *isum, const uint8_t *codes, const el_block_q16a *x, int32_t nb);
 void el_combine_ref(float *lanes, int32_t format, const int32_t *isum, const float *xd, const int32_t *xsum,
-                    const float *scales, const float *mins, int32_t n, int32_t shift);
+                    const el_half *scales, const el_half *mins, int32_t n, int32_t shift);
+/* The float32 a binary16 value equals (exactly: every binary16 is a float32), subnormals, infinities
+ * and NaN included; the portable twin of F16C's vcvtph2ps and AArch64's fcvtl. */
+static inline float el_half_to_float(el_half h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu, bits;
+    if (exponent == 0x1F) bits = sign | 0x7F800000u | (mantissa << 13); /* inf, NaN */
+    else if (exponent != 0) bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    else if (mantissa == 0) bits = sign; /* +-0 */
+    else { /* subnormal: mantissa * 2^-24, normalized */
+        int32_t e = -1;
+        do { mantissa <<= 1; e++; } while (!(mantissa & 0x400u));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((mantissa & 0x3FFu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
 /* one block's term t_j (edgellm.h): what every combine computes per lane */
 static inline float el_block_term(int32_t format, int32_t isum, float d, int32_t sum, float scale, float min) {
     switch (format) {

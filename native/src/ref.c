@@ -80,10 +80,11 @@ void el_isums_q8_ref(int32_t *isum, const uint8_t *codes, const el_block_q16a *x
 }
 
 void el_combine_ref(float *lanes, int32_t format, const int32_t *isum, const float *xd, const int32_t *xsum,
-                    const float *scales, const float *mins, int32_t n, int32_t shift) {
+                    const el_half *scales, const el_half *mins, int32_t n, int32_t shift) {
     for (int32_t j = 0; j < n; j++) {
         int32_t b = j >> shift;
-        lanes[j % 8] += el_block_term(format, isum[j], xd[j], xsum[j], scales[b], mins ? mins[b] : 0.0f);
+        lanes[j % 8] += el_block_term(format, isum[j], xd[j], xsum[j], el_half_to_float(scales[b]),
+                                      mins ? el_half_to_float(mins[b]) : 0.0f);
     }
 }
 

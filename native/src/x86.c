@@ -10,8 +10,8 @@
 
 #include "kernels.h"
 
-#define AVX2 __attribute__((target("avx2")))
-#define AVX512VNNI __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define AVX2 __attribute__((target("avx2,f16c")))
+#define AVX512VNNI __attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
 /* ---- helpers ------------------------------------------------------------------------------ */
 
@@ -185,9 +185,17 @@ static AVX2 void isums_q8_avx2(int32_t *isum, const uint8_t *codes, const el_blo
     for (; j < nb; j++) isum[j] = hsum_i32x8(dot_q8_avx2(codes + 32 * j, x + j));
 }
 
+/* n <= 8 float16 scales as float32 (vcvtph2ps: exact, like el_half_to_float), lanes past n +0.0 */
+static inline AVX2 __m256 halves8(const el_half *h, int32_t n) {
+    if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+    el_half part[8] = {0};
+    memcpy(part, h, sizeof(el_half) * (size_t)n);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)part));
+}
+
 /* Eight blocks per step, one per lane: the reference's float operations, in its order. */
 static AVX2 void combine_avx2(float *lanes, int32_t format, const int32_t *isum, const float *xd, const int32_t *xsum,
-                              const float *scales, const float *mins, int32_t n, int32_t shift) {
+                              const el_half *scales, const el_half *mins, int32_t n, int32_t shift) {
     if (shift != 0) { /* blocks of 64 or 128 weights: one scale per 2 or 4 lanes; not a hot path */
         el_combine_ref(lanes, format, isum, xd, xsum, scales, mins, n, shift);
         return;
@@ -197,11 +205,11 @@ static AVX2 void combine_avx2(float *lanes, int32_t format, const int32_t *isum,
     for (; j + 8 <= n; j += 8) {
         __m256 d = _mm256_loadu_ps(xd + j);
         __m256i is = _mm256_loadu_si256((const __m256i *)(isum + j));
-        __m256 sd = _mm256_mul_ps(_mm256_loadu_ps(scales + j), d);
+        __m256 sd = _mm256_mul_ps(halves8(scales + j, 8), d);
         __m256 t;
         if (format == EL_INT4_ASYM) {
             __m256 sum = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(xsum + j)));
-            t = _mm256_add_ps(_mm256_mul_ps(sd, _mm256_cvtepi32_ps(is)), _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(mins + j), d), sum));
+            t = _mm256_add_ps(_mm256_mul_ps(sd, _mm256_cvtepi32_ps(is)), _mm256_mul_ps(_mm256_mul_ps(halves8(mins + j, 8), d), sum));
         } else if (format == EL_INT4_SYM) {
             __m256i sum8 = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(xsum + j)), 3);
             t = _mm256_mul_ps(sd, _mm256_cvtepi32_ps(_mm256_sub_epi32(is, sum8)));
@@ -211,7 +219,9 @@ static AVX2 void combine_avx2(float *lanes, int32_t format, const int32_t *isum,
         acc = _mm256_add_ps(acc, t);
     }
     _mm256_storeu_ps(lanes, acc);
-    for (; j < n; j++) lanes[j % 8] += el_block_term(format, isum[j], xd[j], xsum[j], scales[j], mins ? mins[j] : 0.0f);
+    for (; j < n; j++)
+        lanes[j % 8] += el_block_term(format, isum[j], xd[j], xsum[j], el_half_to_float(scales[j]),
+                                      mins ? el_half_to_float(mins[j]) : 0.0f);
 }
 
 static AVX2 void rms_norm_avx2(float *out, const float *x, const float *weight, int32_t n, float eps) {
@@ -315,21 +325,17 @@ static AVX2 void axpy_avx2(float *y, float a, const float *x, int32_t n) {
 
 /* the eight lanes' terms t_j of edgellm.h for blocks j .. j+7, lanes at or past n left +0.0 (which
  * leaves a lane unchanged: a lane that starts at +0.0 is never -0.0) */
-static inline AVX2 __m256 terms8(int32_t format, __m256i is, const float *scales, const float *mins, const float *xd,
-                                 const int32_t *xsum, int32_t n) {
-    __m256 d, sc, mn = _mm256_setzero_ps();
+static inline AVX2 __m256 terms8(int32_t format, __m256i is, const el_half *scales, const el_half *mins,
+                                 const float *xd, const int32_t *xsum, int32_t n) {
+    __m256 d, sc = halves8(scales, n), mn = format == EL_INT4_ASYM ? halves8(mins, n) : _mm256_setzero_ps();
     __m256i sum;
     if (n >= 8) {
         d = _mm256_loadu_ps(xd);
-        sc = _mm256_loadu_ps(scales);
         sum = _mm256_loadu_si256((const __m256i *)xsum);
-        if (format == EL_INT4_ASYM) mn = _mm256_loadu_ps(mins);
     } else {
         __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         d = _mm256_maskload_ps(xd, mask);
-        sc = _mm256_maskload_ps(scales, mask);
         sum = _mm256_maskload_epi32(xsum, mask);
-        if (format == EL_INT4_ASYM) mn = _mm256_maskload_ps(mins, mask);
     }
     __m256 sd = _mm256_mul_ps(sc, d);
     if (format == EL_INT4_ASYM)
@@ -407,13 +413,13 @@ static inline AVX2 __m256i pair_avx2(const uint8_t *codes, int both, const int8_
     }                                                                                                         \
     UNROLL4 for (int t = 0; t < 4; t++) y[t * y_stride] = hsum_f32x8(acc[t]);
 
-static AVX2 void row4_q4_avx2(float *y, size_t y_stride, int32_t format, const uint8_t *codes, const float *scales,
-                              const float *mins, const int8_t *quads, size_t quad_stride, const float *xd,
+static AVX2 void row4_q4_avx2(float *y, size_t y_stride, int32_t format, const uint8_t *codes, const el_half *scales,
+                              const el_half *mins, const int8_t *quads, size_t quad_stride, const float *xd,
                               const int32_t *xsum, size_t x_stride, int32_t nb) {
     ROW4_Q4(planes_avx2, nibbles2)
 }
 
-static AVX2 float row_q4_avx2(int32_t format, const uint8_t *codes, const float *scales, const float *mins,
+static AVX2 float row_q4_avx2(int32_t format, const uint8_t *codes, const el_half *scales, const el_half *mins,
                               const int8_t *quads, const float *xd, const int32_t *xsum, int32_t nb) {
     ROW_Q4(pair_avx2)
 }
@@ -436,7 +442,7 @@ static AVX2 float row_q4_avx2(int32_t format, const uint8_t *codes, const float 
     return hsum_f32x8(acc);
 
 #define Q8_FIX(is) (is)
-static AVX2 float row_q8_avx2(const uint8_t *codes, const float *scales, const el_block_q16a *x, const float *xd,
+static AVX2 float row_q8_avx2(const uint8_t *codes, const el_half *scales, const el_block_q16a *x, const float *xd,
                               const int32_t *xsum, int32_t nb) {
     ROW_Q8(dot_q8_avx2)
 }
@@ -616,7 +622,7 @@ static inline AVX512VNNI __m256i reduce_quads(__m512i z0, __m512i z1) {
 /* One row against four tokens: the codes of eight blocks are unpacked once for the four, and each
  * token's sums and terms go exactly as row_q4_avx512vnni's (so each y is bit-identical to it). */
 static AVX512VNNI void row4_q4_avx512vnni(float *y, size_t y_stride, int32_t format, const uint8_t *codes,
-                                          const float *scales, const float *mins, const int8_t *quads,
+                                          const el_half *scales, const el_half *mins, const int8_t *quads,
                                           size_t quad_stride, const float *xd, const int32_t *xsum, size_t x_stride,
                                           int32_t nb) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -635,7 +641,7 @@ static AVX512VNNI void row4_q4_avx512vnni(float *y, size_t y_stride, int32_t for
     UNROLL4 for (int t = 0; t < 4; t++) y[t * y_stride] = hsum_f32x8(acc[t]);
 }
 
-static AVX512VNNI float row_q4_avx512vnni(int32_t format, const uint8_t *codes, const float *scales, const float *mins,
+static AVX512VNNI float row_q4_avx512vnni(int32_t format, const uint8_t *codes, const el_half *scales, const el_half *mins,
                                          const int8_t *quads, const float *xd, const int32_t *xsum, int32_t nb) {
     __m256 acc = _mm256_setzero_ps();
     for (int32_t j = 0; j < nb; j += 8) {
@@ -659,7 +665,7 @@ static inline AVX512VNNI __m256i block_q8_vnni(const uint8_t *codes32, const el_
 
 /* raw codes: sum (code - 128) * q16 = sum code * q16 - 128 * sum */
 #define Q8_FIX(is) _mm256_sub_epi32(is, _mm256_slli_epi32(n == 8 ? _mm256_loadu_si256((const __m256i *)(xsum + j)) : _mm256_maskload_epi32(xsum + j, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))), 7))
-static AVX512VNNI float row_q8_avx512vnni(const uint8_t *codes, const float *scales, const el_block_q16a *x,
+static AVX512VNNI float row_q8_avx512vnni(const uint8_t *codes, const el_half *scales, const el_block_q16a *x,
                                          const float *xd, const int32_t *xsum, int32_t nb) {
     ROW_Q8(block_q8_vnni)
 }

@@ -36,20 +36,34 @@ static const char *FORMAT_NAMES[] = {"int4_asym", "int4_sym", "int8_sym"};
 typedef struct { /* a random quantized matrix and its arrays */
     el_qmatrix m;
     uint8_t *qweight;
-    float *scales, *mins;
+    el_half *scales, *mins;  /* what the library reads */
+    float *fscales, *fmins;  /* the same values as the compiler's _Float16 converts them, for the formula */
 } test_matrix;
+
+/* a float16 scale near v (the compiler's conversion), its bits and the float32 it equals */
+static el_half half_of(float v, float *exact) {
+    _Float16 h = (_Float16)v;
+    el_half bits;
+    memcpy(&bits, &h, sizeof bits);
+    *exact = (float)h;
+    return bits;
+}
 
 static test_matrix make_matrix(int32_t format, int32_t rows, int32_t cols, int32_t block) {
     test_matrix t;
     int32_t nwb = (cols + block - 1) / block;
     size_t bytes = (size_t)rows * nwb * block / (format == EL_INT8_SYM ? 1 : 2);
     t.qweight = malloc(bytes ? bytes : 1);
-    t.scales = malloc(sizeof(float) * (size_t)rows * nwb);
-    t.mins = format == EL_INT4_ASYM ? malloc(sizeof(float) * (size_t)rows * nwb) : NULL;
+    size_t n = (size_t)rows * nwb > 0 ? (size_t)rows * nwb : 1;
+    t.scales = malloc(sizeof(el_half) * n);
+    t.fscales = malloc(sizeof(float) * n);
+    t.mins = format == EL_INT4_ASYM ? malloc(sizeof(el_half) * n) : NULL;
+    t.fmins = format == EL_INT4_ASYM ? malloc(sizeof(float) * n) : NULL;
     for (size_t i = 0; i < bytes; i++) t.qweight[i] = (uint8_t)rnd();
     for (size_t i = 0; i < (size_t)rows * nwb; i++) {
-        t.scales[i] = uniform(0.001f, 0.05f);
-        if (t.mins) t.mins[i] = uniform(-0.4f, 0.0f);
+        /* one scale in 16 a float16 subnormal (below 2^-14), as tiny weights' blocks get */
+        t.scales[i] = half_of(rnd() % 16 ? uniform(0.001f, 0.05f) : uniform(1e-7f, 6e-5f), &t.fscales[i]);
+        if (t.mins) t.mins[i] = half_of(uniform(-0.4f, 0.0f), &t.fmins[i]);
     }
     t.m = (el_qmatrix){format, rows, cols, block, t.qweight, t.scales, t.mins};
     return t;
@@ -59,6 +73,8 @@ static void free_matrix(test_matrix *t) {
     free(t->qweight);
     free(t->scales);
     free(t->mins);
+    free(t->fscales);
+    free(t->fmins);
 }
 
 static float *random_floats(int32_t n) {
@@ -100,8 +116,8 @@ static float formula_row(const test_matrix *t, int32_t r, const el_block_q16a *x
         int32_t b = j * 32 / m->block;
         for (int32_t i = 0; i < 32; i++)
             isum += (int64_t)(code_at(t, r, 32 * j + i) - zp) * (256 * x[j].qh[i] + x[j].ql[i]);
-        float s = t->scales[(size_t)r * nwb + b], d = x[j].d, term;
-        if (m->format == EL_INT4_ASYM) term = (s * d) * (float)isum + (t->mins[(size_t)r * nwb + b] * d) * (float)x[j].sum;
+        float s = t->fscales[(size_t)r * nwb + b], d = x[j].d, term;
+        if (m->format == EL_INT4_ASYM) term = (s * d) * (float)isum + (t->fmins[(size_t)r * nwb + b] * d) * (float)x[j].sum;
         else term = (s * d) * (float)isum;
         lane[j % 8] += term;
     }

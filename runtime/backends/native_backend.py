@@ -22,7 +22,8 @@ from ..model_config import ModelConfig
 from ..settings import RuntimeSettings
 from .base import Backend
 
-# dtypes a tensor of weights.bin may have (the engine itself reads uint8 codes and float32)
+# dtypes a tensor of weights.bin may have (the engine itself reads uint8 codes, float16 block scales
+# and mins, and float32 norms, biases and inv_freq)
 DTYPES = {"uint8": 1, "int8": 1, "float16": 2, "bfloat16": 2, "float32": 4, "int32": 4, "int64": 8}
 QUANT_FORMATS = {"int4_asym": 4, "int4_sym": 4, "int8_sym": 8}  # format -> bits
 BLOCK_SIZES = (32, 64, 128)
@@ -107,9 +108,9 @@ class TensorIndex:
         if fmt != "int4_asym" and m.get("mins") is not None:
             raise self._fail(name, f"{fmt} has no mins, the manifest names {m['mins']!r}")
         self.expect(m["qweight"], "uint8", [rows, n_blocks, block * QUANT_FORMATS[fmt] // 8])
-        self.expect(m["scales"], "float32", [rows, n_blocks])
+        self.expect(m["scales"], "float16", [rows, n_blocks])
         if fmt == "int4_asym":
-            self.expect(m["mins"], "float32", [rows, n_blocks])
+            self.expect(m["mins"], "float16", [rows, n_blocks])
         return m
 
 
