@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import EdgeLLMError
 
-ABI_VERSION = 3  # must equal EL_ABI_VERSION in native/edgellm.h
+ABI_VERSION = 4  # must equal EL_ABI_VERSION in native/edgellm.h
 ACT_BLOCK = 32
 # One activation block: el_block_q16a {float d; int32_t sum; int8_t qh[32]; int8_t ql[32];}, 72 bytes;
 # x_i ~ d * (256 * qh_i + ql_i).
