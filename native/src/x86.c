@@ -185,10 +185,19 @@ static AVX2 void isums_q8_avx2(int32_t *isum, const uint8_t *codes, const el_blo
     for (; j < nb; j++) isum[j] = hsum_i32x8(dot_q8_avx2(codes + 32 * j, x + j));
 }
 
-/* n <= 8 float16 scales as float32 (vcvtph2ps: exact, like el_half_to_float), lanes past n +0.0 */
-static inline AVX2 __m256 halves8(const el_half *h, int32_t n) {
+/* n <= 8 float16 scales as float32 (vcvtph2ps: exact, like el_half_to_float), lanes past n +0.0.
+ * h is block j of its row. A row's last group (n < 8) is loaded as the eight halves that END at it,
+ * inside the row when j + n >= 8, and shifted into place: copying it to the stack instead would make
+ * the vector load wait on the copy's narrow stores at every row's end (it halved the prefill). */
+static inline AVX2 __m256 halves8(const el_half *h, int32_t n, int32_t j) {
     if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
-    el_half part[8] = {0};
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 mask = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+    if (j + n >= 8) {
+        __m256 last8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + n - 8)));
+        return _mm256_and_ps(_mm256_permutevar8x32_ps(last8, _mm256_add_epi32(lane, _mm256_set1_epi32(8 - n))), mask);
+    }
+    el_half part[8] = {0}; /* a row of fewer than 8 blocks (small test models) */
     memcpy(part, h, sizeof(el_half) * (size_t)n);
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)part));
 }
@@ -205,11 +214,11 @@ static AVX2 void combine_avx2(float *lanes, int32_t format, const int32_t *isum,
     for (; j + 8 <= n; j += 8) {
         __m256 d = _mm256_loadu_ps(xd + j);
         __m256i is = _mm256_loadu_si256((const __m256i *)(isum + j));
-        __m256 sd = _mm256_mul_ps(halves8(scales + j, 8), d);
+        __m256 sd = _mm256_mul_ps(halves8(scales + j, 8, j), d);
         __m256 t;
         if (format == EL_INT4_ASYM) {
             __m256 sum = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(xsum + j)));
-            t = _mm256_add_ps(_mm256_mul_ps(sd, _mm256_cvtepi32_ps(is)), _mm256_mul_ps(_mm256_mul_ps(halves8(mins + j, 8), d), sum));
+            t = _mm256_add_ps(_mm256_mul_ps(sd, _mm256_cvtepi32_ps(is)), _mm256_mul_ps(_mm256_mul_ps(halves8(mins + j, 8, j), d), sum));
         } else if (format == EL_INT4_SYM) {
             __m256i sum8 = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(xsum + j)), 3);
             t = _mm256_mul_ps(sd, _mm256_cvtepi32_ps(_mm256_sub_epi32(is, sum8)));
@@ -323,11 +332,17 @@ static AVX2 void axpy_avx2(float *y, float a, const float *x, int32_t n) {
 /* ---- fused rows (blocks of 32 weights): block sums, the lanes' terms and their reduction in
  * registers; bit for bit isums + combine + the reduction of api.c ------------------------------- */
 
-/* the eight lanes' terms t_j of edgellm.h for blocks j .. j+7, lanes at or past n left +0.0 (which
- * leaves a lane unchanged: a lane that starts at +0.0 is never -0.0) */
-static inline AVX2 __m256 terms8(int32_t format, __m256i is, const el_half *scales, const el_half *mins,
-                                 const float *xd, const int32_t *xsum, int32_t n) {
-    __m256 d, sc = halves8(scales, n), mn = format == EL_INT4_ASYM ? halves8(mins, n) : _mm256_setzero_ps();
+/* a row's scales and mins of blocks j .. j+n-1 (n <= 8) as float32, for terms8; mins may be NULL */
+typedef struct { __m256 scale, min; } weights8;
+static inline AVX2 weights8 row_weights8(const el_half *scales, const el_half *mins, int32_t j, int32_t n) {
+    return (weights8){halves8(scales + j, n, j), mins ? halves8(mins + j, n, j) : _mm256_setzero_ps()};
+}
+
+/* the eight lanes' terms t_j of edgellm.h for blocks j .. j+7 (w: their scales and mins), lanes at or
+ * past n left +0.0 (which leaves a lane unchanged: a lane that starts at +0.0 is never -0.0) */
+static inline AVX2 __m256 terms8(int32_t format, __m256i is, weights8 w, const float *xd, const int32_t *xsum,
+                                 int32_t n) {
+    __m256 d, sc = w.scale, mn = w.min;
     __m256i sum;
     if (n >= 8) {
         d = _mm256_loadu_ps(xd);
@@ -376,7 +391,7 @@ static inline AVX2 __m256i pair_avx2(const uint8_t *codes, int both, const int8_
         __m256i p[4] = {PAIR(codes + 16 * j, 1, el_pair_at(quads, j)), PAIR(codes + 16 * j + 32, 1, el_pair_at(quads, j + 2)), \
                         PAIR(codes + 16 * j + 64, 1, el_pair_at(quads, j + 4)),                              \
                         PAIR(codes + 16 * j + 96, 1, el_pair_at(quads, j + 6))};                             \
-        acc = _mm256_add_ps(acc, terms8(format, hsum_pairs(p), scales + j, mins ? mins + j : NULL, xd + j, xsum + j, 8)); \
+        acc = _mm256_add_ps(acc, terms8(format, hsum_pairs(p), row_weights8(scales, mins, j, 8), xd + j, xsum + j, 8)); \
     }                                                                                                         \
     if (j < nb) {                                                                                             \
         int32_t n = nb - j;                                                                                   \
@@ -384,7 +399,7 @@ static inline AVX2 __m256i pair_avx2(const uint8_t *codes, int both, const int8_
         for (int k = 0; k < 4; k++)                                                                           \
             p[k] = 2 * k < n ? PAIR(codes + 16 * (j + 2 * k), 2 * k + 1 < n, el_pair_at(quads, j + 2 * k))   \
                              : _mm256_setzero_si256();                                                        \
-        acc = _mm256_add_ps(acc, terms8(format, hsum_pairs(p), scales + j, mins ? mins + j : NULL, xd + j, xsum + j, n)); \
+        acc = _mm256_add_ps(acc, terms8(format, hsum_pairs(p), row_weights8(scales, mins, j, n), xd + j, xsum + j, n)); \
     }                                                                                                         \
     return hsum_f32x8(acc); /* ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)), the order of api.c */
 
@@ -407,9 +422,10 @@ static inline AVX2 __m256i pair_avx2(const uint8_t *codes, int both, const int8_
                 UNROLL4 for (int t = 0; t < 4; t++) p[t][k] = _mm256_setzero_si256();                         \
             }                                                                                                 \
         }                                                                                                     \
+        weights8 w = row_weights8(scales, mins, j, n);                                                        \
         UNROLL4 for (int t = 0; t < 4; t++)                                                                   \
-            acc[t] = _mm256_add_ps(acc[t], terms8(format, hsum_pairs(p[t]), scales + j, mins ? mins + j : NULL, \
-                                                  xd + t * x_stride + j, xsum + t * x_stride + j, n));        \
+            acc[t] = _mm256_add_ps(acc[t], terms8(format, hsum_pairs(p[t]), w, xd + t * x_stride + j,        \
+                                                  xsum + t * x_stride + j, n));                               \
     }                                                                                                         \
     UNROLL4 for (int t = 0; t < 4; t++) y[t * y_stride] = hsum_f32x8(acc[t]);
 
@@ -431,13 +447,13 @@ static AVX2 float row_q4_avx2(int32_t format, const uint8_t *codes, const el_hal
     for (; j + 8 <= nb; j += 8) {                                                                             \
         __m256i p[8];                                                                                         \
         for (int k = 0; k < 8; k++) p[k] = BLOCK(codes + 32 * (j + k), x + j + k);                           \
-        acc = _mm256_add_ps(acc, terms8(EL_INT8_SYM, Q8_FIX(hsum8_vec(p)), scales + j, NULL, xd + j, xsum + j, 8)); \
+        acc = _mm256_add_ps(acc, terms8(EL_INT8_SYM, Q8_FIX(hsum8_vec(p)), row_weights8(scales, NULL, j, 8), xd + j, xsum + j, 8)); \
     }                                                                                                         \
     if (j < nb) {                                                                                             \
         n = nb - j;                                                                                           \
         __m256i p[8];                                                                                         \
         for (int k = 0; k < 8; k++) p[k] = k < n ? BLOCK(codes + 32 * (j + k), x + j + k) : _mm256_setzero_si256(); \
-        acc = _mm256_add_ps(acc, terms8(EL_INT8_SYM, Q8_FIX(hsum8_vec(p)), scales + j, NULL, xd + j, xsum + j, n)); \
+        acc = _mm256_add_ps(acc, terms8(EL_INT8_SYM, Q8_FIX(hsum8_vec(p)), row_weights8(scales, NULL, j, n), xd + j, xsum + j, n)); \
     }                                                                                                         \
     return hsum_f32x8(acc);
 
@@ -631,11 +647,12 @@ static AVX512VNNI void row4_q4_avx512vnni(float *y, size_t y_stride, int32_t for
         __m512i lo0, hi0, lo1 = _mm512_setzero_si512(), hi1 = _mm512_setzero_si512();
         nibbles4(codes + 16 * j, n, &lo0, &hi0);
         if (n > 4) nibbles4(codes + 16 * j + 64, n - 4, &lo1, &hi1);
+        weights8 w = row_weights8(scales, mins, j, n);
         UNROLL4 for (int t = 0; t < 4; t++) {
             const int8_t *q = quads + t * quad_stride + 64 * j;
             __m512i z0 = quad_vnni(lo0, hi0, q), z1 = n > 4 ? quad_vnni(lo1, hi1, q + EL_QUAD_BYTES) : _mm512_setzero_si512();
-            acc[t] = _mm256_add_ps(acc[t], terms8(format, reduce_quads(z0, z1), scales + j, mins ? mins + j : NULL,
-                                                  xd + t * x_stride + j, xsum + t * x_stride + j, n));
+            acc[t] = _mm256_add_ps(acc[t], terms8(format, reduce_quads(z0, z1), w, xd + t * x_stride + j,
+                                                  xsum + t * x_stride + j, n));
         }
     }
     UNROLL4 for (int t = 0; t < 4; t++) y[t * y_stride] = hsum_f32x8(acc[t]);
@@ -653,7 +670,7 @@ static AVX512VNNI float row_q4_avx512vnni(int32_t format, const uint8_t *codes, 
             nibbles4(codes + 16 * j + 64, n - 4, &lo, &hi);
             z1 = quad_vnni(lo, hi, quads + 64 * j + EL_QUAD_BYTES);
         }
-        acc = _mm256_add_ps(acc, terms8(format, reduce_quads(z0, z1), scales + j, mins ? mins + j : NULL, xd + j,
+        acc = _mm256_add_ps(acc, terms8(format, reduce_quads(z0, z1), row_weights8(scales, mins, j, n), xd + j,
                                         xsum + j, n));
     }
     return hsum_f32x8(acc); /* ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)), the order of api.c */
