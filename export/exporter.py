@@ -7,6 +7,7 @@ only after verification passed, so a failed or interrupted export never leaves a
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import shutil
 import time
@@ -70,6 +71,22 @@ def check_destination(output: Path, force: bool) -> None:
         raise EdgeLLMError(f"{output.parent}: parent folder does not exist", "create it first")
 
 
+def fast_loading_tokenizer_json(text: str) -> str:
+    """The same tokenizer with a BPE's merges written as "a b" strings rather than ["a", "b"] pairs:
+    `tokenizers` parses them in a fraction of the time (SmolLM2's 48,900 merges: 130 ms -> 100 ms of
+    every load), and both forms mean the same merges when no token holds a space (byte-level and
+    SentencePiece vocabularies write a space as a visible symbol). Anything else is left as it is."""
+    document = json.loads(text)
+    model = document.get("model") or {}
+    merges = model.get("merges")
+    if model.get("type") != "BPE" or not merges or not all(isinstance(m, list) for m in merges):
+        return text
+    if any(len(m) != 2 or " " in m[0] or " " in m[1] for m in merges):
+        return text
+    model["merges"] = [f"{a} {b}" for a, b in merges]
+    return json.dumps(document, ensure_ascii=False)
+
+
 def make_encoder(model: CanonicalModel):
     from tokenizers import Tokenizer
 
@@ -109,7 +126,8 @@ def export_model(source: str | Path, output: Path, options: ExportOptions = Expo
         index = write_weights(staging / WEIGHTS_FILE, arrays)
         attach_initializers(graph, arrays, index)
         (staging / ONNX_CPU_FILE).write_bytes(graph.SerializeToString())
-        (staging / TOKENIZER_FILE).write_text(model.tokenizer.tokenizer_json, encoding="utf-8")
+        (staging / TOKENIZER_FILE).write_text(fast_loading_tokenizer_json(model.tokenizer.tokenizer_json),
+                                              encoding="utf-8")
         verification = {"skipped": True}
         if options.verify:
             progress("verifying against the numpy reference", 0.6)

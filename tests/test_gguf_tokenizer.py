@@ -62,6 +62,22 @@ def test_the_default_model_tokenizer_gives_llamacpp_ids_for_every_corpus_string(
     assert mismatches(smollm, RECORD["tokenizers"]["smollm"]["ids"]) == []
 
 
+def test_the_bundle_tokenizer_file_writes_merges_as_strings_and_gives_the_same_ids(smollm_meta):
+    from edgellm.export.exporter import fast_loading_tokenizer_json
+
+    text = fast_loading_tokenizer_json(tokenizer_from_gguf_metadata(smollm_meta).tokenizer_json)
+    merges = json.loads(text)["model"]["merges"]
+    assert len(merges) > 40000 and all(isinstance(m, str) and m.count(" ") == 1 for m in merges)
+    assert mismatches(Tokenizer.from_str(text), RECORD["tokenizers"]["smollm"]["ids"]) == []
+
+
+def test_merges_holding_a_space_stay_pairs():
+    from edgellm.export.exporter import fast_loading_tokenizer_json
+
+    document = {"model": {"type": "BPE", "merges": [["a", "b"], ["a b", "c"]]}}
+    assert json.loads(fast_loading_tokenizer_json(json.dumps(document))) == document
+
+
 def test_decoding_the_default_model_ids_gives_back_the_text(smollm):
     for text in CORPUS:
         # SmolLM's vocabulary has no token for byte 0x1d: llama.cpp drops it too (see above)
