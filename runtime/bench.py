@@ -48,6 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .bundle_format import cache_root
 from .errors import EdgeLLMError, InvalidSettingError
 
 SCHEMA = "edgellm-bench/1"
@@ -266,7 +267,7 @@ def genai_model(source_path: Path, source: dict, progress: Progress) -> Path:
 
 
 def peer_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgellm" / "peers"
+    return cache_root() / "peers"
 
 
 def _check_source_hash(path: Path, expected: str | None) -> None:

@@ -1,6 +1,7 @@
 """Facts about the bundle format shared by the exporter (writes) and the runtime (reads)."""
 
 import hashlib
+import os
 from pathlib import Path
 
 FORMAT_NAME = "edgellm-bundle"
@@ -11,6 +12,14 @@ MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
 ONNX_CPU_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+
+
+def cache_root() -> Path:
+    """edgellm's folder in the user's cache: $XDG_CACHE_HOME/edgellm when that is an absolute path,
+    else ~/.cache/edgellm (the XDG spec: an empty or relative value is ignored; a relative one would
+    put bundles wherever the process happens to run)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "edgellm"
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:

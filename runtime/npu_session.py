@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from .bundle_format import cache_root
 from .errors import InvalidSettingError, NpuError
 
 EP_NAME = "QNNExecutionProvider"
@@ -101,7 +102,7 @@ def model_hash(manifest: dict, files: Mapping[str, str]) -> str:
 
 def cache_dir(bundle: Path) -> Path | None:
     """The bundle's npu_cache/ if it can be written, else ~/.cache/edgellm/npu (XDG_CACHE_HOME), else None."""
-    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgellm" / "npu"
+    home = cache_root() / "npu"
     for folder, parent in ((Path(bundle) / "npu_cache", Path(bundle)), (home, None)):
         if not folder.is_dir():
             if parent is not None and not os.access(parent, os.W_OK | os.X_OK):

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .bundle_format import FORMAT_VERSION, MANIFEST_FILE
+from .bundle_format import FORMAT_VERSION, MANIFEST_FILE, cache_root
 from .errors import EdgeLLMError, InvalidSettingError
 from .generation import Chunk
 from .sampling import SamplingParams
@@ -19,10 +19,7 @@ from .settings import RuntimeSettings
 
 
 def default_bundle_dir() -> Path:
-    from os import environ
-
-    cache = Path(environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgellm" / "bundles"
-    return cache / "smollm2-135m-instruct"
+    return cache_root() / "bundles" / "smollm2-135m-instruct"
 
 
 def _format_version(bundle: Path):

@@ -107,6 +107,19 @@ def test_the_default_bundle_is_exported_when_missing_or_of_another_format(tmp_pa
         assert exports[0][-4:] == ["default", "-o", str(folder), "--force"]
 
 
+@pytest.mark.parametrize("xdg, under_home", [(None, True), ("", True), ("relative/cache", True), ("/srv/cache", False)])
+def test_the_cache_folder_follows_xdg_only_when_it_is_an_absolute_path(monkeypatch, tmp_path, xdg, under_home):
+    from edgellm.bundle_format import cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if xdg is None:
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    expected = tmp_path / ".cache" / "edgellm" if under_home else tmp_path.__class__(xdg) / "edgellm"
+    assert cache_root() == expected
+
+
 def test_a_prompt_longer_than_the_context_is_refused(pristine):
     long_prompt = "word " * 400
     with edgellm.load(pristine, context_length=64) as model:
