@@ -46,9 +46,11 @@ def ensure_default_bundle() -> Path:
               f"exporting it again to {bundle}", file=sys.stderr)
     bundle.parent.mkdir(parents=True, exist_ok=True)
     # In a child process, so that the exporter's memory (float weights for verification) is not
-    # counted in this process's resident set for the rest of its life.
+    # counted in this process's resident set for the rest of its life. It runs in the cache folder:
+    # `python -m` puts its working directory first on sys.path, and a folder named edgellm/ where the
+    # user happens to be would shadow an editable install of the package.
     done = subprocess.run([sys.executable, "-m", "edgellm", "export", "default", "-o", str(bundle), "--force"],
-                          stdout=subprocess.DEVNULL)
+                          stdout=subprocess.DEVNULL, cwd=bundle.parent)
     if done.returncode != 0:
         raise EdgeLLMError("exporting the default model failed (see the message above)")
     return bundle

@@ -100,11 +100,13 @@ def test_the_default_bundle_is_exported_when_missing_or_of_another_format(tmp_pa
     monkeypatch.setattr(run_command, "default_bundle_dir", lambda: folder)
     monkeypatch.setattr("edgellm.export_command.require_export_extras", lambda: None)
     monkeypatch.setattr(run_command.subprocess, "run",
-                        lambda argv, **_: exports.append(argv) or subprocess.CompletedProcess(argv, 0))
+                        lambda argv, **kw: exports.append((argv, kw)) or subprocess.CompletedProcess(argv, 0))
     assert run_command.ensure_default_bundle() == folder
     assert len(exports) == (0 if cached == "current" else 1)
     if exports:
-        assert exports[0][-4:] == ["default", "-o", str(folder), "--force"]
+        argv, kw = exports[0]
+        assert argv[-4:] == ["default", "-o", str(folder), "--force"]
+        assert kw["cwd"] == folder.parent  # not wherever the user is: an edgellm/ folder there would shadow the package
 
 
 @pytest.mark.parametrize("xdg, under_home", [(None, True), ("", True), ("relative/cache", True), ("/srv/cache", False)])
