@@ -384,60 +384,56 @@ static inline AVX2 __m256i pair_avx2(const uint8_t *codes, int both, const int8_
 }
 
 /* rows of 4-bit codes: eight blocks (four pairs) per step, then the last 1..7 blocks */
-#define ROW_Q4(PAIR)                                                                                          \
-    __m256 acc = _mm256_setzero_ps();                                                                         \
-    int32_t j = 0;                                                                                            \
-    for (; j + 8 <= nb; j += 8) {                                                                             \
-        __m256i p[4] = {PAIR(codes + 16 * j, 1, el_pair_at(quads, j)), PAIR(codes + 16 * j + 32, 1, el_pair_at(quads, j + 2)), \
-                        PAIR(codes + 16 * j + 64, 1, el_pair_at(quads, j + 4)),                              \
-                        PAIR(codes + 16 * j + 96, 1, el_pair_at(quads, j + 6))};                             \
-        acc = _mm256_add_ps(acc, terms8(format, hsum_pairs(p), row_weights8(scales, mins, j, 8), xd + j, xsum + j, 8)); \
-    }                                                                                                         \
-    if (j < nb) {                                                                                             \
-        int32_t n = nb - j;                                                                                   \
-        __m256i p[4];                                                                                         \
-        for (int k = 0; k < 4; k++)                                                                           \
-            p[k] = 2 * k < n ? PAIR(codes + 16 * (j + 2 * k), 2 * k + 1 < n, el_pair_at(quads, j + 2 * k))   \
-                             : _mm256_setzero_si256();                                                        \
-        acc = _mm256_add_ps(acc, terms8(format, hsum_pairs(p), row_weights8(scales, mins, j, n), xd + j, xsum + j, n)); \
-    }                                                                                                         \
+static AVX2 float row_q4_avx2(int32_t format, const uint8_t *codes, const el_half *scales, const el_half *mins,
+                              const int8_t *quads, const float *xd, const int32_t *xsum, int32_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    int32_t j = 0;
+    for (; j + 8 <= nb; j += 8) {
+        __m256i p[4] = {pair_avx2(codes + 16 * j, 1, el_pair_at(quads, j)),
+                        pair_avx2(codes + 16 * j + 32, 1, el_pair_at(quads, j + 2)),
+                        pair_avx2(codes + 16 * j + 64, 1, el_pair_at(quads, j + 4)),
+                        pair_avx2(codes + 16 * j + 96, 1, el_pair_at(quads, j + 6))};
+        acc = _mm256_add_ps(acc, terms8(format, hsum_pairs(p), row_weights8(scales, mins, j, 8), xd + j, xsum + j, 8));
+    }
+    if (j < nb) {
+        int32_t n = nb - j;
+        __m256i p[4];
+        for (int k = 0; k < 4; k++)
+            p[k] = 2 * k < n ? pair_avx2(codes + 16 * (j + 2 * k), 2 * k + 1 < n, el_pair_at(quads, j + 2 * k))
+                             : _mm256_setzero_si256();
+        acc = _mm256_add_ps(acc, terms8(format, hsum_pairs(p), row_weights8(scales, mins, j, n), xd + j, xsum + j, n));
+    }
     return hsum_f32x8(acc); /* ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)), the order of api.c */
+}
 
 /* One row against four tokens (prefill): the codes are unpacked once for the four, each token's
- * eight-block groups are reduced and accumulated exactly as ROW_Q4 does for one, so every y is
- * bit-identical to ROW_Q4's. y[t * y_stride] for t = 0..3; the tokens' quads are quad_stride
- * bytes apart, their d and sum x_stride values apart. */
+ * eight-block groups are reduced and accumulated exactly as row_q4_avx2 does for one, so every y is
+ * bit-identical to its. y[t * y_stride] for t = 0..3; the tokens' quads are quad_stride bytes apart,
+ * their d and sum x_stride values apart. */
 #define UNROLL4 _Pragma("GCC unroll 4")
-#define ROW4_Q4(PLANES, NIBBLES)                                                                              \
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};    \
-    for (int32_t j = 0; j < nb; j += 8) {                                                                     \
-        int32_t n = nb - j < 8 ? nb - j : 8;                                                                  \
-        __m256i p[4][4];                                                                                      \
-        UNROLL4 for (int k = 0; k < 4; k++) {                                                                 \
-            if (2 * k < n) {                                                                                  \
-                __m256i lo, hi;                                                                               \
-                NIBBLES(codes + 16 * (j + 2 * k), 2 * k + 1 < n, &lo, &hi);                                   \
-                UNROLL4 for (int t = 0; t < 4; t++) p[t][k] = PLANES(lo, hi, el_pair_at(quads + t * quad_stride, j + 2 * k)); \
-            } else {                                                                                          \
-                UNROLL4 for (int t = 0; t < 4; t++) p[t][k] = _mm256_setzero_si256();                         \
-            }                                                                                                 \
-        }                                                                                                     \
-        weights8 w = row_weights8(scales, mins, j, n);                                                        \
-        UNROLL4 for (int t = 0; t < 4; t++)                                                                   \
-            acc[t] = _mm256_add_ps(acc[t], terms8(format, hsum_pairs(p[t]), w, xd + t * x_stride + j,        \
-                                                  xsum + t * x_stride + j, n));                               \
-    }                                                                                                         \
-    UNROLL4 for (int t = 0; t < 4; t++) y[t * y_stride] = hsum_f32x8(acc[t]);
-
 static AVX2 void row4_q4_avx2(float *y, size_t y_stride, int32_t format, const uint8_t *codes, const el_half *scales,
                               const el_half *mins, const int8_t *quads, size_t quad_stride, const float *xd,
                               const int32_t *xsum, size_t x_stride, int32_t nb) {
-    ROW4_Q4(planes_avx2, nibbles2)
-}
-
-static AVX2 float row_q4_avx2(int32_t format, const uint8_t *codes, const el_half *scales, const el_half *mins,
-                              const int8_t *quads, const float *xd, const int32_t *xsum, int32_t nb) {
-    ROW_Q4(pair_avx2)
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int32_t j = 0; j < nb; j += 8) {
+        int32_t n = nb - j < 8 ? nb - j : 8;
+        __m256i p[4][4];
+        UNROLL4 for (int k = 0; k < 4; k++) {
+            if (2 * k < n) {
+                __m256i lo, hi;
+                nibbles2(codes + 16 * (j + 2 * k), 2 * k + 1 < n, &lo, &hi);
+                UNROLL4 for (int t = 0; t < 4; t++)
+                    p[t][k] = planes_avx2(lo, hi, el_pair_at(quads + t * quad_stride, j + 2 * k));
+            } else {
+                UNROLL4 for (int t = 0; t < 4; t++) p[t][k] = _mm256_setzero_si256();
+            }
+        }
+        weights8 w = row_weights8(scales, mins, j, n);
+        UNROLL4 for (int t = 0; t < 4; t++)
+            acc[t] = _mm256_add_ps(acc[t], terms8(format, hsum_pairs(p[t]), w, xd + t * x_stride + j,
+                                                  xsum + t * x_stride + j, n));
+    }
+    UNROLL4 for (int t = 0; t < 4; t++) y[t * y_stride] = hsum_f32x8(acc[t]);
 }
 
 /* rows of 8-bit codes, in the blocks' natural order: eight blocks per step, then the last 1..7 */
