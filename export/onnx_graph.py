@@ -176,13 +176,14 @@ class DecoderGraphBuilder:
                              f"{path}/codes")
         codes = self.op("Cast", [packed], f"{path}/Cast", to=TensorProto.FLOAT)  # [B,S,nb,block]
         axis = self.const("const.axes.-1", np.array([-1], np.int64))
-        # the rows' float16 scales (and mins) gathered, then made float32: only the looked-up rows
-        gathered = {part: self.op("Cast", [self.op("Gather", [f"{name}.{part}", ids], f"{path}/Gather_{part}", axis=0)],
-                                  f"{path}/Cast_{part}", to=TensorProto.FLOAT) for part in ("scales", "mins")
-                    if part == "scales" or t.mins is not None}
-        scales = self.op("Unsqueeze", [gathered["scales"], axis], f"{path}/scales_u")
+        def rows_float32(part: str) -> str:  # the looked-up rows' float16 scales or mins, as float32 [B,S,nb,1]
+            rows = self.op("Gather", [f"{name}.{part}", ids], f"{path}/Gather_{part}", axis=0)
+            return self.op("Unsqueeze", [self.op("Cast", [rows], f"{path}/Cast_{part}", to=TensorProto.FLOAT), axis],
+                           f"{path}/{part}_u")
+
+        scales = rows_float32("scales")
         if t.mins is not None:  # codes*scale + min
-            mins = self.op("Unsqueeze", [gathered["mins"], axis], f"{path}/mins_u")
+            mins = rows_float32("mins")
             values = self.op("Add", [self.op("Mul", [codes, scales], f"{path}/Mul"), mins], f"{path}/Add")
         else:  # (codes - implied zero point) * scale
             zp = self.const(f"const.f32.zp{t.bits}", np.array(2 ** (t.bits - 1), np.float32))

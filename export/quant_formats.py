@@ -146,7 +146,9 @@ def _half_outward(v: np.ndarray, up: bool) -> np.ndarray:
 
 
 def _half_magnitude_up(v: np.ndarray) -> np.ndarray:
-    return np.where(v < 0, -_half_outward(-v, up=True), _half_outward(np.abs(v), up=True)).astype(np.float16)
+    """float32 -> the nearest float16 of the same sign whose magnitude is at or above |v|."""
+    return np.where(v < 0, np.float16(-1), np.float16(1)) * _half_outward(np.abs(v), up=True)
+
 
 def _float_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, int]:
     if weight.ndim != 2:
