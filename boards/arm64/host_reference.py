@@ -51,6 +51,11 @@ def main() -> int:
     expected = {"prompt": PROMPT, "max_tokens": args.max_tokens, "prompt_ids": runs["native"]["prompt_ids"],
                 "tokens": runs["native"]["tokens"], "host_kernel_variant": native.kernel_variant()}
     print(json.dumps({"host": runs, "host_kernel_variant": expected["host_kernel_variant"]}))
+    tokens = expected["tokens"]
+    if len(tokens) != args.max_tokens or len(set(tokens)) < 2:  # an empty or stuck reference would match anything alike
+        print(f"error: the host's greedy answer is not {args.max_tokens} tokens with at least two distinct ones: "
+              f"{tokens}", file=sys.stderr)
+        return 1
     if runs["onnxruntime"]["tokens"] != expected["tokens"]:
         print(f"error: on the host the backends disagree: native {expected['tokens']}, "
               f"onnxruntime {runs['onnxruntime']['tokens']}", file=sys.stderr)

@@ -10,6 +10,8 @@
 # Run as root; installs debootstrap, qemu-user-static and binfmt-support when missing. The rootfs
 # is cached (EDGELLM_ARM64_ROOTFS, default /var/cache/edgellm/arm64-rootfs); see boards/arm64/README.md.
 set -euo pipefail
+# Run as root inside a user's checkout: no root-owned __pycache__ left in it for later runs.
+export PYTHONDONTWRITEBYTECODE=1
 
 usage() {
     cat <<EOF
@@ -297,5 +299,6 @@ if [ "$with_wheel" = 1 ]; then
     guest_check /opt/wheel-venv cortex-a76
     mkdir -p "$wheel_dir"
     cp "$rootfs/opt/wheels/repaired/$wheel" "$wheel_dir/"
+    if [ -n "${SUDO_UID:-}" ]; then chown -R "$SUDO_UID:${SUDO_GID:-$SUDO_UID}" "$wheel_dir"; fi  # the sudo user's dist/
     echo "PASS wheel $wheel_dir/$wheel (fresh venv: edgellm --help runs, the check passes on cortex-a76)"
 fi
