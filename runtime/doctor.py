@@ -63,10 +63,16 @@ def memory_report(settings: RuntimeSettings, bundle: Path | None) -> dict[str, A
     report: dict[str, Any] = {"available_bytes": available}
     if bundle is None:
         return report
+    from .backends import run_context
     from .manifest import model_config, read_manifest
 
-    config = model_config(read_manifest(bundle))
-    context = settings.context_for(config.max_position_embeddings)
+    manifest = read_manifest(bundle)
+    config = model_config(manifest)
+    try:  # the context a run would use (on npu: the graphs' window)
+        context = run_context(manifest, settings, config.max_position_embeddings)
+    except EdgeLLMError as error:  # e.g. --backend npu on a bundle without NPU graphs: say so, keep the report
+        report["bundle"] = {"path": str(bundle), "backend": settings.backend, "error": error.message}
+        return report
     needed = estimate(bundle, config, settings.backend, context, settings.prefill_chunk)
     report["bundle"] = {"path": str(bundle), "backend": settings.backend, "context": context,
                         "needed_bytes": needed.total, "fits": available is None or needed.total <= available,

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Mapping, Sequence
 
-from .backends import create_backend
+from .backends import create_backend, run_context
 from .bundle_format import WEIGHTS_FILE, file_sha256
 from .chat_template import render_chat
 from .errors import BundleError, ContextOverflowError, EdgeLLMError
@@ -32,11 +32,7 @@ class Model:
         self.manifest = manifest
         self.settings = settings
         self.config = model_config(manifest)
-        self.context_length = settings.context_for(self.config.max_position_embeddings)
-        if settings.backend == "npu":  # the NPU graphs were compiled for one window
-            from .backends.npu_backend import npu_context
-
-            self.context_length = npu_context(manifest, settings)
+        self.context_length = run_context(manifest, settings, self.config.max_position_embeddings)
         if self.context_length > self.config.max_position_embeddings:
             raise ContextOverflowError(f"a context of {self.context_length} tokens is longer than the model was "
                                        f"trained for ({self.config.max_position_embeddings})",

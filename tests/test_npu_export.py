@@ -243,3 +243,12 @@ def test_qnn_missing_is_a_clear_error_that_says_what_to_install(monkeypatch):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 1 and len(lines) == 1, done.stderr
     assert lines[0].startswith("error: the NPU backend needs onnxruntime-qnn") and "pip install" in lines[0]
+
+
+def test_doctor_sizes_an_npu_run_for_the_graphs_window_and_reports_a_bundle_without_them(bundle, tiny_llama_bundle):
+    from edgellm.doctor import memory_report
+    from edgellm.settings import RuntimeSettings
+
+    npu = RuntimeSettings.resolve(environ={}, board="none", backend="npu")
+    assert memory_report(npu, bundle)["bundle"]["context"] == NPU_CONTEXT  # not the default 2048
+    assert "no NPU graphs" in memory_report(npu, tiny_llama_bundle)["bundle"]["error"]

@@ -9,6 +9,16 @@ from ..settings import RuntimeSettings
 from .base import Backend
 
 
+def run_context(manifest: dict, settings: RuntimeSettings, trained_context: int) -> int:
+    """The context a bundle runs with on settings.backend: the NPU graphs' compiled window (or less, if
+    asked), else the setting or the default capped by what the model was trained for."""
+    if settings.backend == "npu":
+        from .npu_backend import npu_context
+
+        return npu_context(manifest, settings)
+    return settings.context_for(trained_context)
+
+
 def create_backend(bundle: Path, manifest: dict, settings: RuntimeSettings, context_length: int) -> Backend:
     from ..placement import cap_kernel_variant, pin_process
 
@@ -31,4 +41,4 @@ def create_backend(bundle: Path, manifest: dict, settings: RuntimeSettings, cont
     raise InvalidSettingError(f"unknown backend {settings.backend!r}")
 
 
-__all__ = ["Backend", "create_backend"]
+__all__ = ["Backend", "create_backend", "run_context"]
