@@ -87,10 +87,11 @@ def fast_loading_tokenizer_json(text: str) -> str:
     return json.dumps(document, ensure_ascii=False)
 
 
-def make_encoder(model: CanonicalModel):
+def make_encoder(model: CanonicalModel, tokenizer_json: str):
+    """text -> ids as the bundle's tokenizer (tokenizer_json: the document written to it) gives them."""
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_str(model.tokenizer.tokenizer_json)
+    tokenizer = Tokenizer.from_str(tokenizer_json)
     bos = model.tokenizer.bos_token_id if model.tokenizer.add_bos_token else None
 
     def encode(text: str) -> list[int]:
@@ -126,15 +127,16 @@ def export_model(source: str | Path, output: Path, options: ExportOptions = Expo
         index = write_weights(staging / WEIGHTS_FILE, arrays)
         attach_initializers(graph, arrays, index)
         (staging / ONNX_CPU_FILE).write_bytes(graph.SerializeToString())
-        (staging / TOKENIZER_FILE).write_text(fast_loading_tokenizer_json(model.tokenizer.tokenizer_json),
-                                              encoding="utf-8")
+        tokenizer_json = fast_loading_tokenizer_json(model.tokenizer.tokenizer_json)
+        (staging / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
+        encode = make_encoder(model, tokenizer_json)  # verification and NPU calibration read the same ids
         verification = {"skipped": True}
         if options.verify:
             progress("verifying against the numpy reference", 0.6)
             from .verify import verify_onnx
 
             reference = ReferenceModel(model.config, {n: as_float(t) for n, t in tensors.items()})
-            verification = verify_onnx(staging / ONNX_CPU_FILE, model.config, reference, make_encoder(model))
+            verification = verify_onnx(staging / ONNX_CPU_FILE, model.config, reference, encode)
             if not verification["passed"]:
                 raise EdgeLLMError(
                     f"verification failed: ONNX Runtime vs reference worst NMSE {verification['worst_nmse']:.3g} "
@@ -145,7 +147,7 @@ def export_model(source: str | Path, output: Path, options: ExportOptions = Expo
         if options.profile == "npu":
             from .npu_export import export_npu
 
-            npu = export_npu(model, staging, index, matrix_index(tensors), options.npu, make_encoder(model),
+            npu = export_npu(model, staging, index, matrix_index(tensors), options.npu, encode,
                              options.verify, progress)
         progress("writing manifest", 0.95)
         manifest = build_manifest(model, tensors, index, quant_report.to_dict(), options, verification,

@@ -140,22 +140,23 @@ class NpuDecoder:
         return graph
 
     def commit(self, graph: StaticGraph) -> np.ndarray:
-        """After `graph` ran: its valid new keys and values into the cache at `position`; their logits [n, V]."""
+        """After `graph` ran: its valid new keys and values into the cache at `position`; their logits [n, V],
+        a view of the graph's output buffer that the graph's next run overwrites (callers copy what they keep)."""
         n, p = graph.valid, self.position
         for name, buffer in self.cache.items():
             buffer[:, :, p:p + n] = graph.new_kv[name][:, :, :n]
         self.position = p + n
-        return graph.logits[0, :n].copy()
+        return graph.logits[0, :n]
 
     def forward_chunk(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Logits [n, V] of n <= chunk tokens at `position`; their keys and values join the cache."""
+        """Logits [n, V] of n <= chunk tokens at `position` (a view, as commit's); their keys and values join the cache."""
         graph = self.prepare(token_ids)
         graph.run()
         return self.commit(graph)
 
     def forward(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits [len, V]: the tokens in chunks (the last one padded), decode graph for single tokens."""
-        rows = [self.forward_chunk(token_ids[i:i + self.chunk]) for i in range(0, len(token_ids), self.chunk)]
+        rows = [self.forward_chunk(token_ids[i:i + self.chunk]).copy() for i in range(0, len(token_ids), self.chunk)]
         return np.concatenate(rows)
 
     def truncate(self, position: int) -> None:

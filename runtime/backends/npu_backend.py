@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..bundle_format import cache_root
 from ..errors import ContextOverflowError, NpuError
 from ..model_config import ModelConfig
 from ..npu_host import MASK_VALUE, HostEmbedding, NpuDecoder, check_graph_io
@@ -59,8 +60,8 @@ class NpuBackend(Backend):
         qnn = QnnSessions(settings.npu_provider_options)
         folder = cache_dir(bundle)
         if folder is None:
-            log.warning("neither %s nor ~/.cache/edgellm/npu can be written: the NPU graphs are compiled at "
-                        "every start", Path(bundle) / "npu_cache")
+            log.warning("neither %s nor %s can be written: the NPU graphs are compiled at every start",
+                        Path(bundle) / "npu_cache", cache_root() / "npu")
         digest = model_hash(manifest, entry["files"])
         sessions, self.loads = {}, []
         for role, seq in (("prefill", self.prefill_chunk), ("decode", 1)):
@@ -76,7 +77,7 @@ class NpuBackend(Backend):
         self.decoder.truncate(self.position)
         logits = self.decoder.forward_chunk(token_ids)
         self.position = self.decoder.position
-        return logits if all_logits else logits[-1]
+        return (logits if all_logits else logits[-1]).copy()  # only what is kept: a prefill's last row
 
     def close(self) -> None:
         self.decoder = None
