@@ -84,11 +84,11 @@ def memory_report(settings: RuntimeSettings, bundle: Path | None) -> dict[str, A
 def npu_report(settings: RuntimeSettings, bundle: Path | None) -> dict[str, Any]:
     """The SoC model QNN would compile for, and whether the bundle carries NPU graphs (--backend npu)."""
     from .npu_report import npu_summary
-    from .npu_session import DEFAULT_SOC_MODEL
+    from .npu_session import DEFAULT_SOC_MODEL, DEFAULT_SOC_NAME
 
     soc = str(settings.npu_provider_options.get("soc_model", DEFAULT_SOC_MODEL))
     report: dict[str, Any] = {"soc_model": soc, "soc_model_from": "board profile" if "soc_model" in
-                              settings.npu_provider_options else "default (SM8650)", "bundle": None}
+                              settings.npu_provider_options else f"default ({DEFAULT_SOC_NAME})", "bundle": None}
     if bundle is not None:
         from .manifest import read_manifest
 

@@ -33,7 +33,8 @@ from .bundle_format import cache_root
 from .errors import InvalidSettingError, NpuError
 
 EP_NAME = "QNNExecutionProvider"
-DEFAULT_SOC_MODEL = "57"  # SM8650 (Hexagon v75), the simulator's target when the board profile names no SoC
+DEFAULT_SOC_MODEL = "57"  # the simulator's target when the board profile names no SoC
+DEFAULT_SOC_NAME = "SM8650"  # what DEFAULT_SOC_MODEL is (Hexagon v75)
 INSTALL_HINT = "pip install onnxruntime-qnn, or the extra: pip install 'edgellm[npu]'"
 COMPAT_KEY = f"ep_compatibility_info.{EP_NAME}"  # metadata QNN writes into a context model: "v2:...:<soc>:..."
 COMPAT_SOC_FIELD = 5
@@ -75,8 +76,9 @@ def provider_options(board_options: Mapping[str, Any], htp_library: str) -> dict
     options.update({str(k): str(v) for k, v in board_options.items()})
     if not re.fullmatch(r"[0-9]+", options["soc_model"]):
         # QNN ignores a SoC model it does not know and silently targets an old part.
-        raise InvalidSettingError(f"the NPU soc_model must be QNN's SoC number (e.g. 57 for SM8650), "
-                                  f"got {options['soc_model']!r}", "fix the board profile's [npu] provider_options")
+        raise InvalidSettingError(f"the NPU soc_model must be QNN's SoC number (e.g. {DEFAULT_SOC_MODEL} for "
+                                  f"{DEFAULT_SOC_NAME}), got {options['soc_model']!r}",
+                                  "fix the board profile's [npu] provider_options")
     return options
 
 
