@@ -25,12 +25,12 @@ from onnx import TensorProto
 
 from edgellm.bundle_format import ALIGN
 from edgellm.errors import EdgeLLMError
-from edgellm.npu_host import MASK_VALUE, HostEmbedding, NpuDecoder
+from edgellm.npu_host import MASK_VALUE, HostEmbedding, NpuDecoder, npu_graph_io
 from edgellm.weights import BundleWeights
 
 from .bundle_writer import attach_initializers, write_weights
 from .canonical import CanonicalModel, as_float
-from .npu_graph import build_npu_graph, npu_graph_io
+from .npu_graph import build_npu_graph
 from .npu_quantize import (INT4_BLOCK, SCHEMES, calibration_feeds, calibration_plan, calibration_summary,
                            feed_count, quantize_graphs)
 from .reference import ReferenceModel

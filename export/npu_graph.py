@@ -9,7 +9,8 @@ Inputs:  inputs_embeds  float32 [1, S, E]        embedding rows, looked up on th
          past_key_values.{i}.key / .value float32 [1, KV, C, D]   the whole cache, valid or not
 Outputs: logits float32 [1, S, V]
          new_key_values.{i}.key / .value float32 [1, KV, S, D]   this chunk's slice only
-Every dimension is a number: nothing is symbolic. Query s attends over [past slots 0..C-1, the
+Every dimension is a number: nothing is symbolic (the table: npu_host.npu_graph_io, which the
+runtime also checks a loaded graph against). Query s attends over [past slots 0..C-1, the
 chunk's own S keys]; the host's mask hides the cache slots not yet written and the future of
 the chunk, and the host writes the new slices into its cache (runtime/npu_host.py).
 
@@ -36,6 +37,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgellm.model_config import ModelConfig
+from edgellm.npu_host import npu_graph_io
 
 from .onnx_graph import DecoderGraphBuilder
 from .reference import rope_inv_freq
@@ -48,20 +50,6 @@ FLOAT_NODES = re.compile(r".*/(residual_attn|residual_mlp|RMSNormalization|mlp/M
 
 def float_nodes(model: onnx.ModelProto) -> list[str]:
     return [node.name for node in model.graph.node if FLOAT_NODES.fullmatch(node.name)]
-
-
-def npu_graph_io(config: ModelConfig, seq: int, context: int) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
-    """(inputs, outputs): name -> static shape, in graph order."""
-    c = config
-    kv, kv_new = [1, c.num_key_value_heads, context, c.head_dim], [1, c.num_key_value_heads, seq, c.head_dim]
-    inputs = {"inputs_embeds": [1, seq, c.hidden_size], "position_ids": [1, seq],
-              "attention_mask": [1, seq, context + seq]}
-    outputs = {"logits": [1, seq, c.vocab_size]}
-    for i in range(c.num_hidden_layers):
-        for kind in ("key", "value"):
-            inputs[f"past_key_values.{i}.{kind}"] = kv
-            outputs[f"new_key_values.{i}.{kind}"] = kv_new
-    return inputs, outputs
 
 
 class NpuGraphBuilder(DecoderGraphBuilder):

@@ -19,7 +19,7 @@ from edgellm.model_config import ModelConfig
 from edgellm.npu_host import NpuDecoder
 
 from .reference import ReferenceModel
-from .verify import DECODE_STEPS, VERIFY_PROMPTS
+from .verify import DECODE_STEPS, VERIFY_PROMPTS, cpu_session
 
 # A prompt longer than one prefill chunk, so chunks at positions > 0 and the padded last chunk are checked.
 LONG_PROMPT = ("Rivers shape the land they cross. Over thousands of years, water carries sand and stones from the "
@@ -57,13 +57,7 @@ def teacher_forced_logits(decoder: NpuDecoder, ids: Sequence[int], decode_steps:
 
 def cpu_sessions(paths: dict[int, Path], threads: int | None = None) -> dict:
     """chunk length -> an ONNX Runtime CPU session of that NPU graph."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return {seq: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            for seq, path in paths.items()}
+    return {seq: cpu_session(path, threads) for seq, path in paths.items()}
 
 
 def verify_npu(paths: dict[int, Path], config: ModelConfig, context: int, scheme: str, reference: ReferenceModel,

@@ -57,14 +57,19 @@ def run_onnx_logits(session, config: ModelConfig, ids: list[int], decode_steps: 
     return np.concatenate(rows)
 
 
-def verify_onnx(model_path: Path, config: ModelConfig, reference: ReferenceModel, encode,
-                prompts=VERIFY_PROMPTS, threads: int | None = None) -> dict:
+def cpu_session(model_path: Path, threads: int | None = None):
+    """An ONNX Runtime session of `model_path` on the CPU provider (ONNX Runtime's own thread count unless given)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def verify_onnx(model_path: Path, config: ModelConfig, reference: ReferenceModel, encode,
+                prompts=VERIFY_PROMPTS, threads: int | None = None) -> dict:
+    session = cpu_session(model_path, threads)
     rows = []
     for prompt in prompts:
         ids = encode(prompt)

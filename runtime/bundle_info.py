@@ -63,22 +63,31 @@ def print_quantization(manifest: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
-def print_verification(manifest: dict[str, Any], console: Console) -> None:
-    report = manifest.get("verification", {})
+def print_verification_report(report: dict[str, Any], console: Console, what: str, cells: dict[str, str],
+                              summary: str) -> None:
+    """A verification report (the CPU graph's or the NPU graphs') as a table: prompt, tokens, then `cells`
+    (column -> format string over a prompt row's fields); the caption is the verdict and `summary`, a format
+    string over the report's fields and its thresholds."""
     if report.get("skipped"):
-        console.print("[yellow]verification skipped (--no-verify)[/yellow]")
+        console.print(f"[yellow]{what} skipped (--no-verify)[/yellow]")
         return
-    table = Table(title=f"verification: {report['engine']} vs {report['against']}")
-    for column in ("prompt", "tokens", "NMSE", "top-1", "max |Δ|"):
+    table = Table(title=f"{what}: {report['engine']} vs {report['against']}")
+    for column in ("prompt", "tokens", *cells):
         table.add_column(column, justify="left" if column == "prompt" else "right", no_wrap=True)
     for row in report["prompts"]:
         prompt = row["prompt"].replace("\n", "\\n")
-        table.add_row(prompt[:30] + ("…" if len(prompt) > 30 else ""), str(row["tokens"]), f"{row['nmse']:.2e}",
-                      f"{row['top1']:.3f}", f"{row['max_abs']:.3f}")
+        table.add_row(prompt[:30] + ("…" if len(prompt) > 30 else ""), str(row["tokens"]),
+                      *(cell.format(**row) for cell in cells.values()))
     verdict = "[green]passed[/green]" if report["passed"] else "[red]failed[/red]"
-    table.caption = (f"{verdict}: worst NMSE {report['worst_nmse']:.2e} (max {report['thresholds']['max_nmse']}), "
-                     f"mean top-1 {report['mean_top1']:.3f} (min {report['thresholds']['min_top1']})")
+    table.caption = f"{verdict}: " + summary.format(**report, **report["thresholds"])
     console.print(table)
+
+
+def print_verification(manifest: dict[str, Any], console: Console) -> None:
+    print_verification_report(manifest.get("verification", {}), console, "verification",
+                              {"NMSE": "{nmse:.2e}", "top-1": "{top1:.3f}", "max |Δ|": "{max_abs:.3f}"},
+                              "worst NMSE {worst_nmse:.2e} (max {max_nmse}), "
+                              "mean top-1 {mean_top1:.3f} (min {min_top1})")
 
 
 def print_info(manifest: dict[str, Any], bundle: Path, console: Console | None = None) -> None:

@@ -90,14 +90,25 @@ class StaticGraph:
         return {name: array.copy() for name, array in self.inputs.items()}
 
 
+def npu_graph_io(config: ModelConfig, seq: int, context: int) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """(inputs, outputs): name -> static shape, in graph order. The exporter builds the graphs to this
+    table and this host checks a loaded session against it, so it lives here, where the runtime can read it."""
+    c = config
+    kv, kv_new = [1, c.num_key_value_heads, context, c.head_dim], [1, c.num_key_value_heads, seq, c.head_dim]
+    inputs = {"inputs_embeds": [1, seq, c.hidden_size], "position_ids": [1, seq],
+              "attention_mask": [1, seq, context + seq]}
+    outputs = {"logits": [1, seq, c.vocab_size]}
+    for i in range(c.num_hidden_layers):
+        for kind in ("key", "value"):
+            inputs[f"past_key_values.{i}.{kind}"] = kv
+            outputs[f"new_key_values.{i}.{kind}"] = kv_new
+    return inputs, outputs
+
+
 def check_graph_io(session, config: ModelConfig, seq: int, context: int, what: str) -> None:
     """The session's inputs and outputs are the static ones this host feeds; else BundleError."""
-    expected = {"inputs_embeds": [1, seq, config.hidden_size], "position_ids": [1, seq],
-                "attention_mask": [1, seq, context + seq], "logits": [1, seq, config.vocab_size]}
-    for i in range(config.num_hidden_layers):
-        for kind in ("key", "value"):
-            expected[f"past_key_values.{i}.{kind}"] = [1, config.num_key_value_heads, context, config.head_dim]
-            expected[f"new_key_values.{i}.{kind}"] = [1, config.num_key_value_heads, seq, config.head_dim]
+    inputs, outputs = npu_graph_io(config, seq, context)
+    expected = {**inputs, **outputs}
     found = {arg.name: list(arg.shape) for arg in [*session.get_inputs(), *session.get_outputs()]}
     if found != expected:
         wrong = sorted(name for name in set(found) | set(expected) if found.get(name) != expected.get(name))

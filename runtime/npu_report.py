@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
+
+from .bundle_info import print_verification_report
 
 
 def npu_summary(manifest: dict[str, Any]) -> dict[str, Any] | None:
@@ -28,19 +29,6 @@ def print_npu(manifest: dict[str, Any], console: Console) -> None:
                   f"{entry['context']}; {quant['scheme']}: activations {quant['activations']}, weights "
                   f"{quant['weights']}; calibrated on {calibration['prefill_samples']} prefill and "
                   f"{calibration['decode_samples']} decode samples of {calibration['file']}")
-    report = entry.get("verification", {})
-    if report.get("skipped"):
-        console.print("[yellow]NPU verification skipped (--no-verify)[/yellow]")
-        return
-    table = Table(title=f"NPU verification: {report['engine']} vs {report['against']}")
-    for column in ("prompt", "tokens", "top-1", "KL"):
-        table.add_column(column, justify="left" if column == "prompt" else "right", no_wrap=True)
-    for row in report["prompts"]:
-        prompt = row["prompt"].replace("\n", "\\n")
-        table.add_row(prompt[:30] + ("…" if len(prompt) > 30 else ""), str(row["tokens"]), f"{row['top1']:.3f}",
-                      f"{row['kl']:.4f}")
-    verdict = "[green]passed[/green]" if report["passed"] else "[red]failed[/red]"
-    limits = report["thresholds"]
-    table.caption = (f"{verdict}: mean top-1 {report['mean_top1']:.3f} (min {limits['min_top1']}), "
-                     f"mean KL {report['mean_kl']:.4f} (max {limits['max_kl']})")
-    console.print(table)
+    print_verification_report(entry.get("verification", {}), console, "NPU verification",
+                              {"top-1": "{top1:.3f}", "KL": "{kl:.4f}"},
+                              "mean top-1 {mean_top1:.3f} (min {min_top1}), mean KL {mean_kl:.4f} (max {max_kl})")

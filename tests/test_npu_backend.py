@@ -16,10 +16,10 @@ pytest.importorskip("onnxruntime_qnn", reason="the NPU backend needs onnxruntime
 
 import edgellm  # noqa: E402
 from edgellm.errors import ContextOverflowError, NpuError  # noqa: E402
-from edgellm.export.npu_verify import cpu_sessions, kl_divergence, teacher_forced_logits  # noqa: E402
-from edgellm.manifest import model_config, read_manifest  # noqa: E402
+from edgellm.export.npu_verify import kl_divergence, teacher_forced_logits  # noqa: E402
+from edgellm.manifest import read_manifest  # noqa: E402
 from edgellm.npu_session import QnnSessions, qnn_version  # noqa: E402
-from npu_support import NPU_CONTEXT, copy_bundle, npu_bundle  # noqa: E402
+from npu_support import NPU_CONTEXT, copy_bundle, cpu_provider_decoder, npu_bundle  # noqa: E402
 from tiny_models import TRAINING_TEXT  # noqa: E402
 
 PROMPTS = [TRAINING_TEXT[i][:14] for i in (0, 2, 12)]  # beginnings of text the trained model learned
@@ -66,16 +66,10 @@ def test_the_simulator_runs_the_graphs_like_the_cpu_provider(tmp_path, kind, qua
     """The same QDQ graphs (int8 channels, int4 blocks) on the HTP simulator and on ONNX Runtime's CPU
     provider, teacher-forced through prefill chunks (the last one padded) and decode steps."""
     bundle = copy_bundle(npu_bundle(kind, quant), tmp_path / "bundle")
-    manifest = read_manifest(bundle)
     npu = edgellm.load(bundle, backend="npu")
-    files = manifest["graphs"]["npu"]["files"]
-    decoder = npu.backend.decoder
     ids = npu.encode(TRAINING_TEXT[3])[:40]
-    on_htp = teacher_forced_logits(decoder, ids, decode_steps=6)
-    from edgellm.npu_host import NpuDecoder
-
-    on_cpu = teacher_forced_logits(NpuDecoder(model_config(manifest), NPU_CONTEXT, cpu_sessions(
-        {16: bundle / files["prefill"], 1: bundle / files["decode"]}), decoder.embed), ids, decode_steps=6)
+    on_htp = teacher_forced_logits(npu.backend.decoder, ids, decode_steps=6)
+    on_cpu = teacher_forced_logits(cpu_provider_decoder(bundle, read_manifest(bundle)), ids, decode_steps=6)
     kl = kl_divergence(on_cpu, on_htp)
     print(f"{kind} {quant}: HTP vs CPU provider, KL mean {kl.mean():.2e} max {kl.max():.2e}, top-1 "
           f"{np.mean(on_htp.argmax(-1) == on_cpu.argmax(-1)):.3f}")

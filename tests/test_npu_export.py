@@ -18,7 +18,7 @@ from edgellm.export.reference import ReferenceModel
 from edgellm.manifest import model_config, read_manifest
 from edgellm.npu_host import HostEmbedding, NpuDecoder
 from edgellm.weights import BundleWeights
-from npu_support import NPU_CHUNK, NPU_CONTEXT, npu_bundle
+from npu_support import NPU_CHUNK, NPU_CONTEXT, cpu_provider_decoder, npu_bundle
 from tiny_models import make_tiny_model, save_tiny_model, tiny_vocab_size
 
 
@@ -102,10 +102,7 @@ def test_the_quantized_graphs_follow_the_float_reference_through_prefill_and_dec
     config = model_config(manifest)
     source = load_source(bundle.parent / "hf")
     reference = ReferenceModel(config, {n: as_float(t) for n, t in source.tensors.items()})
-    files = manifest["graphs"]["npu"]["files"]
-    embed = HostEmbedding(BundleWeights(bundle, manifest), manifest["matrices"]["model.embed_tokens.weight"])
-    decoder = NpuDecoder(config, NPU_CONTEXT, cpu_sessions({NPU_CHUNK: bundle / files["prefill"],
-                                                            1: bundle / files["decode"]}), embed)
+    decoder = cpu_provider_decoder(bundle, manifest)
     ids = list(np.random.default_rng(5).integers(3, tiny_vocab_size(), 45))
     expected = reference.forward(ids)
     actual = teacher_forced_logits(decoder, ids, decode_steps=8)

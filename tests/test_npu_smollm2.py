@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
+from npu_support import cpu_provider_decoder
 
 GOLDEN_TOKENS = 128
 
@@ -33,18 +34,6 @@ def golden_ids(smollm2_npu):
     ids = BundleTokenizer(bundle, read_manifest(bundle)).encode((FIXTURES / "golden_text.txt").read_text())
     assert len(ids) >= GOLDEN_TOKENS
     return ids[:GOLDEN_TOKENS]
-
-
-def cpu_provider_decoder(bundle, manifest):
-    from edgellm.export.npu_verify import cpu_sessions
-    from edgellm.manifest import model_config
-    from edgellm.npu_host import HostEmbedding, NpuDecoder
-    from edgellm.weights import BundleWeights
-
-    entry = manifest["graphs"]["npu"]
-    sessions = cpu_sessions({entry["chunk"]: bundle / entry["files"]["prefill"], 1: bundle / entry["files"]["decode"]})
-    embed = HostEmbedding(BundleWeights(bundle, manifest), manifest["matrices"]["model.embed_tokens.weight"])
-    return NpuDecoder(model_config(manifest), entry["context"], sessions, embed)
 
 
 @pytest.mark.slow
