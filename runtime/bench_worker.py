@@ -53,7 +53,7 @@ class EdgeLLMEngine:
         import edgellm.model  # noqa: F401
         from edgellm.settings import RuntimeSettings
 
-        if RuntimeSettings(backend=job.get("backend", "auto")).backend == "onnxruntime":
+        if RuntimeSettings(backend=job.get("backend", "auto")).backend in ("onnxruntime", "npu"):
             import onnxruntime  # noqa: F401  (imported by the backend at load; counted as import time here)
 
     def describe(self) -> dict:
@@ -69,6 +69,15 @@ class EdgeLLMEngine:
                                           "16-bit activations as two int8 planes)"}}
         import onnxruntime
 
+        if backend.name == "npu":
+            quant = self.model.manifest["graphs"]["npu"]["quantization"]["scheme"]
+            return {"version": __version__,
+                    "backend": f"npu {onnxruntime.__version__} QNN HTP (SoC model {described['soc_model']})",
+                    "kernel_variant": "qnn-htp",  # bench's machine.kernel_variant (else it says onnxruntime-mlas)
+                    "config": {"prefill_chunk": backend.prefill_chunk, "context": backend.context_length,
+                               "execution_provider": described["execution_provider"],
+                               "soc_model": described["soc_model"],
+                               "weights": f"npu_weights.bin: static-shape {quant} QDQ graphs, embedding on the host"}}
         return {"version": __version__, "backend": f"{backend.name} {onnxruntime.__version__} CPU",
                 "kernel_variant": "onnxruntime-mlas",
                 "config": {"prefill_chunk": backend.prefill_chunk, "context": backend.context_length,
