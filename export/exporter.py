@@ -25,7 +25,7 @@ from .bundle_writer import attach_initializers, matrix_index, write_json, write_
 from .canonical import CanonicalModel, as_float
 from .npu_export import NPU_FILES, NpuOptions
 from .quantize import QuantOptions, quantize_tensors
-from .reference import ReferenceModel
+from .reference import FREQ_FACTORS, INV_FREQ, ReferenceModel, rope_inv_freq
 
 Progress = Callable[[str, float], None]  # (stage description, fraction done 0..1)
 PROFILES = ("cpu", "npu")  # npu: the CPU bundle plus the NPU graphs
@@ -114,6 +114,9 @@ def export_model(source: str | Path, output: Path, options: ExportOptions = Expo
     tensors, quant_report = quantize_tensors(
         model.tensors, options.quant,
         progress=lambda name: progress(f"quantizing {name}", 0.05 + 0.35 * (names.index(name) + 1) / len(names)))
+    # RoPE's table, computed once: the graph, the verifying reference and weights.bin (which every
+    # backend reads it from, however small) all hold this one array.
+    tensors[INV_FREQ] = rope_inv_freq(model.config, tensors.get(FREQ_FACTORS))
 
     from .onnx_graph import build_decoder_graph
 

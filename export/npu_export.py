@@ -21,14 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 import onnx
-from onnx import TensorProto
 
-from edgellm.bundle_format import ALIGN
 from edgellm.errors import EdgeLLMError
 from edgellm.npu_host import MASK_VALUE, HostEmbedding, NpuDecoder, npu_graph_io
 from edgellm.weights import BundleWeights
 
-from .bundle_writer import attach_initializers, write_weights
+from .bundle_writer import append_aligned, attach_initializers, point_to_external, write_weights
 from .canonical import CanonicalModel, as_float
 from .npu_graph import build_npu_graph
 from .npu_quantize import (INT4_BLOCK, SCHEMES, calibration_feeds, calibration_plan, calibration_summary,
@@ -60,9 +58,8 @@ class NpuOptions:
 
 def externalize(models: dict[str, onnx.ModelProto], path: Path) -> None:
     """Move every large initializer of `models` into one file, each distinct tensor once (the
-    prefill and decode graphs share their weights byte for byte), 64-byte aligned."""
+    prefill and decode graphs share their weights byte for byte), aligned as weights.bin is."""
     written: dict[str, tuple[int, int]] = {}  # sha256 -> (offset, length)
-    offset = 0
     with open(path, "wb") as out:
         for model in models.values():
             for tensor in model.graph.initializer:
@@ -70,18 +67,9 @@ def externalize(models: dict[str, onnx.ModelProto], path: Path) -> None:
                     continue
                 digest = hashlib.sha256(tensor.raw_data).hexdigest()
                 if digest not in written:
-                    pad = -offset % ALIGN
-                    out.write(b"\0" * pad)
-                    written[digest] = (offset + pad, len(tensor.raw_data))
-                    out.write(tensor.raw_data)
-                    offset += pad + len(tensor.raw_data)
-                start, length = written[digest]
+                    written[digest] = (append_aligned(out, tensor.raw_data), len(tensor.raw_data))
                 tensor.ClearField("raw_data")
-                tensor.data_location = TensorProto.EXTERNAL
-                del tensor.external_data[:]
-                for key, value in (("location", path.name), ("offset", str(start)), ("length", str(length))):
-                    item = tensor.external_data.add()
-                    item.key, item.value = key, value
+                point_to_external(tensor, path.name, *written[digest])
 
 
 def describe_io(config, chunk: int, context: int) -> dict:

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper
 from edgellm.model_config import ModelConfig
 
 from .quant_formats import BlockQuantTensor
-from .reference import rope_inv_freq
+from .reference import INV_FREQ
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -198,10 +198,9 @@ class DecoderGraphBuilder:
 
     def make_rope_tables(self, position_ids: str) -> tuple[str, str]:
         path = "/model/rotary_emb"
-        inv_freq = rope_inv_freq(self.c, self.tensors.get("model.rotary_emb.freq_factors"))
         pos = self.op("Cast", [position_ids], f"{path}/Cast", to=TensorProto.FLOAT)
         pos = self.op("Unsqueeze", [pos, self.const("const.axes.-1", np.array([-1], np.int64))], f"{path}/Unsqueeze")
-        angles = self.op("Mul", [pos, self.const("model.rotary_emb.inv_freq", inv_freq)], f"{path}/Mul")  # [B,S,D/2]
+        angles = self.op("Mul", [pos, self.weight(INV_FREQ)], f"{path}/Mul")  # [B,S,D/2]
         tables = []
         for fn in ("Cos", "Sin"):
             half = self.op(fn, [angles], f"{path}/{fn}")
@@ -329,4 +328,5 @@ BUILDERS = {"llama": DecoderGraphBuilder, "mistral": DecoderGraphBuilder, "qwen2
 
 
 def build_decoder_graph(config: ModelConfig, tensors: dict):
+    """The graph and its initializers. `tensors` holds RoPE's table (INV_FREQ) as the exporter computed it."""
     return BUILDERS[config.architecture](config, tensors).build()

@@ -16,6 +16,9 @@ import numpy as np
 
 from edgellm.model_config import ModelConfig
 
+INV_FREQ = "model.rotary_emb.inv_freq"  # RoPE's table as a bundle stores it, in weights.bin, for every backend
+FREQ_FACTORS = "model.rotary_emb.freq_factors"  # a GGUF's rope_freqs
+
 
 def rope_inv_freq(config: ModelConfig, freq_factors: np.ndarray | None = None) -> np.ndarray:
     """float32 [D/2]: the rotation speed of each pair of dimensions."""
@@ -108,8 +111,8 @@ class ReferenceModel:
     def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray]):
         self.config = config
         self.w = {name: np.asarray(value, np.float32) for name, value in weights.items()}
-        stored = self.w.get("model.rotary_emb.inv_freq")  # a bundle stores the exact table it runs
-        self.inv_freq = stored if stored is not None else rope_inv_freq(config, self.w.get("model.rotary_emb.freq_factors"))
+        stored = self.w.get(INV_FREQ)  # a bundle stores the exact table it runs
+        self.inv_freq = stored if stored is not None else rope_inv_freq(config, self.w.get(FREQ_FACTORS))
 
     def new_cache(self) -> KVCache:
         return KVCache()

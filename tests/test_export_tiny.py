@@ -67,6 +67,18 @@ def test_weights_bin_index_matches_the_onnx_external_data_and_the_hashes(tmp_pat
         assert int(fields["length"]) == manifest["tensors"][name]["nbytes"]
 
 
+def test_weights_bin_stores_the_ropes_table_the_graph_reads_even_for_a_small_head_dim(tmp_path):
+    from edgellm.export.reference import rope_inv_freq
+    from edgellm.weights import BundleWeights
+
+    _, bundle, manifest = export_tiny(tmp_path, "llama", True, head_dim=16)  # 32 bytes: under the inline limit
+    stored = np.asarray(BundleWeights(bundle, manifest).array("model.rotary_emb.inv_freq"))
+    assert stored.dtype == np.float32 and stored.tobytes() == rope_inv_freq(model_config(manifest)).tobytes()
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+    table = next(t for t in graph.initializer if t.name == "model.rotary_emb.inv_freq")
+    assert table.data_location == onnx.TensorProto.EXTERNAL
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_onnx_runtime_with_kv_cache_equals_the_reference_read_from_weights_bin(tmp_path, arch):
     _, bundle, manifest = export_tiny(tmp_path, arch, False, heads=6, kv_heads=2,

@@ -313,6 +313,15 @@ def test_a_matrix_the_engine_cannot_run_is_refused_with_what_to_do(tiny_bundles,
     assert name in refused(bundle, manifest)
 
 
+def test_a_bundle_without_ropes_table_is_refused_saying_to_export_it_again(tiny_bundles, no_c_engine):
+    bundle = tiny_bundles("llama-untied")  # head_dim 16: a table earlier exporters kept inside model.onnx
+    manifest = raw_manifest(bundle)
+    del manifest["tensors"]["model.rotary_emb.inv_freq"]
+    message = refused(bundle, manifest)
+    assert "manifest.json" in message and "model.rotary_emb.inv_freq" in message
+    assert "export the bundle again" in message
+
+
 FUZZ_SCRIPT = """
 import copy, json, random, sys
 from pathlib import Path

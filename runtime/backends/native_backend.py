@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..bundle_format import ALIGN, WEIGHTS_FILE
+from ..bundle_format import ALIGN, MANIFEST_FILE, WEIGHTS_FILE
 from ..errors import BundleError
 from ..model_config import ModelConfig
 from ..settings import RuntimeSettings
@@ -124,8 +124,12 @@ def check_bundle_tensors(manifest: dict, config: ModelConfig, path: Path, file_s
     if not c.tie_word_embeddings:
         index.expect_matrix("lm_head.weight", c.vocab_size, c.hidden_size)
     index.expect("model.norm.weight", "float32", [c.hidden_size])
-    if INV_FREQ in index.entries:  # absent when under 64 bytes (head_dim < 32): kept inside model.onnx
-        index.expect(INV_FREQ, "float32", [c.head_dim // 2])
+    if INV_FREQ not in index.entries:  # earlier exporters kept it inside model.onnx for a head_dim under 32
+        raise BundleError(f"{path.parent / MANIFEST_FILE}: its tensor index has no {INV_FREQ} "
+                          f"(RoPE's table, which the native engine reads from {WEIGHTS_FILE})",
+                          "export the bundle again with this edgellm (edgellm export SOURCE -o BUNDLE --force), "
+                          "or run it with --backend onnxruntime")
+    index.expect(INV_FREQ, "float32", [c.head_dim // 2])
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}"
         for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -188,7 +192,7 @@ class NativeBackend(Backend):
             hidden=c.hidden_size, ffn=c.intermediate_size, heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
             head_dim=c.head_dim, vocab=c.vocab_size, rms_eps=float(c.rms_norm_eps), embed=embed,
             head=embed if c.tie_word_embeddings else matrix("lm_head.weight"),
-            final_norm=tensor("model.norm.weight"), inv_freq=self._inv_freq(index), layers=layers)
+            final_norm=tensor("model.norm.weight"), inv_freq=tensor(INV_FREQ), layers=layers)
         self.pool = native.ThreadPool(settings.thread_count)
         self.engine = native.Engine(weights, context_length, self.prefill_chunk, self.pool)
         self.kernel_variant = native.kernel_variant()
@@ -198,16 +202,6 @@ class NativeBackend(Backend):
         # glibc keeps resident): hand it back now, before the weights are paged in, so the resident
         # set at its peak is the weights, the cache and what is in use.
         native.trim_heap()
-
-    def _inv_freq(self, index: TensorIndex) -> np.ndarray:
-        """RoPE's inv_freq as exported: from weights.bin, or, for a head_dim under 32 (the exporter keeps
-        arrays under 64 bytes inside model.onnx), recomputed by the function the exporter used.
-        Known limit: a GGUF's rope_freqs factors are not in weights.bin then, and are not applied."""
-        if INV_FREQ in index.entries:
-            return self.weights.array(INV_FREQ)
-        from ..export.reference import rope_inv_freq  # numpy only: no exporter dependency
-
-        return np.ascontiguousarray(rope_inv_freq(self.config), np.float32)
 
     def forward(self, token_ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         if len(token_ids) == 1 and not all_logits and self.position < self.context_length:
