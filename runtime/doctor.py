@@ -73,11 +73,11 @@ def memory_report(settings: RuntimeSettings, bundle: Path | None) -> dict[str, A
     except EdgeLLMError as error:  # e.g. --backend npu on a bundle without NPU graphs: say so, keep the report
         report["bundle"] = {"path": str(bundle), "backend": settings.backend, "error": error.message}
         return report
-    needed = estimate(bundle, config, settings.backend, context, settings.prefill_chunk)
+    needed = estimate(bundle, manifest, config, settings.backend, context, settings.prefill_chunk)
     report["bundle"] = {"path": str(bundle), "backend": settings.backend, "context": context,
                         "needed_bytes": needed.total, "fits": available is None or needed.total <= available,
                         "largest_context_that_fits": None if available is None else
-                        largest_context(bundle, config, settings.backend, settings.prefill_chunk, available)}
+                        largest_context(bundle, manifest, config, settings.backend, settings.prefill_chunk, available)}
     return report
 
 

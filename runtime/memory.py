@@ -12,13 +12,12 @@ What a loaded model keeps resident:
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .bundle_format import MANIFEST_FILE, WEIGHTS_FILE
+from .bundle_format import WEIGHTS_FILE
 from .errors import MemoryBudgetError
 from .model_config import ModelConfig
 
@@ -61,20 +60,24 @@ def scratch_bytes(config: ModelConfig, context: int, chunk: int) -> int:
     return logits + activations + scores + keys
 
 
-def weights_file(bundle: Path, backend: str) -> Path:
-    """The file a backend's weights come from: weights.bin, or the NPU graphs' own for the npu backend."""
+def weights_file(bundle: Path, manifest: dict, backend: str) -> Path:
+    """The file a backend's weights come from: weights.bin, or the NPU graphs' own (named in `manifest`,
+    the bundle's, which the caller has read) for the npu backend."""
     if backend == "npu":
         try:
-            graphs = json.loads((Path(bundle) / MANIFEST_FILE).read_text(encoding="utf-8")).get("graphs", {})
-            return Path(bundle) / graphs["npu"]["files"]["weights"]
-        except (OSError, ValueError, KeyError, TypeError):
+            return Path(bundle) / manifest["graphs"]["npu"]["files"]["weights"]
+        except (KeyError, TypeError):
             pass  # no NPU graphs: the backend itself will say so
     return Path(bundle) / WEIGHTS_FILE
 
 
-def estimate(bundle: Path, config: ModelConfig, backend: str, context: int, chunk: int) -> MemoryEstimate:
-    weights = weights_file(bundle, backend).stat().st_size
-    return MemoryEstimate(weights=int(weights * WEIGHT_FACTOR.get(backend, 1.0)),
+def estimate(bundle: Path, manifest: dict, config: ModelConfig, backend: str, context: int,
+             chunk: int) -> MemoryEstimate:
+    return _estimate(weights_file(bundle, manifest, backend).stat().st_size, config, backend, context, chunk)
+
+
+def _estimate(weights_bytes: int, config: ModelConfig, backend: str, context: int, chunk: int) -> MemoryEstimate:
+    return MemoryEstimate(weights=int(weights_bytes * WEIGHT_FACTOR.get(backend, 1.0)),
                           kv_cache=kv_cache_bytes(config, context),
                           scratch=scratch_bytes(config, context, min(chunk, context)),
                           runtime=RUNTIME_OVERHEAD)
@@ -100,27 +103,32 @@ def available_memory() -> int | None:
     return available
 
 
-def largest_context(bundle: Path, config: ModelConfig, backend: str, chunk: int, budget: int) -> int:
+def largest_context(bundle: Path, manifest: dict, config: ModelConfig, backend: str, chunk: int, budget: int) -> int:
     """The longest context (a multiple of 256, at least 256) whose estimate fits in `budget`, or 0."""
+    return _largest_context(weights_file(bundle, manifest, backend).stat().st_size, config, backend, chunk, budget)
+
+
+def _largest_context(weights_bytes: int, config: ModelConfig, backend: str, chunk: int, budget: int) -> int:
     best, context = 0, 256
     while context <= config.max_position_embeddings:
-        if estimate(bundle, config, backend, context, chunk).total > budget:
+        if _estimate(weights_bytes, config, backend, context, chunk).total > budget:
             break
         best, context = context, context + 256
     return best
 
 
-def check_budget(bundle: Path, config: ModelConfig, backend: str, context: int, chunk: int,
+def check_budget(bundle: Path, manifest: dict, config: ModelConfig, backend: str, context: int, chunk: int,
                  max_memory: int | None) -> MemoryEstimate:
     """The estimate, or MemoryBudgetError naming a context length that would fit."""
-    needed = estimate(bundle, config, backend, context, chunk)
+    weights_bytes = weights_file(bundle, manifest, backend).stat().st_size
+    needed = _estimate(weights_bytes, config, backend, context, chunk)
     limits = [(max_memory, "the --max-memory setting")] if max_memory else []
     available = available_memory()
     if available is not None:
         limits.append((available, "the memory available on this machine"))
     for budget, what in limits:
         if needed.total > budget:
-            fits = largest_context(bundle, config, backend, chunk, budget)
+            fits = _largest_context(weights_bytes, config, backend, chunk, budget)
             hint = (f"a context of {fits} tokens fits: pass --context {fits}" if fits
                     else "the weights alone do not fit; use a smaller model or free memory")
             raise MemoryBudgetError(f"the model with a context of {context} tokens needs about {needed.describe()}, "

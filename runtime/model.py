@@ -37,8 +37,8 @@ class Model:
             raise ContextOverflowError(f"a context of {self.context_length} tokens is longer than the model was "
                                        f"trained for ({self.config.max_position_embeddings})",
                                        f"use --context {self.config.max_position_embeddings} or less")
-        self.memory: MemoryEstimate = check_budget(self.bundle, self.config, settings.backend, self.context_length,
-                                                   settings.prefill_chunk, settings.max_memory)
+        self.memory: MemoryEstimate = check_budget(self.bundle, manifest, self.config, settings.backend,
+                                                   self.context_length, settings.prefill_chunk, settings.max_memory)
         if settings.verify_weights:
             self.verify_weights()
         self.tokenizer = BundleTokenizer(self.bundle, manifest)

@@ -123,7 +123,7 @@ def memory_max_for(bundle: Path, manifest: dict, options: ServiceOptions) -> int
     context = settings.context_for(config.max_position_embeddings)
     # A backend picked at load time ("auto") is sized for the hungriest one it could pick.
     backends = [settings.backend] if settings.backend in BACKENDS else list(BACKENDS)
-    needed = max(estimate(bundle, config, backend, context, settings.prefill_chunk).total for backend in backends)
+    needed = max(estimate(bundle, manifest, config, backend, context, settings.prefill_chunk).total for backend in backends)
     needed += SERVER_OVERHEAD
     if options.memory_max is None:
         return math.ceil(needed * MEMORY_HEADROOM / MIB) * MIB
