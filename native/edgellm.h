@@ -161,7 +161,7 @@ int el_add(float *out, const float *a, const float *b, int32_t n);
  *   per layer:  h = rms_norm(x, attn_norm)
  *               q, k, v = Wq h (+ bq), Wk h (+ bk), Wv h (+ bv)         [heads|kv_heads][head_dim]
  *               q, k = rope(q, p), rope(k, p)    rotate-half, pairs (i, i + head_dim/2)
- *               K[p], V[p] = k, v                                        (the cache)
+ *               K[p], V[p] = half(k), half(v)        (the cache: float16, rounded to nearest even)
  *               a_h = softmax(q_h . K[0..p]_g / sqrt(head_dim)) V[0..p]_g, g = h / (heads / kv_heads)
  *               x = x + Wo a;  h = rms_norm(x, mlp_norm);  x = x + Wdown (silu(Wgate h) * Wup h)
  *   logits = Whead rms_norm(x, final_norm)                               [vocab]
@@ -193,7 +193,7 @@ typedef struct {
 typedef struct el_engine el_engine;
 
 /* Checks the descriptor (shapes against the hyper-parameters, NULL pointers, formats: EL_EINVAL),
- * allocates the KV cache [n_layers][context][n_kv_heads][head_dim] float32 for keys and for values
+ * allocates the KV cache [n_layers][context][n_kv_heads][head_dim] float16 for keys and for values
  * and the scratch for chunks of up to max_chunk tokens. pool may be NULL (one thread). */
 int el_engine_create(el_engine **out, const el_model *model, int32_t context, int32_t max_chunk, el_pool *pool);
 void el_engine_destroy(el_engine *engine);

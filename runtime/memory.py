@@ -5,7 +5,8 @@ What a loaded model keeps resident:
             prepacks its MatMulNBits weights (and folds the int8 head into 4-bit planes), so its
             backend holds about twice the file; the NPU backend holds its own npu_weights.bin as the
             graphs' initializers and two compiled QNN contexts (prefill, decode), each a copy
-  kv cache  2 (K and V) x layers x context x kv_heads x head_dim x 4 bytes, preallocated
+  kv cache  2 (K and V) x layers x context x kv_heads x head_dim x 2 bytes (native: float16) or 4
+            (ONNX Runtime, NPU: float32), preallocated
   scratch   logits for one prefill chunk, the chunk's activations and attention scores
   runtime   the interpreter, ONNX Runtime and the tokenizer (measured: ~90 MB on x86-64)
 """
@@ -48,8 +49,12 @@ class MemoryEstimate:
                 f"scratch {self.scratch / MIB:.0f}, runtime {self.runtime / MIB:.0f})")
 
 
-def kv_cache_bytes(config: ModelConfig, context: int) -> int:
-    return 2 * config.num_hidden_layers * context * config.num_key_value_heads * config.head_dim * 4
+KV_BYTES = {"native": 2}  # bytes per cached value; float32 (4) elsewhere
+
+
+def kv_cache_bytes(config: ModelConfig, context: int, backend: str) -> int:
+    per_value = KV_BYTES.get(backend, 4)
+    return 2 * config.num_hidden_layers * context * config.num_key_value_heads * config.head_dim * per_value
 
 
 def scratch_bytes(config: ModelConfig, context: int, chunk: int) -> int:
@@ -78,7 +83,7 @@ def estimate(bundle: Path, manifest: dict, config: ModelConfig, backend: str, co
 
 def _estimate(weights_bytes: int, config: ModelConfig, backend: str, context: int, chunk: int) -> MemoryEstimate:
     return MemoryEstimate(weights=int(weights_bytes * WEIGHT_FACTOR.get(backend, 1.0)),
-                          kv_cache=kv_cache_bytes(config, context),
+                          kv_cache=kv_cache_bytes(config, context, backend),
                           scratch=scratch_bytes(config, context, min(chunk, context)),
                           runtime=RUNTIME_OVERHEAD)
 

@@ -256,8 +256,8 @@ static void axpy_neon(float *y, float a, const float *x, int32_t n) {
 #define ATTEND_MAX_D 256
 
 /* One query head over a chunk of keys, head_dim a multiple of 4: query and output in registers. */
-static void attend_part_neon(float *out, float *max, float *sum, float *scores, const float *q, const float *keys,
-                             const float *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {
+static void attend_part_neon(float *out, float *max, float *sum, float *scores, const float *q, const el_half *keys,
+                             const el_half *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {
     if (d % 4 || d > ATTEND_MAX_D) {
         el_attend_part_ref(out, max, sum, scores, q, keys, values, n_keys, d, stride, scale);
         return;
@@ -267,26 +267,33 @@ static void attend_part_neon(float *out, float *max, float *sum, float *scores, 
     for (int32_t i = 0; i < nv; i++) qv[i] = vld1q_f32(q + 4 * i);
     float m = -INFINITY;
     for (int32_t j = 0; j < n_keys; j++) {
-        const float *key = keys + (size_t)j * stride;
+        const el_half *key = keys + (size_t)j * stride;
         float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
         int32_t i = 0;
         for (; i + 2 <= nv; i += 2) {
-            acc0 = vaddq_f32(acc0, vmulq_f32(qv[i], vld1q_f32(key + 4 * i)));
-            acc1 = vaddq_f32(acc1, vmulq_f32(qv[i + 1], vld1q_f32(key + 4 * i + 4)));
+            acc0 = vaddq_f32(acc0, vmulq_f32(qv[i], halves4(key + 4 * i)));
+            acc1 = vaddq_f32(acc1, vmulq_f32(qv[i + 1], halves4(key + 4 * i + 4)));
         }
-        if (i < nv) acc0 = vaddq_f32(acc0, vmulq_f32(qv[i], vld1q_f32(key + 4 * i)));
+        if (i < nv) acc0 = vaddq_f32(acc0, vmulq_f32(qv[i], halves4(key + 4 * i)));
         scores[j] = vaddvq_f32(vaddq_f32(acc0, acc1)) * scale;
         m = scores[j] > m ? scores[j] : m;
     }
     float l = exp_shifted_sum_neon(scores, scores, m, n_keys);
     for (int32_t i = 0; i < nv; i++) o[i] = vdupq_n_f32(0.0f);
     for (int32_t j = 0; j < n_keys; j++) {
-        const float *value = values + (size_t)j * stride;
-        for (int32_t i = 0; i < nv; i++) o[i] = vaddq_f32(o[i], vmulq_n_f32(vld1q_f32(value + 4 * i), scores[j]));
+        const el_half *value = values + (size_t)j * stride;
+        for (int32_t i = 0; i < nv; i++) o[i] = vaddq_f32(o[i], vmulq_n_f32(halves4(value + 4 * i), scores[j]));
     }
     for (int32_t i = 0; i < nv; i++) vst1q_f32(out + 4 * i, o[i]);
     *max = m;
     *sum = l;
+}
+
+/* fcvtn rounds to nearest even (FPCR's default mode): the bits of el_float_to_half; a NaN is quieted */
+static void to_half_neon(el_half *out, const float *x, int32_t n) {
+    int32_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1_u16(out + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
+    for (; i < n; i++) out[i] = el_float_to_half(x[i]);
 }
 
 static void add_neon(float *out, const float *a, const float *b, int32_t n) {
@@ -309,6 +316,7 @@ const el_kernels el_kernels_neon = {
     .dot = dot_neon,
     .axpy = axpy_neon,
     .attend_part = attend_part_neon,
+    .to_half = to_half_neon,
 };
 
 /* ---- dot product: SDOT sums four int8 products into each int32 lane ------------------------ */
@@ -350,6 +358,7 @@ const el_kernels el_kernels_dotprod = {
     .dot = dot_neon,
     .axpy = axpy_neon,
     .attend_part = attend_part_neon,
+    .to_half = to_half_neon,
 };
 
 /* ---- i8mm: SMMLA multiplies a 2x8 by an 8x2 int8 matrix into 2x2 int32 -----------------------
@@ -417,6 +426,7 @@ const el_kernels el_kernels_i8mm = {
     .dot = dot_neon,
     .axpy = axpy_neon,
     .attend_part = attend_part_neon,
+    .to_half = to_half_neon,
 };
 
 #endif /* aarch64 */

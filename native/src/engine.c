@@ -60,8 +60,11 @@ struct el_engine {
     int32_t n_threads, context, max_chunk;
     int32_t q_size, kv_size, half;
     int32_t nb_hidden, nb_q, nb_ffn, nb_max; /* activation blocks per token of each matrix input */
-    float *key_cache;           /* [n_layers][context][n_kv_heads][head_dim] */
-    float *value_cache;         /* [n_layers][context][n_kv_heads][head_dim] */
+    /* float16: a decode step reads the whole cache of its layer, and at long contexts those bytes
+     * rival the weights' (attention's math stays float32: the variants convert as they load) */
+    el_half *key_cache;         /* [n_layers][context][n_kv_heads][head_dim] */
+    el_half *value_cache;       /* [n_layers][context][n_kv_heads][head_dim] */
+    float *kv_rows;             /* [2][max_chunk][kv_size]  new keys and values before they become float16 */
     float *x;                   /* [max_chunk][hidden]  the residual stream */
     float *h;                   /* [max_chunk][max(hidden, ffn)]  normed x, or silu(gate) * up */
     act xq;                     /* [max_chunk][nb_max]  h (or the attention output) as activation blocks */
@@ -158,6 +161,7 @@ void el_engine_destroy(el_engine *e) {
     free(e->layers);
     free(e->key_cache);
     free(e->value_cache);
+    free(e->kv_rows);
     free(e->x);
     free(e->h);
     free_act(&e->xq);
@@ -215,8 +219,10 @@ int el_engine_create(el_engine **out, const el_model *model, int32_t context, in
     size_t cache = (size_t)m->n_layers * (size_t)context * (size_t)e->kv_size;
     /* zeroed: a position never written reads as zeros, never as garbage (calloc maps large blocks
      * lazily, so a long context costs memory only as it fills) */
-    e->key_cache = alloc_floats(e, cache, 1);
-    e->value_cache = alloc_floats(e, cache, 1);
+    e->key_cache = calloc(cache ? cache : 1, sizeof(el_half));
+    e->value_cache = calloc(cache ? cache : 1, sizeof(el_half));
+    e->bytes += (int64_t)(2 * cache * sizeof(el_half));
+    e->kv_rows = alloc_floats(e, 2 * chunk * (size_t)e->kv_size, 0);
     e->x = alloc_floats(e, chunk * (size_t)m->hidden, 0);
     e->h = alloc_floats(e, chunk * widest, 0);
     int acts_ok = alloc_act(e, &e->xq, e->nb_max);
@@ -233,7 +239,7 @@ int el_engine_create(el_engine **out, const el_model *model, int32_t context, in
     e->decode_parts = alloc_floats(e, (size_t)m->n_heads * part, 0);
     e->rope_cos = alloc_floats(e, chunk * (size_t)e->half, 0);
     e->rope_sin = alloc_floats(e, chunk * (size_t)e->half, 0);
-    if (!acts_ok || !e->key_cache || !e->value_cache || !e->x || !e->h || !e->q || !e->attn || !e->proj || !e->gate ||
+    if (!acts_ok || !e->key_cache || !e->value_cache || !e->kv_rows || !e->x || !e->h || !e->q || !e->attn || !e->proj || !e->gate ||
         !e->up || !e->scores || !e->parts || !e->decode_parts || !e->rope_cos || !e->rope_sin) {
         el_engine_destroy(e);
         return EL_ENOMEM;
@@ -354,18 +360,20 @@ static void norm_tokens(const forward_job *job, int32_t t0, int32_t t1, const fl
 
 /* q, k, v for the heads [u0, u1) of the H + 2 KV heads, with bias and RoPE, k and v into the cache. */
 static void qkv_heads(const forward_job *job, const el_layer *l, act *x, const float *rope_cos, const float *rope_sin,
-                      float *key, float *value, int32_t u0, int32_t u1) {
+                      el_half *key, el_half *value, int32_t u0, int32_t u1) {
     el_engine *e = job->e;
     const el_kernels *k = job->k;
     const int32_t H = e->m.n_heads, KV = e->m.n_kv_heads, D = e->m.head_dim, S = job->n;
+    float *keys_f32 = e->kv_rows, *values_f32 = e->kv_rows + (size_t)e->max_chunk * e->kv_size;
     struct {
         const el_qmatrix *w;
         const float *bias;
         float *y;
         int32_t first, count, stride, rope;
     } parts[3] = {{&l->q, l->q_bias, e->q, 0, H, e->q_size, 1},
-                  {&l->k, l->k_bias, key, H, KV, e->kv_size, 1},
-                  {&l->v, l->v_bias, value, H + KV, KV, e->kv_size, 0}};
+                  {&l->k, l->k_bias, keys_f32, H, KV, e->kv_size, 1},
+                  {&l->v, l->v_bias, values_f32, H + KV, KV, e->kv_size, 0}};
+    el_half *cache[3] = {NULL, key, value};
     for (int p = 0; p < 3; p++) {
         int32_t lo = u0 > parts[p].first ? u0 : parts[p].first;
         int32_t hi = u1 < parts[p].first + parts[p].count ? u1 : parts[p].first + parts[p].count;
@@ -378,13 +386,14 @@ static void qkv_heads(const forward_job *job, const el_layer *l, act *x, const f
             if (parts[p].rope)
                 k->rope(row + h0 * D, row + h0 * D, rope_cos + (size_t)t * e->half, rope_sin + (size_t)t * e->half,
                         h1 - h0, D);
+            if (cache[p]) k->to_half(cache[p] + (size_t)t * e->kv_size + h0 * D, row + h0 * D, (h1 - h0) * D);
         }
     }
 }
 
 /* The partial of query head h of token t (position pos + t) over key chunk c of cache positions
  * 0 .. pos + t: part [head_dim] unnormalized output, then max, then sum. */
-static void attend_chunk(const forward_job *job, const float *keys, const float *values, int32_t t, int32_t h,
+static void attend_chunk(const forward_job *job, const el_half *keys, const el_half *values, int32_t t, int32_t h,
                          int32_t c, float *part, float *scores) {
     el_engine *e = job->e;
     const int32_t D = e->m.head_dim, kvs = e->kv_size, T = job->pos + t + 1, j0 = c * KEY_CHUNK;
@@ -477,7 +486,7 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
     for (int32_t li = 0; li < m->n_layers; li++) {
         const el_layer *l = &m->layers[li];
         size_t layer_offset = (size_t)li * (size_t)e->context * (size_t)e->kv_size;
-        float *keys = e->key_cache + layer_offset, *values = e->value_cache + layer_offset;
+        el_half *keys = e->key_cache + layer_offset, *values = e->value_cache + layer_offset;
 
         norm_tokens(job, t0, t1, l->attn_norm, li > 0);
         phase_end(job, ith, PH_NORM, &mark);
@@ -570,7 +579,7 @@ static void forward_decode(void *ctx, int32_t ith, int32_t nth) {
     for (int32_t li = 0; li < m->n_layers; li++) {
         const el_layer *l = &m->layers[li];
         size_t layer_offset = (size_t)li * (size_t)e->context * (size_t)e->kv_size;
-        float *keys = e->key_cache + layer_offset, *values = e->value_cache + layer_offset;
+        el_half *keys = e->key_cache + layer_offset, *values = e->value_cache + layer_offset;
 
         if (li > 0) k->add(x, x, e->proj, E); /* the previous layer's down_proj */
         k->rms_norm(h, x, l->attn_norm, E, m->rms_eps);

@@ -97,11 +97,13 @@ typedef struct {
     /* attention (engine.c): a . b, and y += a * x */
     float (*dot)(const float *a, const float *b, int32_t n);
     void (*axpy)(float *y, float a, const float *x, int32_t n);
-    /* one query head over one chunk of keys j < n_keys (rows `stride` floats apart), unnormalized:
-     * s_j = q . keys[j] * scale;  *max = max_j s_j;  *sum = sum_j exp(s_j - max);
-     * out [d] = sum_j exp(s_j - max) values[j];  scores [n_keys] is scratch */
-    void (*attend_part)(float *out, float *max, float *sum, float *scores, const float *q, const float *keys,
-                        const float *values, int32_t n_keys, int32_t d, int32_t stride, float scale);
+    /* one query head over one chunk of keys j < n_keys of the float16 cache (rows `stride` values
+     * apart), unnormalized, in float32: s_j = q . keys[j] * scale;  *max = max_j s_j;
+     * *sum = sum_j exp(s_j - max);  out [d] = sum_j exp(s_j - max) values[j];  scores [n_keys] is scratch */
+    void (*attend_part)(float *out, float *max, float *sum, float *scores, const float *q, const el_half *keys,
+                        const el_half *values, int32_t n_keys, int32_t d, int32_t stride, float scale);
+    /* out [n] = x [n] as float16, rounded to nearest even (el_float_to_half): the same bits in every variant */
+    void (*to_half)(el_half *out, const float *x, int32_t n);
 } el_kernels;
 
 /* Each variant's table; the ones this build does not compile for are absent (dispatch.c). */
@@ -141,6 +143,24 @@ static inline float el_half_to_float(el_half h) {
     memcpy(&f, &bits, sizeof f);
     return f;
 }
+/* The binary16 nearest to f (ties to even; past 65504 an infinity; NaN a quiet NaN keeping the sign
+ * and the payload's top bits): the portable twin of F16C's vcvtps2ph and AArch64's fcvtn. */
+static inline el_half el_float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return (el_half)(sign | 0x7E00u | ((a >> 13) & 0x3FFu)); /* NaN */
+    if (a >= 0x477FF000u) return (el_half)(sign | 0x7C00u);                      /* rounds to 65536 or more */
+    if (a < 0x38800000u) { /* under 2^-14: a multiple of 2^-24, the float add rounds it to even */
+        float m;
+        memcpy(&m, &a, sizeof m);                  /* |f| */
+        m = m * 16777216.0f + 8388608.0f;          /* exact product; the sum's last place is 1 */
+        uint32_t bits;
+        memcpy(&bits, &m, sizeof bits);
+        return (el_half)(sign | (bits - 0x4B000000u)); /* 1024 = the smallest normal's bits, 0x400 */
+    }
+    return (el_half)(sign | ((a + 0xFFFu + ((a >> 13) & 1u) - 0x38000000u) >> 13)); /* rebias 127 -> 15 */
+}
 /* one block's term t_j (edgellm.h): what every combine computes per lane */
 static inline float el_block_term(int32_t format, int32_t isum, float d, int32_t sum, float scale, float min) {
     switch (format) {
@@ -157,8 +177,9 @@ void el_silu_mul_ref(float *out, const float *gate, const float *up, int32_t n);
 void el_add_ref(float *out, const float *a, const float *b, int32_t n);
 float el_dot_ref(const float *a, const float *b, int32_t n);
 void el_axpy_ref(float *y, float a, const float *x, int32_t n);
-void el_attend_part_ref(float *out, float *max, float *sum, float *scores, const float *q, const float *keys,
-                        const float *values, int32_t n_keys, int32_t d, int32_t stride, float scale);
+void el_attend_part_ref(float *out, float *max, float *sum, float *scores, const float *q, const el_half *keys,
+                        const el_half *values, int32_t n_keys, int32_t d, int32_t stride, float scale);
+void el_to_half_ref(el_half *out, const float *x, int32_t n);
 
 /* The current variant, initializing on first use; NULL if EDGELLM_KERNELS named one this CPU lacks. */
 const el_kernels *el_kernels_current(void);

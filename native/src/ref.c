@@ -138,11 +138,14 @@ void el_axpy_ref(float *y, float a, const float *x, int32_t n) {
     for (int32_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-void el_attend_part_ref(float *out, float *max, float *sum, float *scores, const float *q, const float *keys,
-                        const float *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {
+void el_attend_part_ref(float *out, float *max, float *sum, float *scores, const float *q, const el_half *keys,
+                        const el_half *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {
     float m = -INFINITY, l = 0.0f;
     for (int32_t j = 0; j < n_keys; j++) {
-        scores[j] = el_dot_ref(q, keys + (size_t)j * stride, d) * scale;
+        const el_half *key = keys + (size_t)j * stride;
+        float s = 0.0f;
+        for (int32_t i = 0; i < d; i++) s += q[i] * el_half_to_float(key[i]);
+        scores[j] = s * scale;
         m = scores[j] > m ? scores[j] : m;
     }
     for (int32_t j = 0; j < n_keys; j++) {
@@ -150,9 +153,16 @@ void el_attend_part_ref(float *out, float *max, float *sum, float *scores, const
         l += scores[j];
     }
     memset(out, 0, sizeof(float) * (size_t)d);
-    for (int32_t j = 0; j < n_keys; j++) el_axpy_ref(out, scores[j], values + (size_t)j * stride, d);
+    for (int32_t j = 0; j < n_keys; j++) {
+        const el_half *value = values + (size_t)j * stride;
+        for (int32_t i = 0; i < d; i++) out[i] += scores[j] * el_half_to_float(value[i]);
+    }
     *max = m;
     *sum = l;
+}
+
+void el_to_half_ref(el_half *out, const float *x, int32_t n) {
+    for (int32_t i = 0; i < n; i++) out[i] = el_float_to_half(x[i]);
 }
 
 const el_kernels el_kernels_ref = {
@@ -171,4 +181,5 @@ const el_kernels el_kernels_ref = {
     .dot = el_dot_ref,
     .axpy = el_axpy_ref,
     .attend_part = el_attend_part_ref,
+    .to_half = el_to_half_ref,
 };

@@ -471,8 +471,9 @@ static inline AVX2 __m256 hsum8_f32(const __m256 v[8]) {
  * tolerance, not bit for bit, so it may use FMA (the avx2 variant requires it: dispatch.c). The
  * head_dim is a compile-time constant of each body (64, 128: query and output in registers);
  * other head_dims multiple of 8 take the generic body, the rest ref. */
-#define AVX2_FMA __attribute__((target("avx2,fma")))
-#define AVX512_FMA __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define AVX2_FMA __attribute__((target("avx2,fma,f16c")))
+#define AVX512_FMA __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define HALVES(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))) /* eight float16 of the cache, exactly */
 
 #define UNROLL8 _Pragma("GCC unroll 8")
 #define UNROLL16 _Pragma("GCC unroll 16")
@@ -485,11 +486,11 @@ static inline AVX2 __m256 hsum8_f32(const __m256 v[8]) {
     for (; j + 8 <= n_keys; j += 8) {                                                                         \
         __m256 part[8];                                                                                       \
         UNROLL8 for (int k = 0; k < 8; k++) {                                                                         \
-            const float *key = keys + (size_t)(j + k) * stride;                                               \
-            __m256 acc0 = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key)), acc1 = _mm256_setzero_ps();             \
+            const el_half *key = keys + (size_t)(j + k) * stride;                                             \
+            __m256 acc0 = _mm256_mul_ps(qv[0], HALVES(key)), acc1 = _mm256_setzero_ps();                      \
             UNROLL16 for (int i = 1; i < (NV); i += 2) {                                                               \
-                acc1 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 8 * i), acc1);                            \
-                if (i + 1 < (NV)) acc0 = _mm256_fmadd_ps(qv[i + 1], _mm256_loadu_ps(key + 8 * i + 8), acc0);  \
+                acc1 = _mm256_fmadd_ps(qv[i], HALVES(key + 8 * i), acc1);                                     \
+                if (i + 1 < (NV)) acc0 = _mm256_fmadd_ps(qv[i + 1], HALVES(key + 8 * i + 8), acc0);           \
             }                                                                                                 \
             part[k] = _mm256_add_ps(acc0, acc1);                                                              \
         }                                                                                                     \
@@ -499,9 +500,9 @@ static inline AVX2 __m256 hsum8_f32(const __m256 v[8]) {
     }                                                                                                         \
     float m = hmax_f32x8(vmax);                                                                               \
     for (; j < n_keys; j++) {                                                                                 \
-        const float *key = keys + (size_t)j * stride;                                                         \
+        const el_half *key = keys + (size_t)j * stride;                                                       \
         __m256 acc = _mm256_setzero_ps();                                                                     \
-        UNROLL16 for (int i = 0; i < (NV); i++) acc = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 8 * i), acc);     \
+        UNROLL16 for (int i = 0; i < (NV); i++) acc = _mm256_fmadd_ps(qv[i], HALVES(key + 8 * i), acc);              \
         scores[j] = hsum_f32x8(acc) * scale;                                                                  \
         m = scores[j] > m ? scores[j] : m;                                                                    \
     }                                                                                                         \
@@ -519,9 +520,9 @@ static inline AVX2 __m256 hsum8_f32(const __m256 v[8]) {
     __m256 o[NV];                                                                                             \
     UNROLL16 for (int i = 0; i < (NV); i++) o[i] = _mm256_setzero_ps();                                                \
     for (j = 0; j < n_keys; j++) {                                                                            \
-        const float *value = values + (size_t)j * stride;                                                     \
+        const el_half *value = values + (size_t)j * stride;                                                   \
         __m256 p = _mm256_set1_ps(scores[j]);                                                                 \
-        UNROLL16 for (int i = 0; i < (NV); i++) o[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(value + 8 * i), o[i]);      \
+        UNROLL16 for (int i = 0; i < (NV); i++) o[i] = _mm256_fmadd_ps(p, HALVES(value + 8 * i), o[i]);               \
     }                                                                                                         \
     UNROLL16 for (int i = 0; i < (NV); i++) _mm256_storeu_ps(out + 8 * i, o[i]);                                       \
     *max = m;                                                                                                 \
@@ -529,21 +530,29 @@ static inline AVX2 __m256 hsum8_f32(const __m256 v[8]) {
 
 #define ATTEND_VARIANT(NAME, TARGET)                                                                          \
     static TARGET void NAME##_64(float *out, float *max, float *sum, float *scores, const float *q,           \
-                                 const float *keys, const float *values, int32_t n_keys, int32_t stride, float scale) { \
+                                 const el_half *keys, const el_half *values, int32_t n_keys, int32_t stride, float scale) { \
         ATTEND_BODY(8)                                                                                        \
     }                                                                                                         \
     static TARGET void NAME##_128(float *out, float *max, float *sum, float *scores, const float *q,          \
-                                  const float *keys, const float *values, int32_t n_keys, int32_t stride, float scale) { \
+                                  const el_half *keys, const el_half *values, int32_t n_keys, int32_t stride, float scale) { \
         ATTEND_BODY(16)                                                                                       \
     }                                                                                                         \
-    static TARGET void NAME(float *out, float *max, float *sum, float *scores, const float *q, const float *keys, \
-                            const float *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {    \
+    static TARGET void NAME(float *out, float *max, float *sum, float *scores, const float *q, const el_half *keys, \
+                            const el_half *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {  \
         if (d == 64) NAME##_64(out, max, sum, scores, q, keys, values, n_keys, stride, scale);                \
         else if (d == 128) NAME##_128(out, max, sum, scores, q, keys, values, n_keys, stride, scale);         \
         else el_attend_part_ref(out, max, sum, scores, q, keys, values, n_keys, d, stride, scale);            \
     }
 
 ATTEND_VARIANT(attend_part_avx2, AVX2_FMA)
+
+/* vcvtps2ph rounding to nearest even: the bits of el_float_to_half, NaN included */
+static AVX2 void to_half_avx2(el_half *out, const float *x, int32_t n) {
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) out[i] = el_float_to_half(x[i]);
+}
 
 const el_kernels el_kernels_avx2 = {
     .name = "avx2",
@@ -562,6 +571,7 @@ const el_kernels el_kernels_avx2 = {
     .dot = dot_avx2,
     .axpy = axpy_avx2,
     .attend_part = attend_part_avx2,
+    .to_half = to_half_avx2,
 };
 
 /* ---- AVX-512 VNNI: vpdpbusd (unsigned codes x signed q, four products into each int32 lane,
@@ -703,6 +713,7 @@ const el_kernels el_kernels_avx512vnni = {
     .dot = dot_avx2,
     .axpy = axpy_avx2,
     .attend_part = attend_part_avx512,
+    .to_half = to_half_avx2,
 };
 
 #endif /* x86-64 */
