@@ -197,6 +197,17 @@ class SamplingParams:
         return cls(**{"temperature": 0.0, **overrides})
 
 
+def _check_top(top: float) -> None:
+    """The largest logit after bias and penalties must be finite: NaN or +inf is a broken model."""
+    if math.isnan(top) or top == math.inf:
+        raise EdgeLLMError(f"the logits contain {'NaN' if math.isnan(top) else '+inf'} after bias and penalties",
+                           "the model's output is broken (a kernel overflow or damaged weights?); "
+                           "try EDGELLM_KERNELS=ref")
+    if top == -math.inf:
+        raise EdgeLLMError("every token has a logit of -inf: nothing can be sampled",
+                           "logit_bias bans every token; remove some -inf biases")
+
+
 class Sampler:
     """Draws token ids from logits under fixed SamplingParams; owns the random generator.
 
@@ -222,6 +233,7 @@ class Sampler:
         self._penalties_on = params.penalty_window != 0 and (
             params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0)
         self._rng = np.random.default_rng(params.seed)
+        self._plain_greedy = params.greedy and not self._bias_ids.size and not self._penalties_on
 
     def __repr__(self) -> str:
         return f"Sampler({self.params!r}, vocab_size={self.vocab_size})"
@@ -240,6 +252,9 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
         """The next token id, drawn from `probabilities(logits, history)`."""
+        if self._plain_greedy:  # the argmax of the logits as they are: no float64 copy of the vocabulary
+            _check_top(float(self._checked_shape(logits).max()))  # NaN propagates through max
+            return int(np.argmax(logits))  # the same first (lowest) id on ties as _candidates
         ids, probs = self._candidates(logits, history)
         if probs.size == 1:  # greedy, or a filter left a single token: no draw, the generator stays put
             return int(ids[0])
@@ -257,13 +272,7 @@ class Sampler:
         p = self.params
         x = self._scores(logits, history)  # float64 [vocab], our own copy
         top = float(x.max())  # NaN propagates through max, so this one pass checks every logit
-        if math.isnan(top) or top == math.inf:
-            raise EdgeLLMError(f"the logits contain {'NaN' if math.isnan(top) else '+inf'} after bias and penalties",
-                               "the model's output is broken (a kernel overflow or damaged weights?); "
-                               "try EDGELLM_KERNELS=ref")
-        if top == -math.inf:
-            raise EdgeLLMError("every token has a logit of -inf: nothing can be sampled",
-                               "logit_bias bans every token; remove some -inf biases")
+        _check_top(top)
 
         if p.greedy:
             return np.array([int(np.argmax(x))], dtype=np.intp), np.ones(1)  # argmax: first (lowest) id on ties
@@ -299,15 +308,18 @@ class Sampler:
         probs /= probs.sum()
         return ids, probs
 
-    def _scores(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
-        """Logits + bias, penalized: a float64 [vocab] copy that the caller may change in place."""
+    def _checked_shape(self, logits: np.ndarray) -> np.ndarray:
         shape = np.shape(logits)
         if shape != (self.vocab_size,):
             hint = "pass one position's logits, e.g. logits[-1]" if len(shape) > 1 else \
                 "build the Sampler with the model's vocab_size"
             raise InvalidSettingError(f"logits have shape {shape}, expected ({self.vocab_size},) "
                                       f"(vocab_size={self.vocab_size})", hint)
-        x = np.array(logits, dtype=np.float64)  # [vocab] the one copy
+        return np.asarray(logits)
+
+    def _scores(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """Logits + bias, penalized: a float64 [vocab] copy that the caller may change in place."""
+        x = np.array(self._checked_shape(logits), dtype=np.float64)  # [vocab] the one copy
         if self._bias_ids.size:
             x[self._bias_ids] += self._bias_values
         if self._penalties_on:

@@ -103,6 +103,15 @@ def test_top_k_ties_at_the_kth_value_keep_the_lowest_ids_so_top_k_1_matches_gree
     np.testing.assert_allclose(distribution(plain(top_k=2), logits), [0, 0.5, 0, 0.5, 0], rtol=1e-12)
 
 
+@pytest.mark.parametrize("params", [SamplingParams.greedy_params(), SamplingParams.greedy_params(logit_bias={0: 1.0}),
+                                    SamplingParams(temperature=1.0, seed=0)])
+@pytest.mark.parametrize("broken,word", [(math.nan, "NaN"), (math.inf, "inf")])
+def test_a_nan_or_infinite_logit_is_an_error_greedy_or_not(params, broken, word):
+    logits = np.array([0.5, 2.0, broken, -1.0], np.float32)
+    with pytest.raises(EdgeLLMError, match=word):
+        Sampler(params, 4)(logits, [])
+
+
 def test_greedy_takes_the_argmax_after_bias_and_penalties():
     logits = np.array([3.0, 2.0, 1.0], dtype=np.float32)
     assert Sampler(SamplingParams.greedy_params(logit_bias={2: 2.5}), 3)(logits, []) == 2
