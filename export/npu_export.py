@@ -31,7 +31,7 @@ from .canonical import CanonicalModel, as_float
 from .npu_graph import build_npu_graph
 from .npu_quantize import (INT4_BLOCK, SCHEMES, calibration_feeds, calibration_plan, calibration_summary,
                            feed_count, quantize_graphs)
-from .reference import ReferenceModel
+from .reference import INV_FREQ, ReferenceModel
 
 NPU_FILES = {"prefill": "model.npu.prefill.onnx", "decode": "model.npu.decode.onnx", "weights": "npu_weights.bin"}
 INLINE_BYTES = 1024  # scales, zero points and shape constants stay inside the graph files
@@ -98,8 +98,10 @@ def export_npu(model: CanonicalModel, staging: Path, tensors_index: dict, matric
                encode: Callable[[str], list[int]], verify: bool, progress) -> dict:
     """Write the NPU files into `staging` (which already holds weights.bin); return graphs["npu"]."""
     c, chunk, context = model.config, options.chunk, options.context
+    weights_bin = BundleWeights(staging, {"tensors": tensors_index})
     float_weights = {name: as_float(t) for name, t in model.tensors.items()}
-    embed = HostEmbedding(BundleWeights(staging, {"tensors": tensors_index}), matrices["model.embed_tokens.weight"])
+    float_weights[INV_FREQ] = weights_bin.array(INV_FREQ)  # RoPE's table as weights.bin holds it for every backend
+    embed = HostEmbedding(weights_bin, matrices["model.embed_tokens.weight"])
     work = staging / ".npu-work"
     work.mkdir()
     try:
