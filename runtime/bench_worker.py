@@ -50,11 +50,21 @@ class EdgeLLMEngine:
 
     @staticmethod
     def import_modules(job: dict) -> None:
+        """What edgellm.load imports on first use, so that load_s is the load alone, as for the peers
+        (import llama_cpp and import onnxruntime_genai load their libraries before their load is timed)."""
+        import edgellm.board_detect  # noqa: F401  (board detection and its profiles)
         import edgellm.model  # noqa: F401
+        import edgellm.placement  # noqa: F401
+        import edgellm.service_install  # noqa: F401  (validates a profile's [service] table)
+        import edgellm.weights  # noqa: F401
+        import tokenizers  # noqa: F401  (the tokenizer library)
         from edgellm.settings import RuntimeSettings
 
-        if RuntimeSettings(backend=job.get("backend", "auto")).backend in ("onnxruntime", "npu"):
-            import onnxruntime  # noqa: F401  (imported by the backend at load; counted as import time here)
+        backend = RuntimeSettings(backend=job.get("backend", "auto")).backend  # "auto" loads the C extension
+        if backend == "native":
+            import edgellm.backends.native_backend  # noqa: F401
+        if backend in ("onnxruntime", "npu"):
+            import onnxruntime  # noqa: F401
 
     def describe(self) -> dict:
         from edgellm import __version__
