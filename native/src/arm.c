@@ -234,25 +234,6 @@ static void silu_mul_neon(float *out, const float *gate, const float *up, int32_
     for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
-static float dot_neon(const float *a, const float *b, int32_t n) {
-    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
-    int32_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        acc0 = vaddq_f32(acc0, vmulq_f32(vld1q_f32(a + i), vld1q_f32(b + i)));
-        acc1 = vaddq_f32(acc1, vmulq_f32(vld1q_f32(a + i + 4), vld1q_f32(b + i + 4)));
-    }
-    for (; i + 4 <= n; i += 4) acc0 = vaddq_f32(acc0, vmulq_f32(vld1q_f32(a + i), vld1q_f32(b + i)));
-    float sum = vaddvq_f32(vaddq_f32(acc0, acc1));
-    for (; i < n; i++) sum += a[i] * b[i];
-    return sum;
-}
-
-static void axpy_neon(float *y, float a, const float *x, int32_t n) {
-    int32_t i = 0;
-    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vaddq_f32(vld1q_f32(y + i), vmulq_n_f32(vld1q_f32(x + i), a)));
-    for (; i < n; i++) y[i] += a * x[i];
-}
-
 #define ATTEND_MAX_D 256
 
 /* One query head over a chunk of keys, head_dim a multiple of 4: query and output in registers. */
@@ -313,8 +294,6 @@ const el_kernels el_kernels_neon = {
     .softmax = softmax_neon,
     .silu_mul = silu_mul_neon,
     .add = add_neon,
-    .dot = dot_neon,
-    .axpy = axpy_neon,
     .attend_part = attend_part_neon,
     .to_half = to_half_neon,
 };
@@ -355,8 +334,6 @@ const el_kernels el_kernels_dotprod = {
     .softmax = softmax_neon,
     .silu_mul = silu_mul_neon,
     .add = add_neon,
-    .dot = dot_neon,
-    .axpy = axpy_neon,
     .attend_part = attend_part_neon,
     .to_half = to_half_neon,
 };
@@ -423,8 +400,6 @@ const el_kernels el_kernels_i8mm = {
     .softmax = softmax_neon,
     .silu_mul = silu_mul_neon,
     .add = add_neon,
-    .dot = dot_neon,
-    .axpy = axpy_neon,
     .attend_part = attend_part_neon,
     .to_half = to_half_neon,
 };

@@ -239,8 +239,8 @@ int el_engine_create(el_engine **out, const el_model *model, int32_t context, in
     e->decode_parts = alloc_floats(e, (size_t)m->n_heads * part, 0);
     e->rope_cos = alloc_floats(e, chunk * (size_t)e->half, 0);
     e->rope_sin = alloc_floats(e, chunk * (size_t)e->half, 0);
-    if (!acts_ok || !e->key_cache || !e->value_cache || !e->kv_rows || !e->x || !e->h || !e->q || !e->attn || !e->proj || !e->gate ||
-        !e->up || !e->scores || !e->parts || !e->decode_parts || !e->rope_cos || !e->rope_sin) {
+    if (!acts_ok || !e->key_cache || !e->value_cache || !e->kv_rows || !e->x || !e->h || !e->q || !e->attn ||
+        !e->proj || !e->gate || !e->up || !e->scores || !e->parts || !e->decode_parts || !e->rope_cos || !e->rope_sin) {
         el_engine_destroy(e);
         return EL_ENOMEM;
     }

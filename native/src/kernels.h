@@ -94,9 +94,6 @@ typedef struct {
     void (*softmax)(float *out, const float *x, int32_t n);
     void (*silu_mul)(float *out, const float *gate, const float *up, int32_t n);
     void (*add)(float *out, const float *a, const float *b, int32_t n);
-    /* attention (engine.c): a . b, and y += a * x */
-    float (*dot)(const float *a, const float *b, int32_t n);
-    void (*axpy)(float *y, float a, const float *x, int32_t n);
     /* one query head over one chunk of keys j < n_keys of the float16 cache (rows `stride` values
      * apart), unnormalized, in float32: s_j = q . keys[j] * scale;  *max = max_j s_j;
      * *sum = sum_j exp(s_j - max);  out [d] = sum_j exp(s_j - max) values[j];  scores [n_keys] is scratch */
@@ -175,8 +172,6 @@ void el_rope_ref(float *out, const float *x, const float *cos_t, const float *si
 void el_softmax_ref(float *out, const float *x, int32_t n);
 void el_silu_mul_ref(float *out, const float *gate, const float *up, int32_t n);
 void el_add_ref(float *out, const float *a, const float *b, int32_t n);
-float el_dot_ref(const float *a, const float *b, int32_t n);
-void el_axpy_ref(float *y, float a, const float *x, int32_t n);
 void el_attend_part_ref(float *out, float *max, float *sum, float *scores, const float *q, const el_half *keys,
                         const el_half *values, int32_t n_keys, int32_t d, int32_t stride, float scale);
 void el_to_half_ref(el_half *out, const float *x, int32_t n);

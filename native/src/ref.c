@@ -128,16 +128,6 @@ void el_add_ref(float *out, const float *a, const float *b, int32_t n) {
     for (int32_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
-float el_dot_ref(const float *a, const float *b, int32_t n) {
-    float sum = 0.0f;
-    for (int32_t i = 0; i < n; i++) sum += a[i] * b[i];
-    return sum;
-}
-
-void el_axpy_ref(float *y, float a, const float *x, int32_t n) {
-    for (int32_t i = 0; i < n; i++) y[i] += a * x[i];
-}
-
 void el_attend_part_ref(float *out, float *max, float *sum, float *scores, const float *q, const el_half *keys,
                         const el_half *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {
     float m = -INFINITY, l = 0.0f;
@@ -178,8 +168,6 @@ const el_kernels el_kernels_ref = {
     .softmax = el_softmax_ref,
     .silu_mul = el_silu_mul_ref,
     .add = el_add_ref,
-    .dot = el_dot_ref,
-    .axpy = el_axpy_ref,
     .attend_part = el_attend_part_ref,
     .to_half = el_to_half_ref,
 };

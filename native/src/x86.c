@@ -307,28 +307,6 @@ static AVX2 void add_avx2(float *out, const float *a, const float *b, int32_t n)
     for (; i < n; i++) out[i] = a[i] + b[i];
 }
 
-/* two accumulators, so consecutive adds do not wait on each other (a head_dim of 64 is two rounds) */
-static AVX2 float dot_avx2(const float *a, const float *b, int32_t n) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int32_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
-        acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8)));
-    }
-    for (; i + 8 <= n; i += 8) acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
-    float sum = hsum_f32x8(_mm256_add_ps(acc0, acc1));
-    for (; i < n; i++) sum += a[i] * b[i];
-    return sum;
-}
-
-static AVX2 void axpy_avx2(float *y, float a, const float *x, int32_t n) {
-    const __m256 va = _mm256_set1_ps(a);
-    int32_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_mul_ps(va, _mm256_loadu_ps(x + i))));
-    for (; i < n; i++) y[i] += a * x[i];
-}
-
 /* ---- fused rows (blocks of 32 weights): block sums, the lanes' terms and their reduction in
  * registers; bit for bit isums + combine + the reduction of api.c ------------------------------- */
 
@@ -568,8 +546,6 @@ const el_kernels el_kernels_avx2 = {
     .softmax = softmax_avx2,
     .silu_mul = silu_mul_avx2,
     .add = add_avx2,
-    .dot = dot_avx2,
-    .axpy = axpy_avx2,
     .attend_part = attend_part_avx2,
     .to_half = to_half_avx2,
 };
@@ -710,8 +686,6 @@ const el_kernels el_kernels_avx512vnni = {
     .softmax = softmax_avx2,
     .silu_mul = silu_mul_avx2,
     .add = add_avx2,
-    .dot = dot_avx2,
-    .axpy = axpy_avx2,
     .attend_part = attend_part_avx512,
     .to_half = to_half_avx2,
 };
