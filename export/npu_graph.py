@@ -40,7 +40,7 @@ from edgellm.model_config import ModelConfig
 from edgellm.npu_host import npu_graph_io
 
 from .onnx_graph import DecoderGraphBuilder
-from .reference import FREQ_FACTORS, INV_FREQ, rope_inv_freq
+from .reference import INV_FREQ
 
 OPSET = 23  # RMSNormalization
 
@@ -91,9 +91,7 @@ class NpuGraphBuilder(DecoderGraphBuilder):
     def make_rope_tables(self, position_ids: str) -> tuple[str, str]:
         """cos, sin [1,S,1,D] gathered from [C, D] tables at the given positions."""
         path = "/model/rotary_emb"
-        inv_freq = self.tensors.get(INV_FREQ)  # the exporter's stored table, as every backend reads it
-        if inv_freq is None:  # graphs built straight from a checkpoint's tensors (tests)
-            inv_freq = rope_inv_freq(self.c, self.tensors.get(FREQ_FACTORS))
+        inv_freq = self.tensors[INV_FREQ]  # the exporter's stored table, as every backend reads it
         angles = np.arange(self.context, dtype=np.float32)[:, None] * inv_freq[None, :]  # [C, D/2]
         tables = []
         for fn, values in (("cos", np.cos(angles)), ("sin", np.sin(angles))):

@@ -14,7 +14,7 @@ from edgellm.export.exporter import load_source
 from edgellm.export.npu_graph import build_npu_graph, float_nodes
 from edgellm.export.npu_quantize import calibration_documents
 from edgellm.export.npu_verify import cpu_sessions, kl_divergence, teacher_forced_logits
-from edgellm.export.reference import ReferenceModel
+from edgellm.export.reference import FREQ_FACTORS, INV_FREQ, ReferenceModel, rope_inv_freq
 from edgellm.manifest import model_config, read_manifest
 from edgellm.npu_host import HostEmbedding, NpuDecoder
 from edgellm.weights import BundleWeights
@@ -117,6 +117,7 @@ def test_the_float_npu_graphs_equal_the_reference_with_padding_offsets_and_decod
     source = load_source(save_tiny_model(make_tiny_model(arch, tie=False, heads=6, kv_heads=2, hidden=96),
                                          tmp_path / "hf"))
     weights = {n: as_float(t) for n, t in source.tensors.items()}
+    weights[INV_FREQ] = rope_inv_freq(source.config, weights.get(FREQ_FACTORS))  # as the exporter stores it
     paths = {}
     for seq in (8, 1):
         graph, arrays = build_npu_graph(source.config, weights, seq, 48)
