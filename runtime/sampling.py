@@ -253,8 +253,9 @@ class Sampler:
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
         """The next token id, drawn from `probabilities(logits, history)`."""
         if self._plain_greedy:  # the argmax of the logits as they are: no float64 copy of the vocabulary
-            _check_top(float(self._checked_shape(logits).max()))  # NaN propagates through max
-            return int(np.argmax(logits))  # the same first (lowest) id on ties as _candidates
+            x = self._checked_shape(logits)
+            _check_top(float(x.max()))  # NaN propagates through max
+            return int(np.argmax(x))  # the same first (lowest) id on ties as _candidates
         ids, probs = self._candidates(logits, history)
         if probs.size == 1:  # greedy, or a filter left a single token: no draw, the generator stays put
             return int(ids[0])
