@@ -5,7 +5,9 @@
  * pool, not one per matrix. Work inside a phase is split so that each value is computed whole
  * by one thread with the same code whatever the thread count (rows of a product, heads of the
  * attention, tokens of a norm, 32-value blocks of an activation): the logits do not depend on
- * the number of threads, bit for bit.
+ * the number of threads, bit for bit. The phases of products and attention hand out their units
+ * as the threads claim them (claim_next), so a thread done early takes over the rest of a slower
+ * one's share.
  *
  * Phases of one layer (S tokens of the chunk; "|" is a barrier):
  *   norm     tokens:  x += proj (the previous layer's down_proj), h = rms_norm(x), quantize h  |
@@ -20,6 +22,7 @@
  * quantize | head rows -> logits.
  */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -43,6 +46,13 @@ static const char *const PHASE_NAMES[N_PHASES] = {
  * from L1 by the other heads). Both compute the same partials and combine them the same way: the
  * same bits, whatever the split. */
 #define KEY_CHUNK 64
+
+/* The units of a phase that thread ith has not started: [front, back) of its share, packed in one
+ * word so that its owner (from the front) and a thread done with its own share (from the back) take
+ * each unit exactly once. */
+struct claims {
+    _Alignas(64) _Atomic uint64_t range; /* front | back << 32 */
+};
 
 /* Activation blocks [tokens][nb] and what the products read of them (kernels.h: el_acts). */
 typedef struct {
@@ -85,6 +95,8 @@ struct el_engine {
     float *drope;               /* [n_threads][2][head_dim / 2]  cos, sin of the position */
     act *dact;                  /* [n_threads]  activation blocks of one token, nb_max of them */
     float *rope_cos, *rope_sin; /* [max_chunk][head_dim / 2] */
+    /* [n_threads] each thread's units of the current phase (claim_next), one cache line each */
+    struct claims *claims;
     int64_t bytes;
     int profile;
     double seconds[N_PHASES];
@@ -182,6 +194,7 @@ void el_engine_destroy(el_engine *e) {
     if (e->dact)
         for (int32_t i = 0; i < e->n_threads; i++) free_act(&e->dact[i]);
     free(e->dact);
+    free(e->claims);
     free(e);
 }
 
@@ -256,10 +269,12 @@ int el_engine_create(el_engine **out, const el_model *model, int32_t context, in
         for (size_t i = 0; i < threads; i++) decode_ok &= alloc_act(e, &e->dact[i], e->nb_max);
         e->max_chunk = saved;
     }
-    if (!decode_ok) {
+    e->claims = aligned_alloc(64, threads * sizeof(struct claims));
+    if (!decode_ok || !e->claims) {
         el_engine_destroy(e);
         return EL_ENOMEM;
     }
+    for (size_t i = 0; i < threads; i++) atomic_init(&e->claims[i].range, 0); /* empty: front 0, back 0 */
     const char *profile = getenv("EDGELLM_PROFILE");
     e->profile = profile && *profile && strcmp(profile, "0") != 0;
     *out = e;
@@ -339,9 +354,60 @@ static void phase_mark(const forward_job *job, int32_t ith, int phase, struct ti
     }
 }
 
-/* A phase ends: wait for the other threads, then book the time (barrier wait included). */
-static void phase_end(const forward_job *job, int32_t ith, int phase, struct timespec *mark) {
-    el_pool_barrier(job->e->pool);
+/* ---- claiming units of work --------------------------------------------------------------------
+ * A phase that claims splits its n units as split() does, but a thread done with its own share
+ * takes what another has not started, from the back of that share. Units are whole rows, heads,
+ * or attention items, computed by the same code whichever thread takes them, so the bits stay
+ * the same; the phase ends when the slowest unit does, not the slowest share (on a shared or
+ * noisy machine one thread's share often runs 20-30% longer than the other's). */
+
+static uint64_t pack_range(int32_t front, int32_t back) { return (uint32_t)front | (uint64_t)(uint32_t)back << 32; }
+
+typedef struct {
+    el_engine *e;
+    int32_t n_units;
+} claims_plan;
+
+/* Every thread's share of the next phase's units (run while no thread claims: before a job, or by
+ * the last thread at the barrier before the phase). */
+static void open_claims(void *ctx) {
+    const claims_plan *plan = ctx;
+    for (int32_t i = 0; i < plan->e->n_threads; i++) {
+        int32_t lo, hi;
+        split(plan->n_units, i, plan->e->n_threads, &lo, &hi);
+        atomic_store_explicit(&plan->e->claims[i].range, pack_range(lo, hi), memory_order_relaxed);
+    }
+}
+
+/* Thread ith's next unit: the front of its own share, else the back of another thread's; -1 when
+ * every unit of the phase is taken. */
+static int32_t claim_next(el_engine *e, int32_t ith) {
+    for (int32_t i = 0; i < e->n_threads; i++) {
+        int32_t owner = (ith + i) % e->n_threads;
+        _Atomic uint64_t *range = &e->claims[owner].range;
+        uint64_t r = atomic_load_explicit(range, memory_order_relaxed);
+        while ((uint32_t)r < (uint32_t)(r >> 32)) {
+            uint64_t taken = owner == ith ? r + 1 : r - ((uint64_t)1 << 32);
+            if (atomic_compare_exchange_weak_explicit(range, &r, taken, memory_order_relaxed, memory_order_relaxed))
+                return owner == ith ? (int32_t)(uint32_t)r : (int32_t)(r >> 32) - 1;
+        }
+    }
+    return -1;
+}
+
+/* Rows per unit of a product: about 16 units per thread, at least 4 rows, at most 256. */
+static int32_t row_grain(const el_engine *e, const el_qmatrix *w) {
+    int32_t grain = w->rows / (16 * e->n_threads);
+    return grain < 4 ? 4 : grain > 256 ? 256 : grain;
+}
+
+static int32_t product_units(const el_engine *e, const el_qmatrix *w) { return ceil_div(w->rows, row_grain(e, w)); }
+
+/* A phase ends: wait for the other threads, then book the time (barrier wait included). When the
+ * next phase claims its work, next_units is its number of units (else -1). */
+static void phase_end(const forward_job *job, int32_t ith, int phase, struct timespec *mark, int32_t next_units) {
+    claims_plan plan = {job->e, next_units};
+    el_pool_barrier_then(job->e->pool, next_units >= 0 ? open_claims : NULL, &plan);
     phase_mark(job, ith, phase, mark);
 }
 
@@ -439,12 +505,14 @@ static void rope_table(const el_engine *e, float *cos_t, float *sin_t, int32_t p
     }
 }
 
-/* Thread ith of nth computes its share of the rows of y [n_tokens][w->rows] = x W^T. */
+/* Thread ith computes the rows of y [n_tokens][w->rows] = x W^T that it claims (product_units of them). */
 static void product(const forward_job *job, const el_qmatrix *w, float *y, act *a, int32_t nb, int32_t t0,
-                    int32_t n_tokens, int32_t ith, int32_t nth) {
-    int32_t r0, r1;
-    split(w->rows, ith, nth, &r0, &r1);
-    rows_of(job->k, y, w, a, nb, t0, n_tokens, r0, r1);
+                    int32_t n_tokens, int32_t ith) {
+    const int32_t grain = row_grain(job->e, w);
+    for (int32_t u; (u = claim_next(job->e, ith)) >= 0;) {
+        int32_t r0 = u * grain, r1 = r0 + grain < w->rows ? r0 + grain : w->rows;
+        rows_of(job->k, y, w, a, nb, t0, n_tokens, r0, r1);
+    }
 }
 
 /* 32-row units [u0, u1) of ffn: gate and up rows, then silu(gate) * up and its activation blocks
@@ -481,7 +549,7 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
         embed_row(e->x + (size_t)t * m->hidden, &m->embed, job->tokens[t]);
         rope_table(e, e->rope_cos + (size_t)t * e->half, e->rope_sin + (size_t)t * e->half, job->pos + t);
     }
-    phase_end(job, ith, PH_EMBED, &mark);
+    phase_end(job, ith, PH_EMBED, &mark, -1);
 
     for (int32_t li = 0; li < m->n_layers; li++) {
         const el_layer *l = &m->layers[li];
@@ -489,35 +557,34 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
         el_half *keys = e->key_cache + layer_offset, *values = e->value_cache + layer_offset;
 
         norm_tokens(job, t0, t1, l->attn_norm, li > 0);
-        phase_end(job, ith, PH_NORM, &mark);
+        phase_end(job, ith, PH_NORM, &mark, H + 2 * KV);
 
-        int32_t u0, u1;
-        split(H + 2 * KV, ith, nth, &u0, &u1);
-        qkv_heads(job, l, &e->xq, e->rope_cos, e->rope_sin, keys + (size_t)job->pos * e->kv_size,
-                  values + (size_t)job->pos * e->kv_size, u0, u1);
-        phase_end(job, ith, PH_QKV, &mark);
+        for (int32_t u; (u = claim_next(e, ith)) >= 0;)
+            qkv_heads(job, l, &e->xq, e->rope_cos, e->rope_sin, keys + (size_t)job->pos * e->kv_size,
+                      values + (size_t)job->pos * e->kv_size, u, u + 1);
+        phase_end(job, ith, PH_QKV, &mark, S * KV);
 
         const size_t part = (size_t)e->max_chunks * (size_t)(D + 2);
         { /* (token, kv head) pairs, each through its chunks with the query heads that share them */
             const int32_t G = H / KV;
             float *parts = e->parts + (size_t)ith * G * part;
-            for (int32_t item = ith; item < S * KV; item += nth) {
+            for (int32_t item; (item = claim_next(e, ith)) >= 0;) {
                 int32_t t = item / KV, g = item % KV, n_chunks = ceil_div(job->pos + t + 1, KEY_CHUNK);
                 for (int32_t c = 0; c < n_chunks; c++)
                     for (int32_t i = 0; i < G; i++)
                         attend_chunk(job, keys, values, t, g * G + i, c, parts + i * part + (size_t)c * (D + 2), scores);
                 for (int32_t i = 0; i < G; i++) finish_head(job, e->attn, &e->xq, t, g * G + i, parts + i * part, n_chunks);
             }
-            phase_end(job, ith, PH_ATTN, &mark);
+            phase_end(job, ith, PH_ATTN, &mark, heads_whole_blocks ? product_units(e, &l->o) : -1);
         }
         if (!heads_whole_blocks) {
             for (int32_t t = t0; t < t1; t++)
                 quantize_to(k, &e->xq, e->nb_q, t, 0, e->attn + (size_t)t * e->q_size, e->q_size);
-            phase_end(job, ith, PH_ATTN_Q, &mark);
+            phase_end(job, ith, PH_ATTN_Q, &mark, product_units(e, &l->o));
         }
 
-        product(job, &l->o, e->proj, &e->xq, e->nb_q, 0, S, ith, nth);
-        phase_end(job, ith, PH_O, &mark);
+        product(job, &l->o, e->proj, &e->xq, e->nb_q, 0, S, ith);
+        phase_end(job, ith, PH_O, &mark, -1);
 
         for (int32_t t = t0; t < t1; t++) {
             float *x = e->x + (size_t)t * m->hidden, *h = e->h + (size_t)t * m->hidden;
@@ -525,15 +592,13 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
             k->rms_norm(h, x, l->mlp_norm, m->hidden, m->rms_eps);
             quantize_to(k, &e->xq, e->nb_hidden, t, 0, h, m->hidden);
         }
-        phase_end(job, ith, PH_MLP_NORM, &mark);
+        phase_end(job, ith, PH_MLP_NORM, &mark, ceil_div(F, EL_QBLOCK));
 
-        int32_t units = ceil_div(F, EL_QBLOCK);
-        split(units, ith, nth, &u0, &u1);
-        gate_up_units(job, l, &e->xq, u0, u1);
-        phase_end(job, ith, PH_GATE_UP, &mark);
+        for (int32_t u; (u = claim_next(e, ith)) >= 0;) gate_up_units(job, l, &e->xq, u, u + 1);
+        phase_end(job, ith, PH_GATE_UP, &mark, product_units(e, &l->down));
 
-        product(job, &l->down, e->proj, &e->xq_ffn, e->nb_ffn, 0, S, ith, nth);
-        phase_end(job, ith, PH_DOWN, &mark);
+        product(job, &l->down, e->proj, &e->xq_ffn, e->nb_ffn, 0, S, ith);
+        phase_end(job, ith, PH_DOWN, &mark, -1);
     }
 
     /* the head: every token's logits, or the last token's */
@@ -545,9 +610,9 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
         k->rms_norm(h, x, m->final_norm, m->hidden, m->rms_eps);
         quantize_to(k, &e->xq, e->nb_hidden, t, 0, h, m->hidden);
     }
-    phase_end(job, ith, PH_FINAL_NORM, &mark);
-    product(job, &m->head, job->logits, &e->xq, e->nb_hidden, first, S - first, ith, nth);
-    phase_end(job, ith, PH_HEAD, &mark);
+    phase_end(job, ith, PH_FINAL_NORM, &mark, product_units(e, &m->head));
+    product(job, &m->head, job->logits, &e->xq, e->nb_hidden, first, S - first, ith);
+    phase_end(job, ith, PH_HEAD, &mark, -1);
 }
 
 /* One token (a decode step). Each thread keeps its own copy of the residual stream and computes
@@ -556,7 +621,7 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
  *   qkv | attention partials | combine (each thread, all heads) + o | norm (each) + gate/up | down |
  * The math per value is that of forward_thread: a token decoded here gives the same bits as in a
  * chunk. In the profile the norms count in the phase that follows them (qkv_rope, gate_up_silu,
- * head) and the combine in o_proj. */
+ * head) and the combine in o_proj. The first phase's claims are opened by el_engine_forward. */
 static void forward_decode(void *ctx, int32_t ith, int32_t nth) {
     const forward_job *job = ctx;
     el_engine *e = job->e;
@@ -571,6 +636,7 @@ static void forward_decode(void *ctx, int32_t ith, int32_t nth) {
     float *scores = e->scores + (size_t)ith * KEY_CHUNK;
     const size_t part = (size_t)e->max_chunks * (size_t)(D + 2);
     const int32_t n_chunks = ceil_div(job->pos + 1, KEY_CHUNK);
+    (void)nth;
 
     embed_row(x, &m->embed, job->tokens[0]);
     rope_table(e, cos_t, sin_t, job->pos);
@@ -584,42 +650,38 @@ static void forward_decode(void *ctx, int32_t ith, int32_t nth) {
         if (li > 0) k->add(x, x, e->proj, E); /* the previous layer's down_proj */
         k->rms_norm(h, x, l->attn_norm, E, m->rms_eps);
         quantize_to(k, own, e->nb_hidden, 0, 0, h, E);
-        int32_t u0, u1;
-        split(H + 2 * KV, ith, nth, &u0, &u1);
-        qkv_heads(job, l, own, cos_t, sin_t, keys + (size_t)job->pos * e->kv_size, values + (size_t)job->pos * e->kv_size,
-                  u0, u1);
-        phase_end(job, ith, PH_QKV, &mark);
+        for (int32_t u; (u = claim_next(e, ith)) >= 0;)
+            qkv_heads(job, l, own, cos_t, sin_t, keys + (size_t)job->pos * e->kv_size,
+                      values + (size_t)job->pos * e->kv_size, u, u + 1);
+        phase_end(job, ith, PH_QKV, &mark, n_chunks * H);
 
         /* (chunk, head) pairs, chunk-major: each thread streams its own stretch of the cache */
-        int32_t i0, i1;
-        split(n_chunks * H, ith, nth, &i0, &i1);
-        for (int32_t i = i0; i < i1; i++) {
+        for (int32_t i; (i = claim_next(e, ith)) >= 0;) {
             int32_t c = i / H, hd = i % H;
             attend_chunk(job, keys, values, 0, hd, c, e->decode_parts + hd * part + (size_t)c * (D + 2), scores);
         }
-        phase_end(job, ith, PH_ATTN, &mark);
+        phase_end(job, ith, PH_ATTN, &mark, product_units(e, &l->o));
 
         for (int32_t hd = 0; hd < H; hd++) finish_head(job, h, own, 0, hd, e->decode_parts + hd * part, n_chunks);
         if (D % EL_QBLOCK) quantize_to(k, own, e->nb_q, 0, 0, h, e->q_size);
-        product(job, &l->o, e->proj, own, e->nb_q, 0, 1, ith, nth);
-        phase_end(job, ith, PH_O, &mark);
+        product(job, &l->o, e->proj, own, e->nb_q, 0, 1, ith);
+        phase_end(job, ith, PH_O, &mark, ceil_div(F, EL_QBLOCK));
 
         k->add(x, x, e->proj, E);
         k->rms_norm(h, x, l->mlp_norm, E, m->rms_eps);
         quantize_to(k, own, e->nb_hidden, 0, 0, h, E);
-        split(ceil_div(F, EL_QBLOCK), ith, nth, &u0, &u1);
-        gate_up_units(job, l, own, u0, u1);
-        phase_end(job, ith, PH_GATE_UP, &mark);
+        for (int32_t u; (u = claim_next(e, ith)) >= 0;) gate_up_units(job, l, own, u, u + 1);
+        phase_end(job, ith, PH_GATE_UP, &mark, product_units(e, &l->down));
 
-        product(job, &l->down, e->proj, &e->xq_ffn, e->nb_ffn, 0, 1, ith, nth);
-        phase_end(job, ith, PH_DOWN, &mark);
+        product(job, &l->down, e->proj, &e->xq_ffn, e->nb_ffn, 0, 1, ith);
+        phase_end(job, ith, PH_DOWN, &mark, li + 1 < m->n_layers ? H + 2 * KV : product_units(e, &m->head));
     }
 
     k->add(x, x, e->proj, E);
     k->rms_norm(h, x, m->final_norm, E, m->rms_eps);
     quantize_to(k, own, e->nb_hidden, 0, 0, h, E);
-    product(job, &m->head, job->logits, own, e->nb_hidden, 0, 1, ith, nth);
-    phase_end(job, ith, PH_HEAD, &mark);
+    product(job, &m->head, job->logits, own, e->nb_hidden, 0, 1, ith);
+    phase_end(job, ith, PH_HEAD, &mark, -1);
 }
 
 int el_engine_forward(el_engine *e, float *logits, int64_t n_logits, const int32_t *tokens, int32_t n_tokens,
@@ -632,6 +694,10 @@ int el_engine_forward(el_engine *e, float *logits, int64_t n_logits, const int32
     const el_kernels *k = el_kernels_current();
     if (!k) return EL_EUNSUPPORTED;
     forward_job job = {e, k, logits, tokens, n_tokens, position, all_logits != 0};
+    if (n_tokens == 1) { /* a decode step claims from its first phase on: q, k, v heads */
+        claims_plan plan = {e, e->m.n_heads + 2 * e->m.n_kv_heads};
+        open_claims(&plan);
+    }
     el_pool_run(e->pool, n_tokens == 1 ? forward_decode : forward_thread, &job);
     return EL_OK;
 }

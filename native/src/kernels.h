@@ -185,6 +185,9 @@ void el_pool_run(el_pool *pool, el_job_fn fn, void *ctx);
 /* Inside a job: waits until every thread of the pool has reached it (spinning, then yielding).
  * Every thread must call it the same number of times. A no-op for a NULL or one-thread pool. */
 void el_pool_barrier(el_pool *pool);
+/* The same, and the last thread to arrive runs last(ctx) before the barrier opens (with no pool,
+ * or one thread, the caller runs it): every thread leaves the barrier seeing what it wrote. */
+void el_pool_barrier_then(el_pool *pool, void (*last)(void *ctx), void *ctx);
 
 /* api.c: rows r0 .. r1-1 of Y [n_tokens][w->rows] = X W^T for tokens t0 .. t0+n_tokens-1 of x
  * (el_matmul's body, for callers that split the rows over threads themselves). Not checked. */

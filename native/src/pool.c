@@ -176,10 +176,14 @@ static void wake_all(_Atomic uint32_t *word) {
  * a waiter from burning the core its partner needs when the machine is oversubscribed. The
  * sleepers count and the generation are sequentially consistent, so either the opener sees a
  * sleeper and wakes it, or the sleeper sees the new generation and does not sleep. */
-void el_pool_barrier(el_pool *pool) {
-    if (!pool || pool->n_threads == 1) return;
+void el_pool_barrier_then(el_pool *pool, void (*last)(void *ctx), void *ctx) {
+    if (!pool || pool->n_threads == 1) {
+        if (last) last(ctx);
+        return;
+    }
     uint32_t opened = atomic_load(&pool->barrier_opened);
     if (atomic_fetch_add(&pool->barrier_arrived, 1) == pool->n_threads - 1) {
+        if (last) last(ctx); /* before the opening store: whoever sees it open sees what last wrote */
         atomic_store(&pool->barrier_arrived, 0);
         atomic_store(&pool->barrier_opened, opened + 1);
         if (atomic_load(&pool->barrier_sleepers) > 0) wake_all(&pool->barrier_opened);
@@ -195,3 +199,5 @@ void el_pool_barrier(el_pool *pool) {
         atomic_fetch_sub(&pool->barrier_sleepers, 1);
     }
 }
+
+void el_pool_barrier(el_pool *pool) { el_pool_barrier_then(pool, NULL, NULL); }
