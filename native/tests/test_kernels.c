@@ -421,11 +421,13 @@ static float *tiny_vector(tiny_model *t, int32_t n, float base, float spread) {
     return v;
 }
 
-/* 2 layers, hidden 96, ffn 160, 6 query heads over 2 KV heads of head_dim (16: heads are not whole
- * activation blocks; 32: they are), vocab 50, int4 layers, int8 embedding, an untied head, q/k/v biases */
+/* 2 layers, hidden 96, ffn 400, 6 query heads over 2 KV heads of head_dim (16: heads are not whole
+ * activation blocks; 32: they are), vocab 50, int4 layers, int8 embedding, an untied head, q/k/v biases.
+ * ffn 400 is 12.5 blocks: one thread's gate/up units are two blocks, the last one and a half, and
+ * two or three threads' are one block, so the thread counts compared split it differently. */
 static void make_tiny(tiny_model *t, int32_t head_dim) {
     memset(t, 0, sizeof *t);
-    const int32_t hidden = 96, ffn = 160, heads = 6, kv = 2, vocab = 50, q = heads * head_dim, kvs = kv * head_dim;
+    const int32_t hidden = 96, ffn = 400, heads = 6, kv = 2, vocab = 50, q = heads * head_dim, kvs = kv * head_dim;
     t->m = (el_model){.n_layers = 2, .hidden = hidden, .ffn = ffn, .n_heads = heads, .n_kv_heads = kv,
                       .head_dim = head_dim, .vocab = vocab, .rms_eps = 1e-6f};
     t->embed = make_matrix(EL_INT8_SYM, vocab, hidden, 32);
