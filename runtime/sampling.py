@@ -254,8 +254,9 @@ class Sampler:
         """The next token id, drawn from `probabilities(logits, history)`."""
         if self._plain_greedy:  # the argmax of the logits as they are: no float64 copy of the vocabulary
             x = self._checked_shape(logits)
-            _check_top(float(x.max()))  # NaN propagates through max
-            return int(np.argmax(x))  # the same first (lowest) id on ties as _candidates
+            i = int(np.argmax(x))  # the same first (lowest) id on ties as _candidates; the first NaN if any
+            _check_top(float(x[i]))  # so one pass finds the max and checks every logit
+            return i
         ids, probs = self._candidates(logits, history)
         if probs.size == 1:  # greedy, or a filter left a single token: no draw, the generator stays put
             return int(ids[0])
