@@ -91,6 +91,18 @@ static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
         if (tile < 4) tile = 4;
         for (int32_t t0 = 0; t0 < n_tokens; t0 += tile) {
             const int32_t t1 = t0 + tile < n_tokens ? t0 + tile : n_tokens;
+            if (t1 - t0 == 1 && (q4 ? k->rows_q4 != NULL : k->rows_q8 != NULL)) { /* one token: the rows in one call */
+                const size_t o = (size_t)t0 * nb;
+                const el_half *sc = w->scales + (size_t)r0 * n_wblocks;
+                if (q4)
+                    k->rows_q4(job->y + (size_t)t0 * rows + r0, r1 - r0, format, w->qweight + (size_t)r0 * row_bytes,
+                               row_bytes, sc, w->mins ? w->mins + (size_t)r0 * n_wblocks : NULL, (size_t)n_wblocks,
+                               job->x.quads + t0 * quad_stride, xd + o, xsum + o, nb);
+                else
+                    k->rows_q8(job->y + (size_t)t0 * rows + r0, r1 - r0, w->qweight + (size_t)r0 * row_bytes, row_bytes,
+                               sc, (size_t)n_wblocks, x + o, xd + o, xsum + o, nb);
+                continue;
+            }
             for (int32_t r = r0; r < r1; r++) {
                 const uint8_t *codes = w->qweight + (size_t)r * row_bytes;
                 const el_half *sc = w->scales + (size_t)r * n_wblocks;

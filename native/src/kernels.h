@@ -74,8 +74,17 @@ typedef float (*el_row_q4_fn)(int32_t format, const uint8_t *codes, const el_hal
 typedef void (*el_row4_q4_fn)(float *y, size_t y_stride, int32_t format, const uint8_t *codes, const el_half *scales,
                               const el_half *mins, const int8_t *quads, size_t quad_stride, const float *xd,
                               const int32_t *xsum, size_t x_stride, int32_t nb);
+/* Rows [0, n_rows) against one token (decode): y[i] for the row whose codes are i * row_bytes and
+ * whose scales and mins are i * n_wblocks after the first's; bit-identical to el_row_q4_fn per row,
+ * without a call per row. */
+typedef void (*el_rows_q4_fn)(float *y, int32_t n_rows, int32_t format, const uint8_t *codes, size_t row_bytes,
+                              const el_half *scales, const el_half *mins, size_t n_wblocks, const int8_t *quads,
+                              const float *xd, const int32_t *xsum, int32_t nb);
 typedef float (*el_row_q8_fn)(const uint8_t *codes, const el_half *scales, const el_block_q16a *x, const float *xd,
                               const int32_t *xsum, int32_t nb);
+/* The same for 8-bit rows (codes row_bytes apart, scales n_wblocks apart). */
+typedef void (*el_rows_q8_fn)(float *y, int32_t n_rows, const uint8_t *codes, size_t row_bytes, const el_half *scales,
+                              size_t n_wblocks, const el_block_q16a *x, const float *xd, const int32_t *xsum, int32_t nb);
 
 typedef struct {
     const char *name;
@@ -86,7 +95,9 @@ typedef struct {
     el_combine_fn combine;
     el_row_q4_fn row_q4; /* NULL: isums + combine */
     el_row4_q4_fn row4_q4; /* NULL: row_q4 per token */
+    el_rows_q4_fn rows_q4; /* NULL: row_q4 per row */
     el_row_q8_fn row_q8;
+    el_rows_q8_fn rows_q8; /* NULL: row_q8 per row */
     /* float kernels, one row each */
     void (*rms_norm)(float *out, const float *x, const float *weight, int32_t n, float eps);
     void (*rope)(float *out, const float *x, const float *cos_t, const float *sin_t, int32_t n_heads,
