@@ -403,6 +403,9 @@ static int32_t row_grain(const el_engine *e, const el_qmatrix *w) {
 
 static int32_t product_units(const el_engine *e, const el_qmatrix *w) { return ceil_div(w->rows, row_grain(e, w)); }
 
+/* the q/k/v phase's units: the q heads, then the k heads, then the v heads (qkv_heads) */
+static int32_t qkv_units(const el_engine *e) { return e->m.n_heads + 2 * e->m.n_kv_heads; }
+
 /* 32-row blocks of ffn per gate/up unit: about 6 units per thread. The unit reads gate's rows, then
  * up's: switching between the two streams every 32 rows cost them ~15% of their speed. */
 static int32_t gate_up_grain(const el_engine *e) {
@@ -566,7 +569,7 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
         el_half *keys = e->key_cache + layer_offset, *values = e->value_cache + layer_offset;
 
         norm_tokens(job, t0, t1, l->attn_norm, li > 0);
-        phase_end(job, ith, PH_NORM, &mark, H + 2 * KV);
+        phase_end(job, ith, PH_NORM, &mark, qkv_units(e));
 
         for (int32_t u; (u = claim_next(e, ith)) >= 0;)
             qkv_heads(job, l, &e->xq, e->rope_cos, e->rope_sin, keys + (size_t)job->pos * e->kv_size,
@@ -636,7 +639,7 @@ static void forward_decode(void *ctx, int32_t ith, int32_t nth) {
     el_engine *e = job->e;
     const el_kernels *k = job->k;
     const el_model *m = &e->m;
-    const int32_t H = m->n_heads, KV = m->n_kv_heads, D = m->head_dim, E = m->hidden;
+    const int32_t H = m->n_heads, D = m->head_dim, E = m->hidden;
     struct timespec mark = {0, 0};
     if (ith == 0 && e->profile) clock_gettime(CLOCK_MONOTONIC, &mark);
     float *x = e->dx + (size_t)ith * E, *h = e->dh + (size_t)ith * (E > e->q_size ? E : e->q_size);
@@ -683,7 +686,7 @@ static void forward_decode(void *ctx, int32_t ith, int32_t nth) {
         phase_end(job, ith, PH_GATE_UP, &mark, product_units(e, &l->down));
 
         product(job, &l->down, e->proj, &e->xq_ffn, e->nb_ffn, 0, 1, ith);
-        phase_end(job, ith, PH_DOWN, &mark, li + 1 < m->n_layers ? H + 2 * KV : product_units(e, &m->head));
+        phase_end(job, ith, PH_DOWN, &mark, li + 1 < m->n_layers ? qkv_units(e) : product_units(e, &m->head));
     }
 
     k->add(x, x, e->proj, E);
@@ -704,7 +707,7 @@ int el_engine_forward(el_engine *e, float *logits, int64_t n_logits, const int32
     if (!k) return EL_EUNSUPPORTED;
     forward_job job = {e, k, logits, tokens, n_tokens, position, all_logits != 0};
     if (n_tokens == 1) { /* a decode step claims from its first phase on: q, k, v heads */
-        claims_plan plan = {e, e->m.n_heads + 2 * e->m.n_kv_heads};
+        claims_plan plan = {e, qkv_units(e)};
         open_claims(&plan);
     }
     el_pool_run(e->pool, n_tokens == 1 ? forward_decode : forward_thread, &job);

@@ -158,7 +158,6 @@ void el_pool_run(el_pool *pool, el_job_fn fn, void *ctx) {
     pthread_mutex_unlock(&pool->run);
 }
 
-
 /* Sleep while *word == value (or return at once if it no longer is); wake every sleeper. Linux
  * futexes; elsewhere a yield, which is correct, only slower. */
 static void wait_while(_Atomic uint32_t *word, uint32_t value) {

@@ -423,7 +423,7 @@ static float *tiny_vector(tiny_model *t, int32_t n, float base, float spread) {
 
 /* 2 layers, hidden 96, ffn 400, 6 query heads over 2 KV heads of head_dim (16: heads are not whole
  * activation blocks; 32: they are), vocab 50, int4 layers, int8 embedding, an untied head, q/k/v biases.
- * ffn 400 is 12.5 blocks: one thread's gate/up units are two blocks, the last one and a half, and
+ * ffn 400 is 12.5 blocks: one thread's gate/up units are two blocks, the last one half a block, and
  * two or three threads' are one block, so the thread counts compared split it differently. */
 static void make_tiny(tiny_model *t, int32_t head_dim) {
     memset(t, 0, sizeof *t);
