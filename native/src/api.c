@@ -46,6 +46,7 @@ void el_prepare_blocks(float *d, int32_t *sum, int8_t *quads, const el_block_q16
     for (int32_t j = first; j < first + count; j++) {
         d[j] = x[j].d;
         sum[j] = x[j].sum;
+        if (!quads) continue;
         int8_t *slot = quads + (size_t)(j / 4) * EL_QUAD_BYTES + (j % 4) * 16;
         for (int i = 0; i < 16; i++) {
             slot[i] = x[j].qh[2 * i];
@@ -62,7 +63,13 @@ typedef struct {
     el_acts x;               /* from the first token on */
     int32_t n_tokens;
     const el_kernels *k;
+    void *scratch;           /* the panels' (el_panel_scratch_bytes), or NULL: the row kernels */
 } matmul_job;
+
+/* Fewer tokens than this go to the row kernels: packing a panel costs about what a few tokens' products do. */
+#define PANEL_MIN_TOKENS 8
+
+int el_uses_panels(const el_kernels *k, int32_t n_tokens) { return k->panels && n_tokens >= PANEL_MIN_TOKENS; }
 
 #define TILE_BYTES (24 * 1024) /* half of a 48 KB L1 (Zen 4/5); Cortex-A76's 64 KB holds it too */
 
@@ -82,6 +89,12 @@ static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
     el_isums_2x2_fn isums_2x2 = q4 ? k->isums_q4_2x2 : k->isums_q8_2x2;
     int32_t isum[4 * CHUNK];
 
+    if (w->block == 32 && el_uses_panels(k, n_tokens)) {
+        k->panels(job->y + r0, (size_t)rows, r1 - r0, n_tokens, format, w->qweight + (size_t)r0 * row_bytes, row_bytes,
+                  w->scales + (size_t)r0 * n_wblocks, w->mins ? w->mins + (size_t)r0 * n_wblocks : NULL,
+                  (size_t)n_wblocks, x, xd, xsum, nb, job->scratch);
+        return;
+    }
     if (w->block == 32 && (q4 ? k->row_q4 != NULL : k->row_q8 != NULL)) { /* the fused row kernels */
         const size_t quad_stride = el_quad_stride(nb);
         /* Tiles of tokens whose activations stay in L1 (TILE_BYTES) while the rows stream past:
@@ -182,20 +195,24 @@ static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
 }
 
 void el_matmul_rows(const el_kernels *k, float *y, const el_qmatrix *w, const el_acts *x, int32_t t0,
-                    int32_t n_tokens, int32_t r0, int32_t r1) {
+                    int32_t n_tokens, int32_t r0, int32_t r1, void *scratch) {
     if (r0 >= r1 || n_tokens <= 0) return;
     size_t o = (size_t)t0 * x->nb;
-    matmul_job job = {y, w, {x->q + o, x->d + o, x->sum + o, x->quads + t0 * el_quad_stride(x->nb), x->nb}, n_tokens, k};
+    matmul_job job = {y, w, {x->q + o, x->d + o, x->sum + o, x->quads + t0 * el_quad_stride(x->nb), x->nb}, n_tokens, k,
+                      scratch};
     matmul_range(&job, r0, r1);
 }
 
-/* Thread ith of nth takes one contiguous range of rows. */
+/* Thread ith of nth takes one contiguous range of rows (with its own panel scratch). */
 static void matmul_thread(void *ctx, int32_t ith, int32_t nth) {
     const matmul_job *job = ctx;
     int32_t rows = job->w->rows;
     int32_t per = ceil_div(rows, nth);
     int32_t r0 = ith * per, r1 = r0 + per < rows ? r0 + per : rows;
-    if (r0 < r1) matmul_range(job, r0, r1);
+    if (r0 >= r1) return;
+    matmul_job own = *job;
+    own.scratch = (uint8_t *)job->scratch + (size_t)ith * el_panel_bytes(job->x.nb);
+    matmul_range(&own, r0, r1);
 }
 
 static int check_matrix(const el_qmatrix *w) {
@@ -219,17 +236,19 @@ int el_matmul(float *y, int32_t n_tokens, int32_t n_y, const el_qmatrix *w, cons
     float *xd = malloc(sizeof(float) * count);
     int32_t *xsum = malloc(sizeof(int32_t) * count);
     int8_t *quads = el_alloc_quads((size_t)n_tokens, n_blocks);
-    int status_alloc = xd && xsum && quads ? EL_OK : EL_ENOMEM;
+    void *scratch = aligned_alloc(64, (size_t)el_pool_threads(pool) * el_panel_bytes(n_blocks));
+    int status_alloc = xd && xsum && quads && scratch ? EL_OK : EL_ENOMEM;
     if (status_alloc == EL_OK) {
         for (int32_t t = 0; t < n_tokens; t++)
             el_prepare_blocks(xd + (size_t)t * n_blocks, xsum + (size_t)t * n_blocks, quads + t * quad_stride,
                               x + (size_t)t * n_blocks, 0, n_blocks);
-        matmul_job job = {y, w, {x, xd, xsum, quads, n_blocks}, n_tokens, k};
+        matmul_job job = {y, w, {x, xd, xsum, quads, n_blocks}, n_tokens, k, scratch};
         el_pool_run(pool, matmul_thread, &job);
     }
     free(xd);
     free(xsum);
     free(quads);
+    free(scratch);
     return status_alloc;
 }
 

@@ -47,6 +47,11 @@ static const char *const PHASE_NAMES[N_PHASES] = {
  * same bits, whatever the split. */
 #define KEY_CHUNK 64
 
+/* A prefill attention item is a kv head and QUERY_BLOCK tokens: each chunk of that head's keys and
+ * values is converted to float32 once (to_float) for the item's QUERY_BLOCK * (heads per kv head)
+ * queries, instead of once per query as it is loaded (attend_part_f32: the same bits). */
+#define QUERY_BLOCK 16
+
 /* The units of a phase that thread ith has not started: [front, back) of its share, packed in one
  * word so that its owner (from the front) and a thread done with its own share (from the back) take
  * each unit exactly once. */
@@ -85,7 +90,8 @@ struct el_engine {
     float *gate, *up;           /* [max_chunk][ffn] */
     int32_t max_chunks;         /* ceil(context / KEY_CHUNK) */
     float *scores;              /* [n_threads][KEY_CHUNK] */
-    float *parts;               /* [n_threads][heads per kv head][max_chunks][head_dim + 2]  a prefill item's partials */
+    float *parts;               /* [n_threads][QUERY_BLOCK][heads per kv head][max_chunks][head_dim + 2]  a prefill item's partials */
+    float *chunk_f32;           /* [n_threads][2][KEY_CHUNK][head_dim]  a chunk's keys, then values, as float32 */
     float *decode_parts;        /* [n_heads][max_chunks][head_dim + 2]  a decode step's chunk partials */
     /* A decode step keeps one copy per thread of what every thread reads whole (forward_decode):
      * each computes the residual's norms and the attention's combine itself instead of waiting
@@ -97,6 +103,8 @@ struct el_engine {
     float *rope_cos, *rope_sin; /* [max_chunk][head_dim / 2] */
     /* [n_threads] each thread's units of the current phase (claim_next), one cache line each */
     struct claims *claims;
+    uint8_t *panel_scratch;     /* [n_threads][panel_bytes]  a prefill product's packed panel (kernels.h) */
+    size_t panel_bytes;
     int64_t bytes;
     int profile;
     double seconds[N_PHASES];
@@ -185,6 +193,7 @@ void el_engine_destroy(el_engine *e) {
     free(e->up);
     free(e->scores);
     free(e->parts);
+    free(e->chunk_f32);
     free(e->decode_parts);
     free(e->rope_cos);
     free(e->rope_sin);
@@ -195,6 +204,7 @@ void el_engine_destroy(el_engine *e) {
         for (int32_t i = 0; i < e->n_threads; i++) free_act(&e->dact[i]);
     free(e->dact);
     free(e->claims);
+    free(e->panel_scratch);
     free(e);
 }
 
@@ -248,12 +258,13 @@ int el_engine_create(el_engine **out, const el_model *model, int32_t context, in
     e->max_chunks = ceil_div(context, KEY_CHUNK);
     size_t part = (size_t)e->max_chunks * (size_t)(m->head_dim + 2);
     e->scores = alloc_floats(e, (size_t)e->n_threads * KEY_CHUNK, 0);
-    e->parts = alloc_floats(e, (size_t)e->n_threads * (size_t)(m->n_heads / m->n_kv_heads) * part, 0);
+    e->parts = alloc_floats(e, (size_t)e->n_threads * QUERY_BLOCK * (size_t)(m->n_heads / m->n_kv_heads) * part, 0);
+    e->chunk_f32 = alloc_floats(e, (size_t)e->n_threads * 2 * KEY_CHUNK * (size_t)m->head_dim, 0);
     e->decode_parts = alloc_floats(e, (size_t)m->n_heads * part, 0);
     e->rope_cos = alloc_floats(e, chunk * (size_t)e->half, 0);
     e->rope_sin = alloc_floats(e, chunk * (size_t)e->half, 0);
     if (!acts_ok || !e->key_cache || !e->value_cache || !e->kv_rows || !e->x || !e->h || !e->q || !e->attn ||
-        !e->proj || !e->gate || !e->up || !e->scores || !e->parts || !e->decode_parts || !e->rope_cos || !e->rope_sin) {
+        !e->proj || !e->gate || !e->up || !e->scores || !e->parts || !e->chunk_f32 || !e->decode_parts || !e->rope_cos || !e->rope_sin) {
         el_engine_destroy(e);
         return EL_ENOMEM;
     }
@@ -270,7 +281,10 @@ int el_engine_create(el_engine **out, const el_model *model, int32_t context, in
         e->max_chunk = saved;
     }
     e->claims = aligned_alloc(64, threads * sizeof(struct claims));
-    if (!decode_ok || !e->claims) {
+    e->panel_bytes = el_panel_bytes(e->nb_max);
+    e->panel_scratch = aligned_alloc(64, threads * e->panel_bytes);
+    e->bytes += (int64_t)(threads * e->panel_bytes);
+    if (!decode_ok || !e->claims || !e->panel_scratch) {
         el_engine_destroy(e);
         return EL_ENOMEM;
     }
@@ -314,19 +328,22 @@ static void embed_row(float *out, const el_qmatrix *w, int32_t token) {
 }
 
 /* Activation blocks of x [n] at block `first` of token t, for products with rows of nb blocks
- * (the buffer is laid out as [tokens][nb] for the product about to read it). */
-static void quantize_to(const el_kernels *k, act *a, int32_t nb, int32_t t, int32_t first, const float *x, int32_t n) {
+ * (the buffer is laid out as [tokens][nb] for the product about to read it); their quads only for
+ * the row kernels (the panels read the blocks themselves). */
+static void quantize_to(const el_kernels *k, act *a, int32_t nb, int32_t t, int32_t first, const float *x, int32_t n,
+                        int quads) {
     size_t o = (size_t)t * nb;
     k->quantize_q16a(a->q + o + first, x, n);
-    el_prepare_blocks(a->d + o, a->sum + o, a->quads + (size_t)t * el_quad_stride(nb), a->q + o, first,
+    el_prepare_blocks(a->d + o, a->sum + o, quads ? a->quads + (size_t)t * el_quad_stride(nb) : NULL, a->q + o, first,
                       (n + EL_QBLOCK - 1) / EL_QBLOCK);
 }
 
-/* Rows [r0, r1) of y [n_tokens][w->rows] = X W^T for the tokens of a from token t0 on. */
-static void rows_of(const el_kernels *k, float *y, const el_qmatrix *w, act *a, int32_t nb, int32_t t0,
-                    int32_t n_tokens, int32_t r0, int32_t r1) {
+/* Rows [r0, r1) of y [n_tokens][w->rows] = X W^T for the tokens of a from token t0 on, by thread ith
+ * (its panel scratch). */
+static void rows_of(const el_engine *e, const el_kernels *k, int32_t ith, float *y, const el_qmatrix *w, act *a,
+                    int32_t nb, int32_t t0, int32_t n_tokens, int32_t r0, int32_t r1) {
     a->view.nb = nb;
-    el_matmul_rows(k, y, w, &a->view, t0, n_tokens, r0, r1);
+    el_matmul_rows(k, y, w, &a->view, t0, n_tokens, r0, r1, e->panel_scratch + (size_t)ith * e->panel_bytes);
 }
 
 /* The part [*lo, *hi) of n items that thread ith of nth takes (contiguous, sizes differ by at most one). */
@@ -342,6 +359,7 @@ typedef struct {
     float *logits;
     const int32_t *tokens;
     int32_t n, pos, all;
+    int quads; /* the chunk's products run the row kernels, which read the activations' quads */
 } forward_job;
 
 /* Thread 0 books the time since the previous mark to `phase` (EDGELLM_PROFILE). */
@@ -395,13 +413,17 @@ static int32_t claim_next(el_engine *e, int32_t ith) {
     return -1;
 }
 
-/* Rows per unit of a product: about 16 units per thread, at least 4 rows, at most 256. */
-static int32_t row_grain(const el_engine *e, const el_qmatrix *w) {
+/* Rows per unit of a product: about 16 units per thread, at least 4 rows, at most 256; for many
+ * tokens whole panels (x86_panel.c packs 32 rows at a time: an 18-row unit would fill 18 of 32 lanes). */
+static int32_t row_grain(const el_engine *e, const el_qmatrix *w, int32_t n_tokens) {
     int32_t grain = w->rows / (16 * e->n_threads);
-    return grain < 4 ? 4 : grain > 256 ? 256 : grain;
+    grain = grain < 4 ? 4 : grain > 256 ? 256 : grain;
+    return n_tokens > 1 ? ceil_div(grain, EL_PANEL_ROWS) * EL_PANEL_ROWS : grain;
 }
 
-static int32_t product_units(const el_engine *e, const el_qmatrix *w) { return ceil_div(w->rows, row_grain(e, w)); }
+static int32_t product_units(const el_engine *e, const el_qmatrix *w, int32_t n_tokens) {
+    return ceil_div(w->rows, row_grain(e, w, n_tokens));
+}
 
 /* the q/k/v phase's units: the q heads, then the k heads, then the v heads (qkv_heads) */
 static int32_t qkv_units(const el_engine *e) { return e->m.n_heads + 2 * e->m.n_kv_heads; }
@@ -432,13 +454,13 @@ static void norm_tokens(const forward_job *job, int32_t t0, int32_t t1, const fl
         float *x = e->x + (size_t)t * n, *h = e->h + (size_t)t * n;
         if (add) k->add(x, x, e->proj + (size_t)t * n, n);
         k->rms_norm(h, x, weight, n, e->m.rms_eps);
-        quantize_to(k, &e->xq, e->nb_hidden, t, 0, h, n);
+        quantize_to(k, &e->xq, e->nb_hidden, t, 0, h, n, job->quads);
     }
 }
 
 /* q, k, v for the heads [u0, u1) of the H + 2 KV heads, with bias and RoPE, k and v into the cache. */
-static void qkv_heads(const forward_job *job, const el_layer *l, act *x, const float *rope_cos, const float *rope_sin,
-                      el_half *key, el_half *value, int32_t u0, int32_t u1) {
+static void qkv_heads(const forward_job *job, int32_t ith, const el_layer *l, act *x, const float *rope_cos,
+                      const float *rope_sin, el_half *key, el_half *value, int32_t u0, int32_t u1) {
     el_engine *e = job->e;
     const el_kernels *k = job->k;
     const int32_t H = e->m.n_heads, KV = e->m.n_kv_heads, D = e->m.head_dim, S = job->n;
@@ -457,7 +479,7 @@ static void qkv_heads(const forward_job *job, const el_layer *l, act *x, const f
         int32_t hi = u1 < parts[p].first + parts[p].count ? u1 : parts[p].first + parts[p].count;
         if (lo >= hi) continue;
         int32_t h0 = lo - parts[p].first, h1 = hi - parts[p].first;
-        rows_of(k, parts[p].y, parts[p].w, x, e->nb_hidden, 0, S, h0 * D, h1 * D);
+        rows_of(e, k, ith, parts[p].y, parts[p].w, x, e->nb_hidden, 0, S, h0 * D, h1 * D);
         for (int32_t t = 0; t < S; t++) {
             float *row = parts[p].y + (size_t)t * parts[p].stride;
             if (parts[p].bias) k->add(row + h0 * D, row + h0 * D, parts[p].bias + h0 * D, (h1 - h0) * D);
@@ -506,7 +528,50 @@ static void finish_head(const forward_job *job, float *attn, act *a, int32_t t, 
     const int32_t D = e->m.head_dim;
     float *out = attn + (size_t)t * e->q_size + (size_t)h * D;
     combine_chunks(out, parts, n_chunks, D);
-    if (D % EL_QBLOCK == 0) quantize_to(job->k, a, e->nb_q, t, h * (D / EL_QBLOCK), out, D);
+    if (D % EL_QBLOCK == 0) quantize_to(job->k, a, e->nb_q, t, h * (D / EL_QBLOCK), out, D, job->quads);
+}
+
+/* Prefill attention of kv head g for tokens [ta, ta + QUERY_BLOCK) of the chunk, with the query heads that
+ * share it: chunk by chunk of the cache, each token's partial per head (its own number of positions:
+ * causal), then each (token, head) combined and finished. */
+static void attend_block(const forward_job *job, int32_t ith, const el_half *keys, const el_half *values, int32_t ta,
+                         int32_t g) {
+    el_engine *e = job->e;
+    const el_kernels *k = job->k;
+    const int32_t D = e->m.head_dim, G = e->m.n_heads / e->m.n_kv_heads, kvs = e->kv_size;
+    const int32_t tz = ta + QUERY_BLOCK < job->n ? ta + QUERY_BLOCK : job->n, stride = D + 2;
+    const size_t part = (size_t)e->max_chunks * (size_t)stride;
+    const float scale = 1.0f / sqrtf((float)D);
+    const int convert = k->attend_part_f32 && k->to_float;
+    float *parts = e->parts + (size_t)ith * QUERY_BLOCK * G * part, *scores = e->scores + (size_t)ith * KEY_CHUNK;
+    float *keys_f32 = e->chunk_f32 + (size_t)ith * 2 * KEY_CHUNK * D, *values_f32 = keys_f32 + (size_t)KEY_CHUNK * D;
+    const int32_t n_chunks = ceil_div(job->pos + tz, KEY_CHUNK); /* the last token's */
+    for (int32_t c = 0; c < n_chunks; c++) {
+        const int32_t j0 = c * KEY_CHUNK, reach = job->pos + tz - j0; /* positions of the chunk any token reads */
+        const int32_t n_rows = reach < KEY_CHUNK ? reach : KEY_CHUNK;
+        const size_t at = (size_t)j0 * kvs + (size_t)g * D;
+        if (convert)
+            for (int32_t j = 0; j < n_rows; j++) {
+                k->to_float(keys_f32 + (size_t)j * D, keys + at + (size_t)j * kvs, D);
+                k->to_float(values_f32 + (size_t)j * D, values + at + (size_t)j * kvs, D);
+            }
+        for (int32_t t = ta; t < tz; t++) {
+            const int32_t T = job->pos + t + 1, n = T - j0 < KEY_CHUNK ? T - j0 : KEY_CHUNK;
+            if (n <= 0) continue; /* the token does not reach this chunk */
+            for (int32_t i = 0; i < G; i++) {
+                const float *q = e->q + (size_t)t * e->q_size + (size_t)(g * G + i) * D;
+                float *p = parts + ((size_t)(t - ta) * G + i) * part + (size_t)c * stride;
+                if (convert)
+                    k->attend_part_f32(p, p + D, p + D + 1, scores, q, keys_f32, values_f32, n, D, D, scale);
+                else
+                    k->attend_part(p, p + D, p + D + 1, scores, q, keys + at, values + at, n, D, kvs, scale);
+            }
+        }
+    }
+    for (int32_t t = ta; t < tz; t++)
+        for (int32_t i = 0; i < G; i++)
+            finish_head(job, e->attn, &e->xq, t, g * G + i, parts + ((size_t)(t - ta) * G + i) * part,
+                        ceil_div(job->pos + t + 1, KEY_CHUNK));
 }
 
 static void rope_table(const el_engine *e, float *cos_t, float *sin_t, int32_t position) {
@@ -520,27 +585,27 @@ static void rope_table(const el_engine *e, float *cos_t, float *sin_t, int32_t p
 /* Thread ith computes the rows of y [n_tokens][w->rows] = x W^T that it claims (product_units of them). */
 static void product(const forward_job *job, const el_qmatrix *w, float *y, act *a, int32_t nb, int32_t t0,
                     int32_t n_tokens, int32_t ith) {
-    const int32_t grain = row_grain(job->e, w);
+    const int32_t grain = row_grain(job->e, w, n_tokens);
     for (int32_t u; (u = claim_next(job->e, ith)) >= 0;) {
         int32_t r0 = u * grain, r1 = r0 + grain < w->rows ? r0 + grain : w->rows;
-        rows_of(job->k, y, w, a, nb, t0, n_tokens, r0, r1);
+        rows_of(job->e, job->k, ith, y, w, a, nb, t0, n_tokens, r0, r1);
     }
 }
 
 /* Unit `unit` of gate_up_grain 32-row blocks of ffn: gate and up rows, then silu(gate) * up and its
  * activation blocks (into xq_ffn: other threads may still read xq, the MLP input, for their rows). */
-static void gate_up_unit(const forward_job *job, const el_layer *l, act *x, int32_t grain, int32_t unit) {
+static void gate_up_unit(const forward_job *job, int32_t ith, const el_layer *l, act *x, int32_t grain, int32_t unit) {
     el_engine *e = job->e;
     const el_kernels *k = job->k;
     const int32_t F = e->m.ffn, S = job->n, u0 = unit * grain;
     int32_t r0 = u0 * EL_QBLOCK, r1 = (u0 + grain) * EL_QBLOCK < F ? (u0 + grain) * EL_QBLOCK : F;
     if (r0 >= r1) return;
-    rows_of(k, e->gate, &l->gate, x, e->nb_hidden, 0, S, r0, r1);
-    rows_of(k, e->up, &l->up, x, e->nb_hidden, 0, S, r0, r1);
+    rows_of(e, k, ith, e->gate, &l->gate, x, e->nb_hidden, 0, S, r0, r1);
+    rows_of(e, k, ith, e->up, &l->up, x, e->nb_hidden, 0, S, r0, r1);
     for (int32_t t = 0; t < S; t++) {
         float *m = e->h + (size_t)t * F + r0;
         k->silu_mul(m, e->gate + (size_t)t * F + r0, e->up + (size_t)t * F + r0, r1 - r0);
-        quantize_to(k, &e->xq_ffn, e->nb_ffn, t, u0, m, r1 - r0);
+        quantize_to(k, &e->xq_ffn, e->nb_ffn, t, u0, m, r1 - r0, job->quads);
     }
 }
 
@@ -549,13 +614,12 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
     el_engine *e = job->e;
     const el_kernels *k = job->k;
     const el_model *m = &e->m;
-    const int32_t S = job->n, H = m->n_heads, KV = m->n_kv_heads, D = m->head_dim;
+    const int32_t S = job->n, KV = m->n_kv_heads, D = m->head_dim;
     const int heads_whole_blocks = D % EL_QBLOCK == 0;
     struct timespec mark = {0, 0};
     if (ith == 0 && e->profile) clock_gettime(CLOCK_MONOTONIC, &mark);
     int32_t t0, t1;
     split(S, ith, nth, &t0, &t1);
-    float *scores = e->scores + (size_t)ith * KEY_CHUNK;
 
     for (int32_t t = t0; t < t1; t++) {
         embed_row(e->x + (size_t)t * m->hidden, &m->embed, job->tokens[t]);
@@ -572,27 +636,17 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
         phase_end(job, ith, PH_NORM, &mark, qkv_units(e));
 
         for (int32_t u; (u = claim_next(e, ith)) >= 0;)
-            qkv_heads(job, l, &e->xq, e->rope_cos, e->rope_sin, keys + (size_t)job->pos * e->kv_size,
+            qkv_heads(job, ith, l, &e->xq, e->rope_cos, e->rope_sin, keys + (size_t)job->pos * e->kv_size,
                       values + (size_t)job->pos * e->kv_size, u, u + 1);
-        phase_end(job, ith, PH_QKV, &mark, S * KV);
+        phase_end(job, ith, PH_QKV, &mark, ceil_div(S, QUERY_BLOCK) * KV);
 
-        const size_t part = (size_t)e->max_chunks * (size_t)(D + 2);
-        { /* (token, kv head) pairs, each through its chunks with the query heads that share them */
-            const int32_t G = H / KV;
-            float *parts = e->parts + (size_t)ith * G * part;
-            for (int32_t item; (item = claim_next(e, ith)) >= 0;) {
-                int32_t t = item / KV, g = item % KV, n_chunks = ceil_div(job->pos + t + 1, KEY_CHUNK);
-                for (int32_t c = 0; c < n_chunks; c++)
-                    for (int32_t i = 0; i < G; i++)
-                        attend_chunk(job, keys, values, t, g * G + i, c, parts + i * part + (size_t)c * (D + 2), scores);
-                for (int32_t i = 0; i < G; i++) finish_head(job, e->attn, &e->xq, t, g * G + i, parts + i * part, n_chunks);
-            }
-            phase_end(job, ith, PH_ATTN, &mark, heads_whole_blocks ? product_units(e, &l->o) : -1);
-        }
+        for (int32_t item; (item = claim_next(e, ith)) >= 0;)
+            attend_block(job, ith, keys, values, item / KV * QUERY_BLOCK, item % KV);
+        phase_end(job, ith, PH_ATTN, &mark, heads_whole_blocks ? product_units(e, &l->o, S) : -1);
         if (!heads_whole_blocks) {
             for (int32_t t = t0; t < t1; t++)
-                quantize_to(k, &e->xq, e->nb_q, t, 0, e->attn + (size_t)t * e->q_size, e->q_size);
-            phase_end(job, ith, PH_ATTN_Q, &mark, product_units(e, &l->o));
+                quantize_to(k, &e->xq, e->nb_q, t, 0, e->attn + (size_t)t * e->q_size, e->q_size, job->quads);
+            phase_end(job, ith, PH_ATTN_Q, &mark, product_units(e, &l->o, S));
         }
 
         product(job, &l->o, e->proj, &e->xq, e->nb_q, 0, S, ith);
@@ -602,12 +656,12 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
             float *x = e->x + (size_t)t * m->hidden, *h = e->h + (size_t)t * m->hidden;
             k->add(x, x, e->proj + (size_t)t * m->hidden, m->hidden);
             k->rms_norm(h, x, l->mlp_norm, m->hidden, m->rms_eps);
-            quantize_to(k, &e->xq, e->nb_hidden, t, 0, h, m->hidden);
+            quantize_to(k, &e->xq, e->nb_hidden, t, 0, h, m->hidden, job->quads);
         }
         phase_end(job, ith, PH_MLP_NORM, &mark, gate_up_count(e));
 
-        for (int32_t u; (u = claim_next(e, ith)) >= 0;) gate_up_unit(job, l, &e->xq, gate_up_grain(e), u);
-        phase_end(job, ith, PH_GATE_UP, &mark, product_units(e, &l->down));
+        for (int32_t u; (u = claim_next(e, ith)) >= 0;) gate_up_unit(job, ith, l, &e->xq, gate_up_grain(e), u);
+        phase_end(job, ith, PH_GATE_UP, &mark, product_units(e, &l->down, S));
 
         product(job, &l->down, e->proj, &e->xq_ffn, e->nb_ffn, 0, S, ith);
         phase_end(job, ith, PH_DOWN, &mark, -1);
@@ -620,9 +674,9 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
         float *x = e->x + (size_t)t * m->hidden, *h = e->h + (size_t)t * m->hidden;
         k->add(x, x, e->proj + (size_t)t * m->hidden, m->hidden);
         k->rms_norm(h, x, m->final_norm, m->hidden, m->rms_eps);
-        quantize_to(k, &e->xq, e->nb_hidden, t, 0, h, m->hidden);
+        quantize_to(k, &e->xq, e->nb_hidden, t, 0, h, m->hidden, !el_uses_panels(k, S - first));
     }
-    phase_end(job, ith, PH_FINAL_NORM, &mark, product_units(e, &m->head));
+    phase_end(job, ith, PH_FINAL_NORM, &mark, product_units(e, &m->head, S - first));
     product(job, &m->head, job->logits, &e->xq, e->nb_hidden, first, S - first, ith);
     phase_end(job, ith, PH_HEAD, &mark, -1);
 }
@@ -661,9 +715,9 @@ static void forward_decode(void *ctx, int32_t ith, int32_t nth) {
 
         if (li > 0) k->add(x, x, e->proj, E); /* the previous layer's down_proj */
         k->rms_norm(h, x, l->attn_norm, E, m->rms_eps);
-        quantize_to(k, own, e->nb_hidden, 0, 0, h, E);
+        quantize_to(k, own, e->nb_hidden, 0, 0, h, E, 1);
         for (int32_t u; (u = claim_next(e, ith)) >= 0;)
-            qkv_heads(job, l, own, cos_t, sin_t, keys + (size_t)job->pos * e->kv_size,
+            qkv_heads(job, ith, l, own, cos_t, sin_t, keys + (size_t)job->pos * e->kv_size,
                       values + (size_t)job->pos * e->kv_size, u, u + 1);
         phase_end(job, ith, PH_QKV, &mark, n_chunks * H);
 
@@ -672,26 +726,26 @@ static void forward_decode(void *ctx, int32_t ith, int32_t nth) {
             int32_t c = i / H, hd = i % H;
             attend_chunk(job, keys, values, 0, hd, c, e->decode_parts + hd * part + (size_t)c * (D + 2), scores);
         }
-        phase_end(job, ith, PH_ATTN, &mark, product_units(e, &l->o));
+        phase_end(job, ith, PH_ATTN, &mark, product_units(e, &l->o, 1));
 
         for (int32_t hd = 0; hd < H; hd++) finish_head(job, h, own, 0, hd, e->decode_parts + hd * part, n_chunks);
-        if (D % EL_QBLOCK) quantize_to(k, own, e->nb_q, 0, 0, h, e->q_size);
+        if (D % EL_QBLOCK) quantize_to(k, own, e->nb_q, 0, 0, h, e->q_size, 1);
         product(job, &l->o, e->proj, own, e->nb_q, 0, 1, ith);
         phase_end(job, ith, PH_O, &mark, gate_up_count(e));
 
         k->add(x, x, e->proj, E);
         k->rms_norm(h, x, l->mlp_norm, E, m->rms_eps);
-        quantize_to(k, own, e->nb_hidden, 0, 0, h, E);
-        for (int32_t u; (u = claim_next(e, ith)) >= 0;) gate_up_unit(job, l, own, gate_up_grain(e), u);
-        phase_end(job, ith, PH_GATE_UP, &mark, product_units(e, &l->down));
+        quantize_to(k, own, e->nb_hidden, 0, 0, h, E, 1);
+        for (int32_t u; (u = claim_next(e, ith)) >= 0;) gate_up_unit(job, ith, l, own, gate_up_grain(e), u);
+        phase_end(job, ith, PH_GATE_UP, &mark, product_units(e, &l->down, 1));
 
         product(job, &l->down, e->proj, &e->xq_ffn, e->nb_ffn, 0, 1, ith);
-        phase_end(job, ith, PH_DOWN, &mark, li + 1 < m->n_layers ? qkv_units(e) : product_units(e, &m->head));
+        phase_end(job, ith, PH_DOWN, &mark, li + 1 < m->n_layers ? qkv_units(e) : product_units(e, &m->head, 1));
     }
 
     k->add(x, x, e->proj, E);
     k->rms_norm(h, x, m->final_norm, E, m->rms_eps);
-    quantize_to(k, own, e->nb_hidden, 0, 0, h, E);
+    quantize_to(k, own, e->nb_hidden, 0, 0, h, E, 1);
     product(job, &m->head, job->logits, own, e->nb_hidden, 0, 1, ith);
     phase_end(job, ith, PH_HEAD, &mark, -1);
 }
@@ -705,7 +759,7 @@ int el_engine_forward(el_engine *e, float *logits, int64_t n_logits, const int32
         if (tokens[t] < 0 || tokens[t] >= e->m.vocab) return EL_ERANGE;
     const el_kernels *k = el_kernels_current();
     if (!k) return EL_EUNSUPPORTED;
-    forward_job job = {e, k, logits, tokens, n_tokens, position, all_logits != 0};
+    forward_job job = {e, k, logits, tokens, n_tokens, position, all_logits != 0, !el_uses_panels(k, n_tokens)};
     if (n_tokens == 1) { /* a decode step claims from its first phase on: q, k, v heads */
         claims_plan plan = {e, qkv_units(e)};
         open_claims(&plan);

@@ -86,6 +86,24 @@ typedef float (*el_row_q8_fn)(const uint8_t *codes, const el_half *scales, const
 typedef void (*el_rows_q8_fn)(float *y, int32_t n_rows, const uint8_t *codes, size_t row_bytes, const el_half *scales,
                               size_t n_wblocks, const el_block_q16a *x, const float *xd, const int32_t *xsum, int32_t nb);
 
+/* Prefill in panels (optional, x86 AVX-512 VNNI; x86_panel.c): y[t * y_stride + i] for rows i < n_rows of
+ * a matrix of blocks of 32 (codes row_bytes apart, scales and mins n_wblocks apart) and tokens t < n_tokens
+ * of x [n_tokens][nb] (xd, xsum alike); bit-identical to el_row_q4_fn / el_row_q8_fn per (row, token).
+ * Rows go EL_PANEL_ROWS at a time, each panel unpacked and transposed once into scratch (64-byte aligned,
+ * el_panel_scratch_bytes(nb)) for all the tokens, EL_PANEL_TILE tokens at a time. */
+#define EL_PANEL_ROWS 32
+#define EL_PANEL_TILE 8
+typedef void (*el_panels_fn)(float *y, size_t y_stride, int32_t n_rows, int32_t n_tokens, int32_t format,
+                             const uint8_t *codes, size_t row_bytes, const el_half *scales, const el_half *mins,
+                             size_t n_wblocks, const el_block_q16a *x, const float *xd, const int32_t *xsum, int32_t nb,
+                             void *scratch);
+/* the panel's codes [nb][8][32][4], its scales and mins as float [nb][32] each;
+ * el_panel_bytes: the same rounded up to whole cache lines, for one thread's scratch in an array of them */
+static inline size_t el_panel_scratch_bytes(int32_t nb) {
+    return (size_t)nb * (EL_PANEL_ROWS * 32 + 2 * EL_PANEL_ROWS * sizeof(float));
+}
+static inline size_t el_panel_bytes(int32_t nb) { return (el_panel_scratch_bytes(nb) + 63) & ~(size_t)63; }
+
 typedef struct {
     const char *name;
     /* one row: out [ceil(n/32)] <- x [n] */
@@ -98,6 +116,7 @@ typedef struct {
     el_rows_q4_fn rows_q4; /* NULL: row_q4 per row */
     el_row_q8_fn row_q8;
     el_rows_q8_fn rows_q8; /* NULL: row_q8 per row */
+    el_panels_fn panels;   /* NULL: the row kernels for many tokens too */
     /* float kernels, one row each */
     void (*rms_norm)(float *out, const float *x, const float *weight, int32_t n, float eps);
     void (*rope)(float *out, const float *x, const float *cos_t, const float *sin_t, int32_t n_heads,
@@ -110,8 +129,14 @@ typedef struct {
      * *sum = sum_j exp(s_j - max);  out [d] = sum_j exp(s_j - max) values[j];  scores [n_keys] is scratch */
     void (*attend_part)(float *out, float *max, float *sum, float *scores, const float *q, const el_half *keys,
                         const el_half *values, int32_t n_keys, int32_t d, int32_t stride, float scale);
+    /* the same over keys and values already converted to float32 (to_float), bit for bit: a prefill
+     * converts a chunk once for all the queries that attend it (optional: NULL, attend_part per query) */
+    void (*attend_part_f32)(float *out, float *max, float *sum, float *scores, const float *q, const float *keys,
+                            const float *values, int32_t n_keys, int32_t d, int32_t stride, float scale);
     /* out [n] = x [n] as float16, rounded to nearest even (el_float_to_half): the same bits in every variant */
     void (*to_half)(el_half *out, const float *x, int32_t n);
+    /* out [n] = x [n] as float32 (exact; el_half_to_float), with attend_part_f32 */
+    void (*to_float)(float *out, const el_half *x, int32_t n);
 } el_kernels;
 
 /* Each variant's table; the ones this build does not compile for are absent (dispatch.c). */
@@ -119,6 +144,10 @@ extern const el_kernels el_kernels_ref;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const el_kernels el_kernels_avx2;
 extern const el_kernels el_kernels_avx512vnni;
+void el_panels_avx512vnni(float *y, size_t y_stride, int32_t n_rows, int32_t n_tokens, int32_t format,
+                          const uint8_t *codes, size_t row_bytes, const el_half *scales, const el_half *mins,
+                          size_t n_wblocks, const el_block_q16a *x, const float *xd, const int32_t *xsum, int32_t nb,
+                          void *scratch);
 #endif
 #if defined(__aarch64__)
 extern const el_kernels el_kernels_neon;
@@ -185,7 +214,10 @@ void el_silu_mul_ref(float *out, const float *gate, const float *up, int32_t n);
 void el_add_ref(float *out, const float *a, const float *b, int32_t n);
 void el_attend_part_ref(float *out, float *max, float *sum, float *scores, const float *q, const el_half *keys,
                         const el_half *values, int32_t n_keys, int32_t d, int32_t stride, float scale);
+void el_attend_part_f32_ref(float *out, float *max, float *sum, float *scores, const float *q, const float *keys,
+                            const float *values, int32_t n_keys, int32_t d, int32_t stride, float scale);
 void el_to_half_ref(el_half *out, const float *x, int32_t n);
+void el_to_float_ref(float *out, const el_half *x, int32_t n);
 
 /* The current variant, initializing on first use; NULL if EDGELLM_KERNELS named one this CPU lacks. */
 const el_kernels *el_kernels_current(void);
@@ -201,11 +233,14 @@ void el_pool_barrier(el_pool *pool);
 void el_pool_barrier_then(el_pool *pool, void (*last)(void *ctx), void *ctx);
 
 /* api.c: rows r0 .. r1-1 of Y [n_tokens][w->rows] = X W^T for tokens t0 .. t0+n_tokens-1 of x
- * (el_matmul's body, for callers that split the rows over threads themselves). Not checked. */
+ * (el_matmul's body, for callers that split the rows over threads themselves). Not checked.
+ * scratch: el_panel_bytes(x->nb), 64-byte aligned, the calling thread's own. */
 void el_matmul_rows(const el_kernels *k, float *y, const el_qmatrix *w, const el_acts *x, int32_t t0,
-                    int32_t n_tokens, int32_t r0, int32_t r1);
+                    int32_t n_tokens, int32_t r0, int32_t r1, void *scratch);
+/* Whether a product of n_tokens tokens runs in panels (else the row kernels, which read x->quads). */
+int el_uses_panels(const el_kernels *k, int32_t n_tokens);
 /* The d, sum and quads of blocks first .. first+count-1 of one token's row (d, sum and quads point at
- * the token's start), from its blocks x (pointing at the token's start too). */
+ * the token's start; quads NULL: not those), from its blocks x (pointing at the token's start too). */
 void el_prepare_blocks(float *d, int32_t *sum, int8_t *quads, const el_block_q16a *x, int32_t first, int32_t count);
 
 #endif /* EDGELLM_KERNELS_H */

@@ -128,27 +128,41 @@ void el_add_ref(float *out, const float *a, const float *b, int32_t n) {
     for (int32_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
+/* The attention of one query over a chunk, keys and values of type T read through TO_FLOAT. */
+#define ATTEND_REF(T, TO_FLOAT)                                                                               \
+    float m = -INFINITY, l = 0.0f;                                                                            \
+    for (int32_t j = 0; j < n_keys; j++) {                                                                    \
+        const T *key = keys + (size_t)j * stride;                                                             \
+        float s = 0.0f;                                                                                       \
+        for (int32_t i = 0; i < d; i++) s += q[i] * TO_FLOAT(key[i]);                                         \
+        scores[j] = s * scale;                                                                                \
+        m = scores[j] > m ? scores[j] : m;                                                                    \
+    }                                                                                                         \
+    for (int32_t j = 0; j < n_keys; j++) {                                                                    \
+        scores[j] = expf(scores[j] - m);                                                                      \
+        l += scores[j];                                                                                       \
+    }                                                                                                         \
+    memset(out, 0, sizeof(float) * (size_t)d);                                                                \
+    for (int32_t j = 0; j < n_keys; j++) {                                                                    \
+        const T *value = values + (size_t)j * stride;                                                         \
+        for (int32_t i = 0; i < d; i++) out[i] += scores[j] * TO_FLOAT(value[i]);                             \
+    }                                                                                                         \
+    *max = m;                                                                                                 \
+    *sum = l;
+
+#define AS_FLOAT(v) (v)
 void el_attend_part_ref(float *out, float *max, float *sum, float *scores, const float *q, const el_half *keys,
                         const el_half *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {
-    float m = -INFINITY, l = 0.0f;
-    for (int32_t j = 0; j < n_keys; j++) {
-        const el_half *key = keys + (size_t)j * stride;
-        float s = 0.0f;
-        for (int32_t i = 0; i < d; i++) s += q[i] * el_half_to_float(key[i]);
-        scores[j] = s * scale;
-        m = scores[j] > m ? scores[j] : m;
-    }
-    for (int32_t j = 0; j < n_keys; j++) {
-        scores[j] = expf(scores[j] - m);
-        l += scores[j];
-    }
-    memset(out, 0, sizeof(float) * (size_t)d);
-    for (int32_t j = 0; j < n_keys; j++) {
-        const el_half *value = values + (size_t)j * stride;
-        for (int32_t i = 0; i < d; i++) out[i] += scores[j] * el_half_to_float(value[i]);
-    }
-    *max = m;
-    *sum = l;
+    ATTEND_REF(el_half, el_half_to_float)
+}
+
+void el_attend_part_f32_ref(float *out, float *max, float *sum, float *scores, const float *q, const float *keys,
+                            const float *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {
+    ATTEND_REF(float, AS_FLOAT)
+}
+
+void el_to_float_ref(float *out, const el_half *x, int32_t n) {
+    for (int32_t i = 0; i < n; i++) out[i] = el_half_to_float(x[i]);
 }
 
 void el_to_half_ref(el_half *out, const float *x, int32_t n) {
@@ -169,5 +183,7 @@ const el_kernels el_kernels_ref = {
     .silu_mul = el_silu_mul_ref,
     .add = el_add_ref,
     .attend_part = el_attend_part_ref,
+    .attend_part_f32 = el_attend_part_f32_ref,
     .to_half = el_to_half_ref,
+    .to_float = el_to_float_ref,
 };

@@ -472,10 +472,11 @@ static inline AVX2 __m256 hsum8_f32(const __m256 v[8]) {
 #define AVX2_FMA __attribute__((target("avx2,fma,f16c")))
 #define AVX512_FMA __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define HALVES(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))) /* eight float16 of the cache, exactly */
+#define FLOATS(p) _mm256_loadu_ps(p) /* eight of them converted before (el_kernels.attend_part_f32) */
 
 #define UNROLL8 _Pragma("GCC unroll 8")
 #define UNROLL16 _Pragma("GCC unroll 16")
-#define ATTEND_BODY(NV)                                                                                       \
+#define ATTEND_BODY(NV, LOAD8)                                                                                       \
     __m256 qv[NV];                                                                                            \
     UNROLL16 for (int i = 0; i < (NV); i++) qv[i] = _mm256_loadu_ps(q + 8 * i);                                       \
     const __m256 vscale = _mm256_set1_ps(scale);                                                              \
@@ -484,11 +485,11 @@ static inline AVX2 __m256 hsum8_f32(const __m256 v[8]) {
     for (; j + 8 <= n_keys; j += 8) {                                                                         \
         __m256 part[8];                                                                                       \
         UNROLL8 for (int k = 0; k < 8; k++) {                                                                         \
-            const el_half *key = keys + (size_t)(j + k) * stride;                                             \
-            __m256 acc0 = _mm256_mul_ps(qv[0], HALVES(key)), acc1 = _mm256_setzero_ps();                      \
+            __typeof__(keys) key = keys + (size_t)(j + k) * stride;                                             \
+            __m256 acc0 = _mm256_mul_ps(qv[0], LOAD8(key)), acc1 = _mm256_setzero_ps();                      \
             UNROLL16 for (int i = 1; i < (NV); i += 2) {                                                               \
-                acc1 = _mm256_fmadd_ps(qv[i], HALVES(key + 8 * i), acc1);                                     \
-                if (i + 1 < (NV)) acc0 = _mm256_fmadd_ps(qv[i + 1], HALVES(key + 8 * i + 8), acc0);           \
+                acc1 = _mm256_fmadd_ps(qv[i], LOAD8(key + 8 * i), acc1);                                     \
+                if (i + 1 < (NV)) acc0 = _mm256_fmadd_ps(qv[i + 1], LOAD8(key + 8 * i + 8), acc0);           \
             }                                                                                                 \
             part[k] = _mm256_add_ps(acc0, acc1);                                                              \
         }                                                                                                     \
@@ -498,9 +499,9 @@ static inline AVX2 __m256 hsum8_f32(const __m256 v[8]) {
     }                                                                                                         \
     float m = hmax_f32x8(vmax);                                                                               \
     for (; j < n_keys; j++) {                                                                                 \
-        const el_half *key = keys + (size_t)j * stride;                                                       \
+        __typeof__(keys) key = keys + (size_t)j * stride;                                                       \
         __m256 acc = _mm256_setzero_ps();                                                                     \
-        UNROLL16 for (int i = 0; i < (NV); i++) acc = _mm256_fmadd_ps(qv[i], HALVES(key + 8 * i), acc);              \
+        UNROLL16 for (int i = 0; i < (NV); i++) acc = _mm256_fmadd_ps(qv[i], LOAD8(key + 8 * i), acc);              \
         scores[j] = hsum_f32x8(acc) * scale;                                                                  \
         m = scores[j] > m ? scores[j] : m;                                                                    \
     }                                                                                                         \
@@ -518,31 +519,39 @@ static inline AVX2 __m256 hsum8_f32(const __m256 v[8]) {
     __m256 o[NV];                                                                                             \
     UNROLL16 for (int i = 0; i < (NV); i++) o[i] = _mm256_setzero_ps();                                                \
     for (j = 0; j < n_keys; j++) {                                                                            \
-        const el_half *value = values + (size_t)j * stride;                                                   \
+        __typeof__(values) value = values + (size_t)j * stride;                                                   \
         __m256 p = _mm256_set1_ps(scores[j]);                                                                 \
-        UNROLL16 for (int i = 0; i < (NV); i++) o[i] = _mm256_fmadd_ps(p, HALVES(value + 8 * i), o[i]);               \
+        UNROLL16 for (int i = 0; i < (NV); i++) o[i] = _mm256_fmadd_ps(p, LOAD8(value + 8 * i), o[i]);               \
     }                                                                                                         \
     UNROLL16 for (int i = 0; i < (NV); i++) _mm256_storeu_ps(out + 8 * i, o[i]);                                       \
     *max = m;                                                                                                 \
     *sum = l;
 
-#define ATTEND_VARIANT(NAME, TARGET)                                                                          \
+#define ATTEND_VARIANT(NAME, TARGET, T, LOAD8, REF)                                                          \
     static TARGET void NAME##_64(float *out, float *max, float *sum, float *scores, const float *q,           \
-                                 const el_half *keys, const el_half *values, int32_t n_keys, int32_t stride, float scale) { \
-        ATTEND_BODY(8)                                                                                        \
+                                 const T *keys, const T *values, int32_t n_keys, int32_t stride, float scale) { \
+        ATTEND_BODY(8, LOAD8)                                                                                 \
     }                                                                                                         \
     static TARGET void NAME##_128(float *out, float *max, float *sum, float *scores, const float *q,          \
-                                  const el_half *keys, const el_half *values, int32_t n_keys, int32_t stride, float scale) { \
-        ATTEND_BODY(16)                                                                                       \
+                                  const T *keys, const T *values, int32_t n_keys, int32_t stride, float scale) { \
+        ATTEND_BODY(16, LOAD8)                                                                                \
     }                                                                                                         \
-    static TARGET void NAME(float *out, float *max, float *sum, float *scores, const float *q, const el_half *keys, \
-                            const el_half *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {  \
+    static TARGET void NAME(float *out, float *max, float *sum, float *scores, const float *q, const T *keys,   \
+                            const T *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {        \
         if (d == 64) NAME##_64(out, max, sum, scores, q, keys, values, n_keys, stride, scale);                \
         else if (d == 128) NAME##_128(out, max, sum, scores, q, keys, values, n_keys, stride, scale);         \
-        else el_attend_part_ref(out, max, sum, scores, q, keys, values, n_keys, d, stride, scale);            \
+        else REF(out, max, sum, scores, q, keys, values, n_keys, d, stride, scale);                           \
     }
 
-ATTEND_VARIANT(attend_part_avx2, AVX2_FMA)
+ATTEND_VARIANT(attend_part_avx2, AVX2_FMA, el_half, HALVES, el_attend_part_ref)
+ATTEND_VARIANT(attend_part_f32_avx2, AVX2_FMA, float, FLOATS, el_attend_part_f32_ref)
+
+/* vcvtph2ps: exact, the bits of el_half_to_float */
+static AVX2 void to_float_avx2(float *out, const el_half *x, int32_t n) {
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, HALVES(x + i));
+    for (; i < n; i++) out[i] = el_half_to_float(x[i]);
+}
 
 /* vcvtps2ph rounding to nearest even: the bits of el_float_to_half, NaN included */
 static AVX2 void to_half_avx2(el_half *out, const float *x, int32_t n) {
@@ -572,7 +581,9 @@ const el_kernels el_kernels_avx2 = {
     .silu_mul = silu_mul_avx2,
     .add = add_avx2,
     .attend_part = attend_part_avx2,
+    .attend_part_f32 = attend_part_f32_avx2,
     .to_half = to_half_avx2,
+    .to_float = to_float_avx2,
 };
 
 /* ---- AVX-512 VNNI: vpdpbusd (unsigned codes x signed q, four products into each int32 lane,
@@ -695,7 +706,8 @@ static INLINE AVX512VNNI float row_q8_avx512vnni(const uint8_t *codes, const el_
 }
 #undef Q8_FIX
 
-ATTEND_VARIANT(attend_part_avx512, AVX512_FMA)
+ATTEND_VARIANT(attend_part_avx512, AVX512_FMA, el_half, HALVES, el_attend_part_ref)
+ATTEND_VARIANT(attend_part_f32_avx512, AVX512_FMA, float, FLOATS, el_attend_part_f32_ref)
 
 ROWS_Q4(rows_q4_avx512vnni, row_q4_avx512vnni, AVX512VNNI)
 ROWS_Q8(rows_q8_avx512vnni, row_q8_avx512vnni, AVX512VNNI)
@@ -711,13 +723,16 @@ const el_kernels el_kernels_avx512vnni = {
     .rows_q4 = rows_q4_avx512vnni,
     .row_q8 = row_q8_avx512vnni,
     .rows_q8 = rows_q8_avx512vnni,
+    .panels = el_panels_avx512vnni,
     .rms_norm = rms_norm_avx2,
     .rope = rope_avx2,
     .softmax = softmax_avx2,
     .silu_mul = silu_mul_avx2,
     .add = add_avx2,
     .attend_part = attend_part_avx512,
+    .attend_part_f32 = attend_part_f32_avx512,
     .to_half = to_half_avx2,
+    .to_float = to_float_avx2,
 };
 
 #endif /* x86-64 */

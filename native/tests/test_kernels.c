@@ -271,7 +271,7 @@ static void check_variant_products(const char *variant, int32_t format, int32_t 
     int ok = 1, checked = 0;
     for (int c = 0; c < N_COLS && ok; c++)
         for (int r = 0; r < N_ROWS && ok; r++) {
-            int32_t rows = ROWS[r], cols = COLS[c], nb = (cols + 31) / 32, n_tok = 5;
+            int32_t rows = ROWS[r], cols = COLS[c], nb = (cols + 31) / 32, n_tok = 14;
             test_matrix t = make_matrix(format, rows, cols, block);
             float *xf = random_floats(n_tok * cols);
             el_block_q16a *xq = quantize_with("ref", xf, n_tok, cols);
@@ -286,7 +286,7 @@ static void check_variant_products(const char *variant, int32_t format, int32_t 
                     ok = 0;
                     snprintf(detail, sizeof detail, "matvec rows %d cols %d threads %d", rows, cols, p + 1);
                 }
-                for (int32_t tokens = 1; tokens <= n_tok && ok; tokens += 1) {
+                for (int32_t tokens = 1; tokens <= n_tok && ok; tokens += tokens < 5 ? 1 : 4) { /* 9, 13: panels */
                     memset(got, 0, sizeof(float) * n_tok * rows);
                     el_matmul(got, tokens, rows, &t.m, xq, nb, pools[p]);
                     if (!same_bits(got, want, sizeof(float) * tokens * rows)) {
@@ -365,8 +365,10 @@ static void check_variant_floats(const char *variant) {
         free(x), free(a), free(b);
     }
     /* attention of one head: head_dims that are whole vectors, and one that is not; strided rows */
-    const int32_t heads[4][2] = {{64, 1}, {64, 37}, {16, 200}, {6, 9}}; /* head_dim, keys */
-    for (int s = 0; s < 4; s++) {
+    const int32_t heads[5][2] = {{64, 1}, {64, 37}, {128, 70}, {16, 200}, {6, 9}}; /* head_dim, keys */
+    int f32_checked = 0;
+    char what[128];
+    for (int s = 0; s < 5; s++) {
         int32_t d = heads[s][0], n_keys = heads[s][1], stride = 3 * d;
         float *q = random_floats(d), *kf = random_floats(n_keys * stride), *vf = random_floats(n_keys * stride);
         el_half *kv = malloc(sizeof(el_half) * n_keys * stride), *vv = malloc(sizeof(el_half) * n_keys * stride);
@@ -382,9 +384,22 @@ static void check_variant_floats(const char *variant) {
             ok = 0;
             snprintf(detail, sizeof detail, "attend d %d keys %d nmse %.3g", d, n_keys, nmse(b, a, d + 2));
         }
+        const el_kernels *k = el_kernels_current();
+        if (k->attend_part_f32 && k->to_float) { /* keys and values converted first: the same bits */
+            k->to_float(kf, kv, n_keys * stride);
+            k->to_float(vf, vv, n_keys * stride);
+            k->attend_part_f32(a, a + d, a + d + 1, scores, q, kf, vf, n_keys, d, stride, 0.125f);
+            f32_checked++;
+            if (!same_bits(a, b, sizeof(float) * (size_t)(d + 2))) {
+                ok = 0;
+                snprintf(detail, sizeof detail, "attend_part_f32 d %d keys %d differs from attend_part", d, n_keys);
+            }
+        }
         free(q), free(kf), free(vf), free(kv), free(vv), free(a), free(b), free(scores);
     }
-    report(ok, variant, "rms_norm, rope, softmax, silu_mul, add, attend_part within NMSE 1e-10 of ref", detail);
+    snprintf(what, sizeof what, "rms_norm, rope, softmax, silu_mul, add, attend_part within NMSE 1e-10 of ref%s",
+             f32_checked ? "; attend_part_f32 equals attend_part bit for bit" : "");
+    report(ok, variant, what, detail);
 
     /* the cache's float16: the same bits as ref's conversion (NaN: a NaN), a tail past the vectors */
     int32_t n;
@@ -402,6 +417,22 @@ static void check_variant_floats(const char *variant) {
         }
     report(ok, variant, "to_half (the KV cache's float16) equals ref bit for bit", ok ? "" : detail);
     free(x), free(want), free(got);
+    if (el_kernels_current()->to_float) { /* every binary16, back: exact (NaN: a NaN) */
+        el_half *all = malloc(sizeof(el_half) * 65536);
+        float *f = malloc(sizeof(float) * 65536);
+        for (int32_t i = 0; i < 65536; i++) all[i] = (el_half)i;
+        el_kernels_current()->to_float(f, all, 65535); /* odd: a scalar tail */
+        ok = 1;
+        for (int32_t i = 0; i < 65535 && ok; i++) {
+            float r = el_half_to_float(all[i]);
+            if (isnan(r) ? !isnan(f[i]) : !same_bits(&f[i], &r, sizeof r)) {
+                ok = 0;
+                snprintf(detail, sizeof detail, "0x%04x: %a != %a", (unsigned)i, (double)f[i], (double)r);
+            }
+        }
+        report(ok, variant, "to_float equals ref bit for bit (every float16)", ok ? "" : detail);
+        free(all), free(f);
+    }
 }
 
 /* ---- the engine: a tiny random decoder ------------------------------------------------------------ */
@@ -530,7 +561,17 @@ static void check_engine(const char *const *variants, int32_t count, el_pool *po
                 ok &= run_tiny(&t, pools[p], got) == EL_OK && same_bits(got, first, sizeof(float) * n);
                 if (!ok) snprintf(detail, sizeof detail, "threads %d differ from one thread", p + 1);
             }
-            snprintf(what, sizeof what, "engine (head_dim %d) within NMSE 1e-7 of ref, same bits for threads 1,2,3",
+            /* the chunks' products (x86: panels) give the bits of single tokens' (row kernels) */
+            ok = ok && el_engine_create(&e, &t.m, TINY_CONTEXT, TINY_CHUNK, pools[1]) == EL_OK;
+            for (int32_t i = 0; i < TINY_TOKENS && ok; i++)
+                ok &= el_engine_forward(e, single + (size_t)i * t.m.vocab, t.m.vocab, TINY_IDS + i, 1, i, 0) == EL_OK;
+            if (ok) el_engine_destroy(e);
+            if (ok && !same_bits(single, first, sizeof(float) * n)) {
+                ok = 0;
+                snprintf(detail, sizeof detail, "token by token differs from the chunks");
+            }
+            snprintf(what, sizeof what,
+                     "engine (head_dim %d) within NMSE 1e-7 of ref, same bits for threads 1,2,3 and token by token",
                      head_dim);
             report(ok, variants[v], what, detail);
             free(first);
