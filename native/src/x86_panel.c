@@ -44,12 +44,55 @@ static panel panel_at(void *scratch, int32_t nb) {
     return p;
 }
 
+/* out[g] = dword g of each of the 16 rows (lane r: row r), g = 0..7: a 16 x 8 transpose of 32-bit groups.
+ * Rows r and r + 8 share a vector, so an 8 x 8 transpose in each 256-bit half does it. */
+static INLINE AVX512VNNI void transpose16x8(__m512i out[8], const __m256i rows[16]) {
+    __m512i z[8], t[8], u[8];
+    for (int r = 0; r < 8; r++) z[r] = _mm512_inserti64x4(_mm512_castsi256_si512(rows[r]), rows[r + 8], 1);
+    for (int r = 0; r < 8; r += 2) {
+        t[r] = _mm512_unpacklo_epi32(z[r], z[r + 1]);     /* per 128 bits: r.0 r+1.0 r.1 r+1.1 */
+        t[r + 1] = _mm512_unpackhi_epi32(z[r], z[r + 1]); /* r.2 r+1.2 r.3 r+1.3 */
+    }
+    for (int r = 0; r < 8; r += 4)
+        for (int k = 0; k < 2; k++) {
+            u[r + 2 * k] = _mm512_unpacklo_epi64(t[r + k], t[r + 2 + k]);     /* rows r..r+3 of group 2k (+4) */
+            u[r + 2 * k + 1] = _mm512_unpackhi_epi64(t[r + k], t[r + 2 + k]); /* of group 2k+1 (+4) */
+        }
+    /* u[i] (i < 4: rows 0-3, else rows 4-7) holds group i % 4 in its even 128-bit lanes, group i % 4 + 4
+     * in its odd ones: interleave the two row quartets */
+    const __m512i low = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+    const __m512i high = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int g = 0; g < 4; g++) {
+        out[g] = _mm512_permutex2var_epi32(u[g], low, u[g + 4]);
+        out[g + 4] = _mm512_permutex2var_epi32(u[g], high, u[g + 4]);
+    }
+}
+
+/* out [nb][32] = the float16 h [rows][n_wblocks] of rows r < n_rows (exactly: vcvtph2ps), 0 for the others:
+ * eight blocks of 16 rows at a time, transposed as the codes are (masked loads: never past a row's end) */
+static AVX512VNNI void pack_halves(float *out, int32_t n_rows, const el_half *h, size_t n_wblocks, int32_t nb) {
+    for (int32_t j = 0; j < nb; j += 8) {
+        const __mmask8 keep = nb - j >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (nb - j)) - 1);
+        for (int half = 0; half < 2; half++) {
+            __m256i rows[16];
+            for (int r = 0; r < 16; r++) {
+                int32_t row = 16 * half + r;
+                rows[r] = row < n_rows ? _mm256_castps_si256(_mm256_cvtph_ps(
+                                             _mm_maskz_loadu_epi16(keep, h + (size_t)row * n_wblocks + j)))
+                                       : _mm256_setzero_si256();
+            }
+            __m512i blocks[8];
+            transpose16x8(blocks, rows);
+            for (int32_t b = 0; b < 8 && j + b < nb; b++)
+                _mm512_store_si512(out + (size_t)(j + b) * EL_PANEL_ROWS + 16 * half, blocks[b]);
+        }
+    }
+}
+
 /* Rows [0, n_rows) (n_rows <= 32) of a matrix into the panel; the missing rows' codes, scales and
  * mins are zero (their outputs are never stored). */
 static AVX512VNNI void pack_panel(panel *p, int32_t n_rows, int q4, const uint8_t *codes, size_t row_bytes,
                                   const el_half *scales, const el_half *mins, size_t n_wblocks, int32_t nb) {
-    const __m512i by_group = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                _mm512_set1_epi32(8));
     const __m128i low4 = _mm_set1_epi8(0x0F);
     /* the panel's rows come from memory (weights.bin does not fit in the caches): ask for all their lines
      * at once, not one row's line after another's as the loop below reaches them */
@@ -58,35 +101,29 @@ static AVX512VNNI void pack_panel(panel *p, int32_t n_rows, int q4, const uint8_
         _mm_prefetch((const char *)(scales + (size_t)r * n_wblocks), _MM_HINT_T0);
         if (mins) _mm_prefetch((const char *)(mins + (size_t)r * n_wblocks), _MM_HINT_T0);
     }
-    for (int32_t j = 0; j < nb; j++) {
+    for (int32_t j = 0; j < nb; j++)
         for (int half = 0; half < 2; half++) {
-            _Alignas(64) uint32_t rows16[16][8]; /* the 32 codes of 16 rows, as 8 groups of 4 bytes */
+            __m256i rows[16]; /* the 32 codes of 16 rows, one byte each */
             for (int r = 0; r < 16; r++) {
                 int32_t row = 16 * half + r;
-                __m256i c = _mm256_setzero_si256();
-                if (row < n_rows) {
-                    const uint8_t *src = codes + (size_t)row * row_bytes + (size_t)j * (q4 ? 16 : 32);
-                    if (q4) { /* byte k = code 2k | code 2k+1 << 4 */
-                        __m128i b = _mm_loadu_si128((const __m128i *)src);
-                        __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-                        c = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
-                    } else {
-                        c = _mm256_loadu_si256((const __m256i *)src);
-                    }
+                const uint8_t *src = codes + (size_t)row * row_bytes + (size_t)j * (q4 ? 16 : 32);
+                if (row >= n_rows) {
+                    rows[r] = _mm256_setzero_si256();
+                } else if (q4) { /* byte k = code 2k | code 2k+1 << 4 */
+                    __m128i b = _mm_loadu_si128((const __m128i *)src);
+                    __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+                    rows[r] = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+                } else {
+                    rows[r] = _mm256_loadu_si256((const __m256i *)src);
                 }
-                _mm256_store_si256((__m256i *)rows16[r], c);
             }
-            for (int g = 0; g < 8; g++) /* group g of the 16 rows: one vector */
-                _mm512_store_si512(p->codes + (size_t)j * BLOCK_BYTES + g * GROUP_BYTES + 64 * half,
-                                   _mm512_i32gather_epi32(_mm512_add_epi32(by_group, _mm512_set1_epi32(g)), rows16, 4));
+            __m512i groups[8];
+            transpose16x8(groups, rows);
+            for (int g = 0; g < 8; g++)
+                _mm512_store_si512(p->codes + (size_t)j * BLOCK_BYTES + g * GROUP_BYTES + 64 * half, groups[g]);
         }
-        for (int32_t r = 0; r < EL_PANEL_ROWS; r++) {
-            int valid = r < n_rows;
-            p->scales[(size_t)j * EL_PANEL_ROWS + r] = valid ? _cvtsh_ss(scales[(size_t)r * n_wblocks + j]) : 0.0f;
-            p->mins[(size_t)j * EL_PANEL_ROWS + r] =
-                valid && mins ? _cvtsh_ss(mins[(size_t)r * n_wblocks + j]) : 0.0f;
-        }
-    }
+    pack_halves(p->scales, n_rows, scales, n_wblocks, nb);
+    if (mins) pack_halves(p->mins, n_rows, mins, n_wblocks, nb);
 }
 
 /* acc + w . (four int8 at q, broadcast): the broadcast folded into the vpdpbusd (GCC does not fold it) */
