@@ -295,6 +295,7 @@ const el_kernels el_kernels_neon = {
     .silu_mul = silu_mul_neon,
     .add = add_neon,
     .attend_part = attend_part_neon,
+    .combine_parts = el_combine_parts_ref,
     .to_half = to_half_neon,
 };
 
@@ -335,6 +336,7 @@ const el_kernels el_kernels_dotprod = {
     .silu_mul = silu_mul_neon,
     .add = add_neon,
     .attend_part = attend_part_neon,
+    .combine_parts = el_combine_parts_ref,
     .to_half = to_half_neon,
 };
 
@@ -401,6 +403,7 @@ const el_kernels el_kernels_i8mm = {
     .silu_mul = silu_mul_neon,
     .add = add_neon,
     .attend_part = attend_part_neon,
+    .combine_parts = el_combine_parts_ref,
     .to_half = to_half_neon,
 };
 

@@ -505,21 +505,6 @@ static void attend_chunk(const forward_job *job, const el_half *keys, const el_h
                         1.0f / sqrtf((float)D));
 }
 
-/* out [D] = the chunks' partials combined in chunk order: softmax over all of them, times V. */
-static void combine_chunks(float *out, const float *parts, int32_t n_chunks, int32_t D) {
-    const int32_t stride = D + 2;
-    float max = -INFINITY, sum = 0.0f;
-    for (int32_t c = 0; c < n_chunks; c++) max = parts[c * stride + D] > max ? parts[c * stride + D] : max;
-    memset(out, 0, sizeof(float) * (size_t)D);
-    for (int32_t c = 0; c < n_chunks; c++) {
-        const float *part = parts + (size_t)c * stride;
-        float w = expf(part[D] - max);
-        sum += part[D + 1] * w;
-        for (int32_t i = 0; i < D; i++) out[i] += w * part[i];
-    }
-    for (int32_t i = 0; i < D; i++) out[i] = out[i] / sum;
-}
-
 /* The attention output of (token t, head h) into attn [tokens][q_size], quantized into a when a head
  * is whole activation blocks. */
 static void finish_head(const forward_job *job, float *attn, act *a, int32_t t, int32_t h, const float *parts,
@@ -527,7 +512,7 @@ static void finish_head(const forward_job *job, float *attn, act *a, int32_t t, 
     el_engine *e = job->e;
     const int32_t D = e->m.head_dim;
     float *out = attn + (size_t)t * e->q_size + (size_t)h * D;
-    combine_chunks(out, parts, n_chunks, D);
+    job->k->combine_parts(out, parts, n_chunks, D);
     if (D % EL_QBLOCK == 0) quantize_to(job->k, a, e->nb_q, t, h * (D / EL_QBLOCK), out, D, job->quads);
 }
 

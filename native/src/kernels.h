@@ -129,6 +129,9 @@ typedef struct {
      * *sum = sum_j exp(s_j - max);  out [d] = sum_j exp(s_j - max) values[j];  scores [n_keys] is scratch */
     void (*attend_part)(float *out, float *max, float *sum, float *scores, const float *q, const el_half *keys,
                         const el_half *values, int32_t n_keys, int32_t d, int32_t stride, float scale);
+    /* out [d] = the partials [n_parts][d + 2] (attend_part's out, max, sum) combined in order: the
+     * softmax over all of them, times the values */
+    void (*combine_parts)(float *out, const float *parts, int32_t n_parts, int32_t d);
     /* the same over keys and values already converted to float32 (to_float), bit for bit: a prefill
      * converts a chunk once for all the queries that attend it (optional: NULL, attend_part per query) */
     void (*attend_part_f32)(float *out, float *max, float *sum, float *scores, const float *q, const float *keys,
@@ -218,6 +221,7 @@ void el_attend_part_f32_ref(float *out, float *max, float *sum, float *scores, c
                             const float *values, int32_t n_keys, int32_t d, int32_t stride, float scale);
 void el_to_half_ref(el_half *out, const float *x, int32_t n);
 void el_to_float_ref(float *out, const el_half *x, int32_t n);
+void el_combine_parts_ref(float *out, const float *parts, int32_t n_parts, int32_t d);
 
 /* The current variant, initializing on first use; NULL if EDGELLM_KERNELS named one this CPU lacks. */
 const el_kernels *el_kernels_current(void);

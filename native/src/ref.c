@@ -161,6 +161,20 @@ void el_attend_part_f32_ref(float *out, float *max, float *sum, float *scores, c
     ATTEND_REF(float, AS_FLOAT)
 }
 
+void el_combine_parts_ref(float *out, const float *parts, int32_t n_parts, int32_t d) {
+    const int32_t stride = d + 2;
+    float max = -INFINITY, sum = 0.0f;
+    for (int32_t c = 0; c < n_parts; c++) max = parts[c * stride + d] > max ? parts[c * stride + d] : max;
+    memset(out, 0, sizeof(float) * (size_t)d);
+    for (int32_t c = 0; c < n_parts; c++) {
+        const float *part = parts + (size_t)c * stride;
+        float w = expf(part[d] - max);
+        sum += part[d + 1] * w;
+        for (int32_t i = 0; i < d; i++) out[i] += w * part[i];
+    }
+    for (int32_t i = 0; i < d; i++) out[i] = out[i] / sum;
+}
+
 void el_to_float_ref(float *out, const el_half *x, int32_t n) {
     for (int32_t i = 0; i < n; i++) out[i] = el_half_to_float(x[i]);
 }
@@ -184,6 +198,7 @@ const el_kernels el_kernels_ref = {
     .add = el_add_ref,
     .attend_part = el_attend_part_ref,
     .attend_part_f32 = el_attend_part_f32_ref,
+    .combine_parts = el_combine_parts_ref,
     .to_half = el_to_half_ref,
     .to_float = el_to_float_ref,
 };

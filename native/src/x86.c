@@ -553,6 +553,28 @@ static AVX2 void to_float_avx2(float *out, const el_half *x, int32_t n) {
     for (; i < n; i++) out[i] = el_half_to_float(x[i]);
 }
 
+/* el_combine_parts_ref's operations, eight values per vector (the same bits) */
+static AVX2 void combine_parts_avx2(float *out, const float *parts, int32_t n_parts, int32_t d) {
+    const int32_t stride = d + 2;
+    if (d % 8) {
+        el_combine_parts_ref(out, parts, n_parts, d);
+        return;
+    }
+    float max = -INFINITY, sum = 0.0f;
+    for (int32_t c = 0; c < n_parts; c++) max = parts[c * stride + d] > max ? parts[c * stride + d] : max;
+    for (int32_t i = 0; i < d; i += 8) _mm256_storeu_ps(out + i, _mm256_setzero_ps());
+    for (int32_t c = 0; c < n_parts; c++) {
+        const float *part = parts + (size_t)c * stride;
+        float w = expf(part[d] - max);
+        sum += part[d + 1] * w;
+        const __m256 vw = _mm256_set1_ps(w);
+        for (int32_t i = 0; i < d; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(out + i), _mm256_mul_ps(vw, _mm256_loadu_ps(part + i))));
+    }
+    const __m256 vsum = _mm256_set1_ps(sum);
+    for (int32_t i = 0; i < d; i += 8) _mm256_storeu_ps(out + i, _mm256_div_ps(_mm256_loadu_ps(out + i), vsum));
+}
+
 /* vcvtps2ph rounding to nearest even: the bits of el_float_to_half, NaN included */
 static AVX2 void to_half_avx2(el_half *out, const float *x, int32_t n) {
     int32_t i = 0;
@@ -582,6 +604,7 @@ const el_kernels el_kernels_avx2 = {
     .add = add_avx2,
     .attend_part = attend_part_avx2,
     .attend_part_f32 = attend_part_f32_avx2,
+    .combine_parts = combine_parts_avx2,
     .to_half = to_half_avx2,
     .to_float = to_float_avx2,
 };
@@ -620,6 +643,59 @@ static AVX512VNNI void isums_q8_avx512vnni(int32_t *isum, const uint8_t *codes, 
     }
     for (; j < nb; j++) isum[j] = hsum_i32x8(dot_planes_vnni(_mm256_loadu_si256((const __m256i *)(codes + 32 * j)), x + j));
     for (j = 0; j < nb; j++) isum[j] -= 128 * x[j].sum;
+}
+
+/* |x| and copysign(1, x) with integer logic (the float forms need AVX-512 DQ) */
+static inline AVX512VNNI __m512 abs512(__m512 x) {
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF)));
+}
+static inline AVX512VNNI __m512 sign_one512(__m512 x) {
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000),
+                                                         _mm512_set1_epi32(0x3F800000), 0xEA)); /* (x & sign) | 1.0 */
+}
+
+/* round half away from zero (as round_q_avx2), 16 lanes: the masked add needs no blend */
+static inline AVX512VNNI __m512 round_q_avx512(__m512 s) {
+    __m512 t = _mm512_roundscale_ps(s, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    __m512 frac = abs512(_mm512_sub_ps(s, t));
+    __m512 away = sign_one512(s);
+    __m512 r = _mm512_mask_add_ps(t, _mm512_cmp_ps_mask(frac, _mm512_set1_ps(0.5f), _CMP_GE_OQ), t, away);
+    return _mm512_max_ps(_mm512_set1_ps(-127.0f), _mm512_min_ps(_mm512_set1_ps(127.0f), r));
+}
+
+/* quantize_q16a_avx2's arithmetic (el_quantize_block_ref's) on two 16-value halves of a block */
+static AVX512VNNI void quantize_q16a_avx512(el_block_q16a *out, const float *x, int32_t n) {
+    int32_t i = 0;
+    for (; i + EL_QBLOCK <= n; i += EL_QBLOCK, out++) {
+        __m512 v[2] = {_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i + 16)};
+        __m512 a0 = abs512(v[0]), a1 = abs512(v[1]);
+        if (_mm512_cmp_ps_mask(a0, _mm512_set1_ps(FLT_MAX), _CMP_NLE_UQ) |
+            _mm512_cmp_ps_mask(a1, _mm512_set1_ps(FLT_MAX), _CMP_NLE_UQ)) {
+            el_quantize_block_ref(out, x + i, EL_QBLOCK); /* NaN or inf: the ref's NaN block */
+            continue;
+        }
+        float c = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1)) / 127.0f;
+        out->d = c / 256.0f;
+        if (c == 0.0f) {
+            memset(out->qh, 0, sizeof out->qh);
+            memset(out->ql, 0, sizeof out->ql);
+            out->sum = 0;
+            continue;
+        }
+        const __m512 vc = _mm512_set1_ps(c);
+        __m512i sum = _mm512_setzero_si512();
+        for (int k = 0; k < 2; k++) {
+            __m512 s = _mm512_div_ps(v[k], vc);
+            __m512 h = round_q_avx512(s);
+            __m512 l = round_q_avx512(_mm512_mul_ps(_mm512_sub_ps(s, h), _mm512_set1_ps(256.0f)));
+            __m512i qh = _mm512_cvtps_epi32(h), ql = _mm512_cvtps_epi32(l);
+            sum = _mm512_add_epi32(sum, _mm512_add_epi32(_mm512_slli_epi32(qh, 8), ql));
+            _mm_storeu_si128((__m128i *)(out->qh + 16 * k), _mm512_cvtepi32_epi8(qh)); /* in [-127, 127]: exact */
+            _mm_storeu_si128((__m128i *)(out->ql + 16 * k), _mm512_cvtepi32_epi8(ql));
+        }
+        out->sum = _mm512_reduce_add_epi32(sum);
+    }
+    if (i < n) el_quantize_block_ref(out, x + i, n - i);
 }
 
 /* ---- 4-bit rows a quad (four blocks, kernels.h) per 512-bit vector: on the cores measured (Zen 5
@@ -714,7 +790,7 @@ ROWS_Q8(rows_q8_avx512vnni, row_q8_avx512vnni, AVX512VNNI)
 
 const el_kernels el_kernels_avx512vnni = {
     .name = "avx512vnni",
-    .quantize_q16a = quantize_q16a_avx2,
+    .quantize_q16a = quantize_q16a_avx512,
     .isums_q4 = isums_q4_avx512vnni,
     .isums_q8 = isums_q8_avx512vnni,
     .combine = combine_avx2,
@@ -731,6 +807,7 @@ const el_kernels el_kernels_avx512vnni = {
     .add = add_avx2,
     .attend_part = attend_part_avx512,
     .attend_part_f32 = attend_part_f32_avx512,
+    .combine_parts = combine_parts_avx2,
     .to_half = to_half_avx2,
     .to_float = to_float_avx2,
 };

@@ -367,7 +367,7 @@ static void check_variant_floats(const char *variant) {
     /* attention of one head: head_dims that are whole vectors, and one that is not; strided rows */
     const int32_t heads[5][2] = {{64, 1}, {64, 37}, {128, 70}, {16, 200}, {6, 9}}; /* head_dim, keys */
     int f32_checked = 0;
-    char what[128];
+    char what[192];
     for (int s = 0; s < 5; s++) {
         int32_t d = heads[s][0], n_keys = heads[s][1], stride = 3 * d;
         float *q = random_floats(d), *kf = random_floats(n_keys * stride), *vf = random_floats(n_keys * stride);
@@ -397,7 +397,22 @@ static void check_variant_floats(const char *variant) {
         }
         free(q), free(kf), free(vf), free(kv), free(vv), free(a), free(b), free(scores);
     }
-    snprintf(what, sizeof what, "rms_norm, rope, softmax, silu_mul, add, attend_part within NMSE 1e-10 of ref%s",
+    /* partials of 1, 5 and 17 chunks combined (head_dims that are whole vectors, and one that is not) */
+    for (int32_t d = 6; d <= 64; d += 58)
+        for (int32_t n_parts = 1; n_parts <= 17; n_parts += 4 * (n_parts < 5 ? 1 : 3)) {
+            float *parts = random_floats(n_parts * (d + 2)), *a = malloc(sizeof(float) * d), *b = malloc(sizeof(float) * d);
+            for (int32_t c = 0; c < n_parts; c++) parts[c * (d + 2) + d + 1] = uniform(1.0f, 30.0f); /* sums */
+            el_set_variant("ref");
+            el_kernels_current()->combine_parts(a, parts, n_parts, d);
+            el_set_variant(variant);
+            el_kernels_current()->combine_parts(b, parts, n_parts, d);
+            if (!(nmse(b, a, d) <= 1e-10)) {
+                ok = 0;
+                snprintf(detail, sizeof detail, "combine_parts d %d parts %d nmse %.3g", d, n_parts, nmse(b, a, d));
+            }
+            free(parts), free(a), free(b);
+        }
+    snprintf(what, sizeof what, "rms_norm, rope, softmax, silu_mul, add, attend_part, combine_parts within NMSE 1e-10 of ref%s",
              f32_checked ? "; attend_part_f32 equals attend_part bit for bit" : "");
     report(ok, variant, what, detail);
 
