@@ -7,6 +7,7 @@
 #include <float.h>
 #include <immintrin.h>
 #include <math.h>
+#include <stdint.h>
 
 #include "kernels.h"
 
@@ -15,22 +16,41 @@
 /* the one-row kernels, inlined into their many-row loops (ROWS_Q4, ROWS_Q8): a call per row, with its
  * frame and its reloaded constants, cost decode ~13% (A/B: 4-bit rows 1.065-1.094x, 8-bit 1.065x) */
 #define INLINE inline __attribute__((always_inline))
+/* Decode streams each matrix from memory once per token, and the row kernels did not overlap their
+ * arithmetic with those loads (two threads: ~14.5 GB/s where a plain read gets ~23): each row's codes,
+ * scales and mins are asked for PREFETCH_ROWS rows ahead (the rows after a unit's are usually the same
+ * thread's next unit, claimed from the front of its share). In-process A/B, alternating tokens: 4-bit
+ * rows 1.04-1.16x decode, the 8-bit head 1.01x; 3 to 12 rows ahead all gave the same. */
+#define PREFETCH_ROWS 6
+/* Row `row` of codes, scales and mins (NULL: none) into L1. The addresses are integers: past the
+ * matrix's last row they point nowhere, which a prefetch ignores (and pointer arithmetic may not do). */
+static inline void prefetch_row(const uint8_t *codes, size_t row_bytes, const el_half *scales, const el_half *mins,
+                                size_t n_wblocks, size_t row) {
+    uintptr_t c = (uintptr_t)codes + row * row_bytes, half_row = n_wblocks * sizeof(el_half);
+    for (size_t b = 0; b < row_bytes; b += 64) _mm_prefetch((const char *)(c + b), _MM_HINT_T0);
+    _mm_prefetch((const char *)((uintptr_t)scales + row * half_row), _MM_HINT_T0);
+    if (mins) _mm_prefetch((const char *)((uintptr_t)mins + row * half_row), _MM_HINT_T0);
+}
 
 /* Rows of a matrix against one token, each y exactly its one-row kernel's */
 #define ROWS_Q4(NAME, ROW, TARGET)                                                                            \
     static TARGET void NAME(float *y, int32_t n_rows, int32_t format, const uint8_t *codes, size_t row_bytes,  \
                             const el_half *scales, const el_half *mins, size_t n_wblocks, const int8_t *quads,  \
                             const float *xd, const int32_t *xsum, int32_t nb) {                                \
-        for (int32_t i = 0; i < n_rows; i++)                                                                  \
+        for (int32_t i = 0; i < n_rows; i++) {                                                                \
+            prefetch_row(codes, row_bytes, scales, mins, n_wblocks, (size_t)i + PREFETCH_ROWS);               \
             y[i] = ROW(format, codes + (size_t)i * row_bytes, scales + (size_t)i * n_wblocks,                 \
                        mins ? mins + (size_t)i * n_wblocks : NULL, quads, xd, xsum, nb);                      \
+        }                                                                                                     \
     }
 #define ROWS_Q8(NAME, ROW, TARGET)                                                                            \
     static TARGET void NAME(float *y, int32_t n_rows, const uint8_t *codes, size_t row_bytes,                  \
                             const el_half *scales, size_t n_wblocks, const el_block_q16a *x, const float *xd,   \
                             const int32_t *xsum, int32_t nb) {                                                \
-        for (int32_t i = 0; i < n_rows; i++)                                                                  \
+        for (int32_t i = 0; i < n_rows; i++) {                                                                \
+            prefetch_row(codes, row_bytes, scales, NULL, n_wblocks, (size_t)i + PREFETCH_ROWS);               \
             y[i] = ROW(codes + (size_t)i * row_bytes, scales + (size_t)i * n_wblocks, x, xd, xsum, nb);        \
+        }                                                                                                     \
     }
 
 /* ---- helpers ------------------------------------------------------------------------------ */
