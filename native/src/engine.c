@@ -12,7 +12,7 @@
  * Phases of one layer (S tokens of the chunk; "|" is a barrier):
  *   norm     tokens:  x += proj (the previous layer's down_proj), h = rms_norm(x), quantize h  |
  *   qkv      heads:   q, k, v rows of one head (k, v straight into the cache), + bias, rope      |
- *   attn     (token, head) pairs: softmax(q K^T / sqrt(D)) V, quantized when head_dim % 32 == 0 |
+ *   attn     (kv head, 16 tokens): softmax(q K^T / sqrt(D)) V, quantized when head_dim % 32 == 0 |
  *  [attn_q   tokens:  quantize the attention output, when a head is not whole 32-value blocks   |]
  *   o        rows:    proj = Wo a                                                                |
  *   mlp_norm tokens:  x += proj, h = rms_norm(x), quantize h                                     |
@@ -41,10 +41,9 @@ static const char *const PHASE_NAMES[N_PHASES] = {
 /* Attention runs over chunks of KEY_CHUNK cache positions: each chunk's softmax partial (max, sum,
  * unnormalized output) is computed on its own, then the chunks are combined in order. A decode
  * step splits (chunk, head) pairs over the threads, so each reads its own part of the cache; a
- * prefill splits (token, kv head) pairs, each going through its chunks in turn with the query heads
- * that share them (a chunk of keys and values, 16 KiB each at head_dim 64, is read from L2 once and
- * from L1 by the other heads). Both compute the same partials and combine them the same way: the
- * same bits, whatever the split. */
+ * prefill splits (kv head, QUERY_BLOCK tokens) items, each going through its chunks in turn with
+ * the query heads that share them (attend_block). Both compute the same partials and combine them
+ * the same way (combine_parts): the same bits, whatever the split. */
 #define KEY_CHUNK 64
 
 /* A prefill attention item is a kv head and QUERY_BLOCK tokens: each chunk of that head's keys and
