@@ -63,7 +63,7 @@ typedef struct {
     el_acts x;               /* from the first token on */
     int32_t n_tokens;
     const el_kernels *k;
-    void *scratch;           /* the panels' (el_panel_scratch_bytes), or NULL: the row kernels */
+    void *scratch;           /* this thread's el_panel_bytes(nb), for the panels */
 } matmul_job;
 
 /* Fewer tokens than this go to the row kernels: packing a panel costs about what a few tokens' products do. */

@@ -90,19 +90,18 @@ typedef void (*el_rows_q8_fn)(float *y, int32_t n_rows, const uint8_t *codes, si
  * a matrix of blocks of 32 (codes row_bytes apart, scales and mins n_wblocks apart) and tokens t < n_tokens
  * of x [n_tokens][nb] (xd, xsum alike); bit-identical to el_row_q4_fn / el_row_q8_fn per (row, token).
  * Rows go EL_PANEL_ROWS at a time, each panel unpacked and transposed once into scratch (64-byte aligned,
- * el_panel_scratch_bytes(nb)) for all the tokens, EL_PANEL_TILE tokens at a time. */
+ * el_panel_bytes(nb)) for all the tokens, EL_PANEL_TILE tokens at a time. */
 #define EL_PANEL_ROWS 32
 #define EL_PANEL_TILE 8
 typedef void (*el_panels_fn)(float *y, size_t y_stride, int32_t n_rows, int32_t n_tokens, int32_t format,
                              const uint8_t *codes, size_t row_bytes, const el_half *scales, const el_half *mins,
                              size_t n_wblocks, const el_block_q16a *x, const float *xd, const int32_t *xsum, int32_t nb,
                              void *scratch);
-/* the panel's codes [nb][8][32][4], its scales and mins as float [nb][32] each;
- * el_panel_bytes: the same rounded up to whole cache lines, for one thread's scratch in an array of them */
-static inline size_t el_panel_scratch_bytes(int32_t nb) {
-    return (size_t)nb * (EL_PANEL_ROWS * 32 + 2 * EL_PANEL_ROWS * sizeof(float));
+/* one thread's scratch: the panel's codes [nb][8][32][4], its scales and mins as float [nb][32] each
+ * (whole cache lines: each thread's is one of an array of them) */
+static inline size_t el_panel_bytes(int32_t nb) {
+    return (size_t)nb * (EL_PANEL_ROWS * 32 + 2 * EL_PANEL_ROWS * sizeof(float)); /* 1280 nb bytes */
 }
-static inline size_t el_panel_bytes(int32_t nb) { return (el_panel_scratch_bytes(nb) + 63) & ~(size_t)63; }
 
 typedef struct {
     const char *name;

@@ -29,7 +29,7 @@
 #define GROUP_BYTES (EL_PANEL_ROWS * 4)     /* four codes of each of the panel's rows */
 #define BLOCK_BYTES (8 * GROUP_BYTES)       /* a block of 32 codes of the panel's rows */
 
-/* The scratch (el_panel_scratch_bytes): the packed panel. */
+/* The scratch (el_panel_bytes): the packed panel. */
 typedef struct {
     uint8_t *codes;  /* [nb][8 groups][32 rows][4 codes], unsigned: 0..15 (4-bit) or raw 0..255 */
     float *scales;   /* [nb][32 rows] */

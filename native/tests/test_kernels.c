@@ -577,10 +577,11 @@ static void check_engine(const char *const *variants, int32_t count, el_pool *po
                 if (!ok) snprintf(detail, sizeof detail, "threads %d differ from one thread", p + 1);
             }
             /* the chunks' products (x86: panels) give the bits of single tokens' (row kernels) */
-            ok = ok && el_engine_create(&e, &t.m, TINY_CONTEXT, TINY_CHUNK, pools[1]) == EL_OK;
+            int made = ok && el_engine_create(&e, &t.m, TINY_CONTEXT, TINY_CHUNK, pools[1]) == EL_OK;
+            ok &= made;
             for (int32_t i = 0; i < TINY_TOKENS && ok; i++)
                 ok &= el_engine_forward(e, single + (size_t)i * t.m.vocab, t.m.vocab, TINY_IDS + i, 1, i, 0) == EL_OK;
-            if (ok) el_engine_destroy(e);
+            if (made) el_engine_destroy(e);
             if (ok && !same_bits(single, first, sizeof(float) * n)) {
                 ok = 0;
                 snprintf(detail, sizeof detail, "token by token differs from the chunks");
