@@ -38,6 +38,7 @@ import os
 import platform
 import select
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -307,8 +308,47 @@ def run_worker(job: dict, timeout: float = WORKER_TIMEOUT_S) -> dict:
         raise EdgeLLMError(f"the {job['engine']} benchmark worker failed: {final['message']}",
                            final.get("hint") or "run it with fewer tokens, or look at the message above")
     if final.get("event") != "result" or first_token_at is None or process.returncode != 0:
-        raise EdgeLLMError(f"the {job['engine']} benchmark worker died (exit {process.returncode}): {_tail(errors)}")
+        raise EdgeLLMError(f"the {job['engine']} benchmark worker died ({_exit_status(process.returncode)}): "
+                           f"{_tail(errors)}", _crash_hint(job["engine"], process.returncode))
     return {**final, "ttft_cold_s": first_token_at - spawned}
+
+
+def _exit_status(returncode: int) -> str:
+    """"exit 3", or the signal that killed the process ("SIGSEGV")."""
+    if returncode < 0:
+        try:
+            return signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit {returncode}"
+
+
+# llama-cpp-python compiles llama.cpp for the CPU it is built on; on a CPU with AMX that build runs its
+# AMX matrix kernels for batches, and 0.3.36's crashed (SIGSEGV in ggml_backend_amx_mul_mat) in a
+# 2-vCPU KVM guest of an AMX Xeon, on the first prompt of more than a few tokens. The same build
+# without AMX runs (its AVX-512 VNNI kernels), and is what this project compared against there.
+LLAMA_CPP_WITHOUT_AMX = ("CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
+                         "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" "
+                         "pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python")
+
+
+def _crash_hint(engine: str, returncode: int, cpu_features: Sequence[str] | None = None) -> str:
+    """What to do about a worker that died without reporting an error (a crash in native code prints
+    nothing the worker could catch)."""
+    if returncode >= 0:
+        return "run the same command again; if it dies again, report it with the output above"
+    if engine == "llama.cpp":
+        if cpu_features is None:
+            from .board_detect import detected
+
+            cpu_features = detected().cpu.features
+        if "amx_int8" in cpu_features:
+            return ("this CPU has AMX, and llama.cpp's AMX kernels crash on some machines: rebuild it without "
+                    f"them: {LLAMA_CPP_WITHOUT_AMX}")
+        return "llama.cpp crashed: try another llama-cpp-python version"
+    if engine == "onnxruntime-genai":
+        return "onnxruntime-genai crashed: try another onnxruntime-genai version"
+    return "edgellm crashed: try --backend onnxruntime, and report the crash with the command that caused it"
 
 
 def _messages(process: subprocess.Popen, deadline: float):

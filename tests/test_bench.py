@@ -11,6 +11,7 @@ import sys
 import pytest
 from rich.console import Console
 
+from edgellm import bench
 from edgellm.bench import PEERS, SCHEMA, peer_model, print_bench, run_bench, run_worker
 from edgellm.errors import EdgeLLMError, InvalidSettingError
 from edgellm.export.exporter import export_model
@@ -109,6 +110,25 @@ def test_a_worker_that_fails_reports_the_reason_as_an_edgellm_error(tmp_path):
            "first_token_prompt": [5] * 16, "prompts": {"16": [5] * 16}, "decode_after": 16, "decode_tokens": 2}
     with pytest.raises(EdgeLLMError, match="edgellm benchmark worker failed: BundleError.*not a bundle folder"):
         run_worker(job)
+
+
+def test_a_worker_killed_by_a_signal_names_the_signal_and_what_to_do(tmp_path, monkeypatch):
+    # a crash in a peer's C code kills its worker before it can report anything
+    crashing = tmp_path / "crashing-python"
+    crashing.write_text("#!/bin/sh\nkill -SEGV $$\n")
+    crashing.chmod(0o755)
+    monkeypatch.setattr(bench.sys, "executable", str(crashing))
+    job = {"engine": "edgellm", "model": str(tmp_path), "threads": 1}
+    with pytest.raises(EdgeLLMError, match=r"edgellm benchmark worker died \(SIGSEGV\)") as raised:
+        run_worker(job)
+    assert "--backend onnxruntime" in raised.value.hint
+
+
+def test_a_crashed_llama_cpp_on_a_cpu_with_amx_is_told_to_rebuild_it_without_amx():
+    with_amx = bench._crash_hint("llama.cpp", -11, cpu_features=("avx512f", "amx_tile", "amx_int8"))
+    assert "-mno-amx-int8" in with_amx and "pip install --force-reinstall" in with_amx
+    assert "amx" not in bench._crash_hint("llama.cpp", -11, cpu_features=("avx512f", "avx512_vnni"))
+    assert bench._exit_status(-11) == "SIGSEGV" and bench._exit_status(3) == "exit 3"
 
 
 @pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python is not installed (CI does not install it: "
