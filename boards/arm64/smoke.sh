@@ -44,7 +44,9 @@ while [ $# -gt 0 ]; do
 done
 rootfs=$(realpath -m "$rootfs")
 wheel_dir=$(realpath -m "$wheel_dir")
-case $python in */*) python=$(realpath -m "$python") ;; esac
+# absolute, but not resolved: a venv's python is a symlink to the base interpreter, which outside
+# the venv does not see the venv's packages
+case $python in */*) python=$(realpath -m -s "$python") ;; esac
 cd "$repo"
 
 # kernel variant the native engine must choose on each emulated core
