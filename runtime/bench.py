@@ -286,8 +286,11 @@ def run_worker(job: dict, timeout: float = WORKER_TIMEOUT_S) -> dict:
         spawned = time.perf_counter()
         process = subprocess.Popen([sys.executable, "-m", "edgellm.bench_worker"], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=stderr, bufsize=0)
-        process.stdin.write(json.dumps(job).encode())
-        process.stdin.close()
+        try:
+            process.stdin.write(json.dumps(job).encode())
+            process.stdin.close()
+        except BrokenPipeError:  # it died before reading its job: its exit status says how, below
+            pass
         messages, first_token_at = [], None
         try:
             for message, arrived in _messages(process, spawned + timeout):

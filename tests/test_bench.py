@@ -112,13 +112,15 @@ def test_a_worker_that_fails_reports_the_reason_as_an_edgellm_error(tmp_path):
         run_worker(job)
 
 
-def test_a_worker_killed_by_a_signal_names_the_signal_and_what_to_do(tmp_path, monkeypatch):
-    # a crash in a peer's C code kills its worker before it can report anything
+@pytest.mark.parametrize("reads_its_job", [True, False])
+def test_a_worker_killed_by_a_signal_names_the_signal_and_what_to_do(tmp_path, monkeypatch, reads_its_job):
+    # a crash in a peer's C code kills its worker before it can report anything, perhaps before it
+    # has read its job (then writing the job breaks the pipe)
     crashing = tmp_path / "crashing-python"
-    crashing.write_text("#!/bin/sh\nkill -SEGV $$\n")
+    crashing.write_text("#!/bin/sh\n" + ("cat > /dev/null\n" if reads_its_job else "") + "kill -SEGV $$\n")
     crashing.chmod(0o755)
     monkeypatch.setattr(bench.sys, "executable", str(crashing))
-    job = {"engine": "edgellm", "model": str(tmp_path), "threads": 1}
+    job = {"engine": "edgellm", "model": str(tmp_path), "threads": 1, "padding": "x" * (1 << 20)}
     with pytest.raises(EdgeLLMError, match=r"edgellm benchmark worker died \(SIGSEGV\)") as raised:
         run_worker(job)
     assert "--backend onnxruntime" in raised.value.hint
