@@ -181,9 +181,10 @@ def schemathesis_cli() -> str:
 
 
 def test_schemathesis_finds_no_server_error_in_the_openapi_document(bundle, tmp_path):
+    cli = schemathesis_cli()  # before the server starts: a missing tool fails without starting one
     # A short context keeps every generated answer short, so the run stays bounded.
     with start_server(bundle, tmp_path, settings={"context_length": 64}, config={"timeout": 30}) as running:
-        command = [schemathesis_cli(), "run", running.url + "/openapi.json",
+        command = [cli, "run", running.url + "/openapi.json",
                    "--checks", "not_a_server_error", "--max-examples", "25", "--phases", "examples,coverage,fuzzing", "--generation-database", "none",
                    "--request-timeout", "30", "--no-color", "--suppress-health-check", "all"]
         done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)
