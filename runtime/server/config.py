@@ -18,6 +18,8 @@ DEFAULT_MAX_QUEUE = 4  # requests waiting for the model while one generates
 DEFAULT_TIMEOUT = 300.0  # seconds from arrival to the last token
 DEFAULT_MAX_BODY = 1 << 20  # bytes; a long prompt is ~100 kB
 DEFAULT_GRACE = 20.0  # seconds in-flight requests get to finish after SIGTERM
+DEFAULT_READ_TIMEOUT = 10.0  # seconds a connection has to deliver a whole request (connections.py)
+DEFAULT_MAX_CONNECTIONS = 512  # open connections; past it, a newcomer evicts the oldest idle one
 API_KEY_VARIABLE = "EDGELLM_API_KEY"
 
 
@@ -29,6 +31,8 @@ class ServerConfig:
     timeout: float = DEFAULT_TIMEOUT
     max_body_bytes: int = DEFAULT_MAX_BODY
     grace: float = DEFAULT_GRACE
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     api_key: str | None = field(default=None, repr=False)
     model_name: str | None = None  # the id clients send as "model"; default: the bundle folder's name
 
@@ -40,10 +44,13 @@ class ServerConfig:
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise InvalidSettingError(f"max_queue must be a whole number >= 0, got {self.max_queue!r}",
                                       "it is how many requests may wait while one generates, e.g. --max-queue 4")
-        for name in ("timeout", "grace"):
+        for name in ("timeout", "grace", "read_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
                 raise InvalidSettingError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not isinstance(self.max_connections, int) or isinstance(self.max_connections, bool) \
+                or self.max_connections < 8:
+            raise InvalidSettingError(f"max_connections must be a whole number >= 8, got {self.max_connections!r}")
         if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1024:
             raise InvalidSettingError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes!r}")
         if self.api_key is not None and (not self.api_key or any(c.isspace() for c in self.api_key)):

@@ -65,8 +65,10 @@ class Generation:
     _on_cancel: Callable[["Generation"], None] | None = field(default=None, repr=False)
 
     def cancel(self, reason: str) -> None:
-        """Stop this generation (from the event loop's thread). The first reason given is kept."""
-        if self.state == "done" or self.cancel_reason is not None:
+        """Stop this generation (from the event loop's thread). The first reason given is kept; one that
+        has produced its last chunk already is finished, whatever happens after (the log says what the
+        client received)."""
+        if self.state == "done" or self.cancel_reason is not None or self.final is not None:
             return
         self.cancel_reason = reason
         if self._on_cancel is not None:

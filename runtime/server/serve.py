@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from types import FrameType
@@ -25,6 +26,7 @@ from ..errors import EdgeLLMError
 from ..settings import RuntimeSettings
 from . import systemd
 from .config import ServerConfig
+from .connections import ConnectionGuard
 
 try:
     import fastapi  # noqa: F401  (app.py's; checked here so that the message names the extra)
@@ -37,6 +39,7 @@ log = logging.getLogger("edgellm.server")
 
 # uvicorn's own backstop after our drain: connections still open then are closed.
 UVICORN_SHUTDOWN_TIMEOUT = 5.0
+OTHER_FILES = 128  # descriptors besides connections: the bundle, the model's libraries, logs, the template child
 JOURNAL_LEVELS = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
@@ -64,6 +67,39 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.getLogger("uvicorn.access").disabled = True  # the app logs one line per request itself
 
 
+def raise_open_files_limit(wanted: int) -> None:
+    """Raise the soft limit on open files towards `wanted` (systemd and shells default to 1024)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def bind_listeners(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address `host` names, or EdgeLLMError (a port in use, an unknown name)."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise EdgeLLMError(f"cannot listen on {host}:{port}: {error.strerror}", "check --host") from None
+    listeners = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(addresses):
+            sock = socket.socket(family, kind, proto)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as error:
+        for sock in listeners:
+            sock.close()
+        raise EdgeLLMError(f"cannot listen on {host}:{port}: {error.strerror}",
+                           "another process uses this port: stop it, or choose another --port") from None
+    return listeners
+
+
 def run_server(bundle: str | Path, config: ServerConfig, settings: RuntimeSettings | None = None) -> int:
     """Serve `bundle` until SIGTERM/SIGINT; returns the process exit code."""
     configure_logging()
@@ -79,23 +115,26 @@ def run_server(bundle: str | Path, config: ServerConfig, settings: RuntimeSettin
             server_box[0].should_exit = True  # uvicorn then exits its loop
 
     state = ServerState(bundle, config, settings, on_fatal=on_fatal)  # reads the manifest: EdgeLLMError here
+    listeners = bind_listeners(config.host, config.port)  # a port in use: EdgeLLMError here, before loading
     if not config.loopback_only and not config.api_key:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
                     "(pass --api-key-file or set EDGELLM_API_KEY)", config.host)
     app = create_app(state)
+    raise_open_files_limit(config.max_connections + OTHER_FILES)
+    guard = ConnectionGuard(config.max_connections, config.read_timeout)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
                                timeout_graceful_shutdown=UVICORN_SHUTDOWN_TIMEOUT, lifespan="on",
-                               limit_concurrency=max(64, 4 * (config.max_queue + 1)), server_header=False)
+                               http=guard.protocol(), server_header=False)
     server = DrainingServer(uv_config, state)
     server_box.append(server)
     systemd.notify("STATUS=loading the model")
-    asyncio.run(_serve(server, state, config))
+    asyncio.run(_serve(server, state, config, listeners))
     if not server.started and exit_code[0] == 0:
         exit_code[0] = 1  # could not bind (uvicorn logged why)
     return exit_code[0]
 
 
-async def _serve(server: "DrainingServer", state, config: ServerConfig) -> None:
+async def _serve(server: "DrainingServer", state, config: ServerConfig, listeners: list[socket.socket]) -> None:
     tasks = [asyncio.create_task(_announce_ready(server, state, config), name="edgellm-ready")]
     timeout = systemd.watchdog_seconds()
     if timeout:
@@ -103,7 +142,7 @@ async def _serve(server: "DrainingServer", state, config: ServerConfig) -> None:
         tasks.append(asyncio.create_task(systemd.watchdog(lambda: state.alive(timeout), timeout),
                                          name="edgellm-watchdog"))
     try:
-        await server.serve()
+        await server.serve(listeners)
     finally:
         for task in tasks:
             task.cancel()
