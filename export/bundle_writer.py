@@ -17,11 +17,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from edgellm.bundle_format import ALIGN
+from edgellm.bundle_format import ALIGN, INV_FREQ
 
 from .canonical import Tensor
 from .quant_formats import BlockQuantTensor
-from .reference import INV_FREQ
 
 _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.uint8): TensorProto.UINT8,
                np.dtype(np.int64): TensorProto.INT64, np.dtype(np.float16): TensorProto.FLOAT16,

@@ -22,7 +22,9 @@ from typing import Callable
 
 import onnx
 
+from edgellm.bundle_format import INV_FREQ, WEIGHTS_FILE
 from edgellm.errors import EdgeLLMError
+from edgellm.manifest import MatrixEntry, TensorEntry
 from edgellm.npu_host import MASK_VALUE, HostEmbedding, NpuDecoder, npu_graph_io
 from edgellm.weights import BundleWeights
 
@@ -31,7 +33,7 @@ from .canonical import CanonicalModel, as_float
 from .npu_graph import build_npu_graph
 from .npu_quantize import (INT4_BLOCK, SCHEMES, calibration_feeds, calibration_plan, calibration_summary,
                            feed_count, quantize_graphs)
-from .reference import INV_FREQ, ReferenceModel
+from .reference import ReferenceModel
 
 NPU_FILES = {"prefill": "model.npu.prefill.onnx", "decode": "model.npu.decode.onnx", "weights": "npu_weights.bin"}
 INLINE_BYTES = 1024  # scales, zero points and shape constants stay inside the graph files
@@ -98,10 +100,12 @@ def export_npu(model: CanonicalModel, staging: Path, tensors_index: dict, matric
                encode: Callable[[str], list[int]], verify: bool, progress) -> dict:
     """Write the NPU files into `staging` (which already holds weights.bin); return graphs["npu"]."""
     c, chunk, context = model.config, options.chunk, options.context
-    weights_bin = BundleWeights(staging, {"tensors": tensors_index})
+    weights_bin = BundleWeights(staging / WEIGHTS_FILE,
+                                {name: TensorEntry.from_json(name, entry) for name, entry in tensors_index.items()})
     float_weights = {name: as_float(t) for name, t in model.tensors.items()}
     float_weights[INV_FREQ] = weights_bin.array(INV_FREQ)  # RoPE's table as weights.bin holds it for every backend
-    embed = HostEmbedding(weights_bin, matrices["model.embed_tokens.weight"])
+    embed = HostEmbedding(weights_bin, MatrixEntry.from_json("model.embed_tokens.weight",
+                                                             matrices["model.embed_tokens.weight"]))
     work = staging / ".npu-work"
     work.mkdir()
     try:

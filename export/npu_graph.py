@@ -36,11 +36,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from edgellm.bundle_format import INV_FREQ
 from edgellm.model_config import ModelConfig
 from edgellm.npu_host import npu_graph_io
 
 from .onnx_graph import DecoderGraphBuilder
-from .reference import INV_FREQ
 
 OPSET = 23  # RMSNormalization
 

@@ -22,10 +22,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from edgellm.bundle_format import INV_FREQ
 from edgellm.model_config import ModelConfig
 
 from .quant_formats import BlockQuantTensor
-from .reference import INV_FREQ
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"

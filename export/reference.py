@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgellm.bundle_format import INV_FREQ
 from edgellm.model_config import ModelConfig
 
-INV_FREQ = "model.rotary_emb.inv_freq"  # RoPE's table as a bundle stores it, in weights.bin, for every backend
 FREQ_FACTORS = "model.rotary_emb.freq_factors"  # a GGUF's rope_freqs
 
 

@@ -51,6 +51,7 @@ from typing import Any, Callable, Sequence
 
 from .bundle_format import cache_root
 from .errors import EdgeLLMError, InvalidSettingError
+from .manifest import Manifest, read_manifest
 
 SCHEMA = "edgellm-bench/1"
 ENGINE = "edgellm"
@@ -98,7 +99,6 @@ def run_bench(bundle: Path, *, runs: int = 5, prompt_lengths: tuple[int, ...] = 
     from .settings import RuntimeSettings
 
     RuntimeSettings(backend=backend)  # an unknown backend fails here, before any worker runs
-    from .manifest import read_manifest
     from .tokenizer import BundleTokenizer
 
     report_progress = progress or (lambda description, fraction: None)
@@ -107,7 +107,7 @@ def run_bench(bundle: Path, *, runs: int = 5, prompt_lengths: tuple[int, ...] = 
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     context = max(max(prompt_lengths), TTFT_PROMPT_TOKENS) + decode_tokens + CONTEXT_MARGIN
-    trained = int(manifest["model"]["max_position_embeddings"])
+    trained = manifest.config.max_position_embeddings
     if context > trained:
         raise InvalidSettingError(f"the longest prompt and the decoded tokens need a context of {context} tokens; "
                                   f"the model was trained for {trained}", "use shorter prompts or fewer decode tokens")
@@ -116,7 +116,7 @@ def run_bench(bundle: Path, *, runs: int = 5, prompt_lengths: tuple[int, ...] = 
     for peer in peers:  # before any timing: a missing model or a first genai build fails or happens here
         models[peer] = str(peer_model(peer, manifest, report_progress))
 
-    ids = _bench_ids(BundleTokenizer(bundle, manifest), max(max(prompt_lengths), TTFT_PROMPT_TOKENS))
+    ids = _bench_ids(BundleTokenizer.of(manifest), max(max(prompt_lengths), TTFT_PROMPT_TOKENS))
     job = {"threads": threads, "context": context, "first_token_prompt": ids[:TTFT_PROMPT_TOKENS],
            "prompts": {str(length): ids[:length] for length in prompt_lengths},
            "decode_after": min(prompt_lengths), "decode_tokens": decode_tokens, "backend": backend}
@@ -217,9 +217,9 @@ def check_peers(compare: Sequence[str]) -> list[str]:
     return peers
 
 
-def peer_model(peer: str, manifest: dict, progress: Progress) -> Path:
+def peer_model(peer: str, manifest: Manifest, progress: Progress) -> Path:
     """The model file or folder `peer` runs: the bundle's own source, or (genai) a model built from it."""
-    source = manifest["provenance"].get("source", {})
+    source = manifest.raw["provenance"]["source"]
     where = source.get("path")
     if not where:
         raise EdgeLLMError(f"{peer} needs the model the bundle was exported from, but the manifest names none",

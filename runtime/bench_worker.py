@@ -80,7 +80,7 @@ class EdgeLLMEngine:
         import onnxruntime
 
         if backend.name == "npu":
-            quant = self.model.manifest["graphs"]["npu"]["quantization"]["scheme"]
+            quant = self.model.manifest.npu.scheme
             return {"version": __version__,
                     "backend": f"npu {onnxruntime.__version__} QNN HTP (SoC model {described['soc_model']})",
                     "kernel_variant": "qnn-htp",  # bench's machine.kernel_variant (else it says onnxruntime-mlas)

@@ -3,6 +3,7 @@
 import hashlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 FORMAT_NAME = "edgellm-bundle"
 FORMAT_VERSION = 2
@@ -12,6 +13,7 @@ MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
 ONNX_CPU_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+INV_FREQ = "model.rotary_emb.inv_freq"  # RoPE's table: in weights.bin, however small, for every backend
 
 
 def cache_root() -> Path:
@@ -22,9 +24,13 @@ def cache_root() -> Path:
     return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "edgellm"
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: Path) -> str:
     with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
+        return stream_sha256(handle)
+
+
+def stream_sha256(handle: BinaryIO, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    while block := handle.read(chunk):
+        digest.update(block)
     return digest.hexdigest()

@@ -2,55 +2,55 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from .bundle_format import INV_FREQ
+from .manifest import Manifest
 
-def summarize(manifest: dict[str, Any], bundle: Path) -> dict[str, Any]:
-    model = manifest["model"]
-    matrices = manifest.get("matrices", {})
-    params = sum(int(m["rows"]) * int(m["cols"]) for m in matrices.values())
-    for name, entry in manifest["tensors"].items():
-        if name.split(".")[-1] not in ("qweight", "scales", "mins") and not name.endswith("inv_freq"):
-            count = 1
-            for dim in entry["shape"]:
-                count *= dim
-            params += count
-    quant = manifest.get("quantization", {})
-    verification = manifest.get("verification", {})
+
+def summarize(manifest: Manifest) -> dict[str, Any]:
+    c, raw = manifest.config, manifest.raw
+    params = sum(m.rows * m.cols for m in manifest.matrices.values())
+    for name, entry in manifest.tensors.items():
+        if name.split(".")[-1] not in ("qweight", "scales", "mins") and name != INV_FREQ:
+            params += math.prod(entry.shape)
+    quant, verification = raw["quantization"], raw["verification"]
+    tokenizer = manifest.tokenizer
     return {
-        "bundle": str(bundle),
-        "name": model.get("name"),
-        "architecture": model["architecture"],
+        "bundle": str(manifest.bundle),
+        "name": manifest.name,
+        "architecture": c.architecture,
         "parameters": params,
-        "layers": model["num_hidden_layers"],
-        "hidden_size": model["hidden_size"],
-        "heads": f"{model['num_attention_heads']} query / {model['num_key_value_heads']} key-value",
-        "context_length": model["max_position_embeddings"],
-        "vocab_size": model["vocab_size"],
-        "tied_embeddings": model["tie_word_embeddings"],
-        "files": {name: entry["bytes"] for name, entry in manifest["files"].items()},
-        "quant_formats": dict(Counter(m["format"] for m in matrices.values())),
-        "carried_over_from_source": len(quant.get("carried_over", [])),
-        "quantized_by_exporter": len(quant.get("quantized", [])),
-        "quantization_nmse": quant.get("overall_nmse"),
-        "tokenizer": {k: manifest["tokenizer"].get(k) for k in ("bos_token_id", "eos_token_ids", "add_bos_token")},
-        "chat_template": bool(manifest.get("chat_template")),
-        "source": manifest["provenance"]["source"],
-        "exporter": manifest["provenance"].get("exporter"),
+        "layers": c.num_hidden_layers,
+        "hidden_size": c.hidden_size,
+        "heads": f"{c.num_attention_heads} query / {c.num_key_value_heads} key-value",
+        "context_length": c.max_position_embeddings,
+        "vocab_size": c.vocab_size,
+        "tied_embeddings": c.tie_word_embeddings,
+        "files": {name: entry.bytes for name, entry in manifest.files.items()},
+        "quant_formats": dict(Counter(m.format for m in manifest.matrices.values())),
+        "carried_over_from_source": len(quant["carried_over"]),
+        "quantized_by_exporter": len(quant["quantized"]),
+        "quantization_nmse": quant["overall_nmse"],
+        "tokenizer": {"bos_token_id": tokenizer.bos_token_id, "eos_token_ids": list(tokenizer.eos_token_ids),
+                      "add_bos_token": tokenizer.add_bos_token},
+        "chat_template": manifest.chat_template is not None,
+        "source": dict(raw["provenance"]["source"]),
+        "exporter": raw["provenance"].get("exporter"),
         "verification": {k: verification.get(k) for k in ("passed", "worst_nmse", "mean_top1")}
         if not verification.get("skipped") else "skipped",
     }
 
 
-def print_quantization(manifest: dict[str, Any], console: Console) -> None:
-    quant = manifest.get("quantization", {})
-    rows = quant.get("quantized", [])
-    if quant.get("carried_over"):
+def print_quantization(manifest: Manifest, console: Console) -> None:
+    quant = manifest.raw["quantization"]
+    rows = quant["quantized"]
+    if quant["carried_over"]:
         console.print(f"{len(quant['carried_over'])} matrices carried over bit-exactly from the source blocks")
     if not rows:
         return
@@ -59,7 +59,8 @@ def print_quantization(manifest: dict[str, Any], console: Console) -> None:
         table.add_column(column, justify="left" if column in ("tensor", "format") else "right")
     for row in rows:
         table.add_row(row["name"], row["format"], f"{row['nmse']:.3e}", f"{row['max_abs']:.3e}")
-    table.add_row("overall (by elements)", "", f"{quant['overall_nmse']:.3e}", "", style="bold")
+    if quant["overall_nmse"] is not None:
+        table.add_row("overall (by elements)", "", f"{quant['overall_nmse']:.3e}", "", style="bold")
     console.print(table)
 
 
@@ -83,17 +84,17 @@ def print_verification_report(report: dict[str, Any], console: Console, what: st
     console.print(table)
 
 
-def print_verification(manifest: dict[str, Any], console: Console) -> None:
-    print_verification_report(manifest.get("verification", {}), console, "verification",
+def print_verification(manifest: Manifest, console: Console) -> None:
+    print_verification_report(manifest.raw["verification"], console, "verification",
                               {"NMSE": "{nmse:.2e}", "top-1": "{top1:.3f}", "max |Δ|": "{max_abs:.3f}"},
                               "worst NMSE {worst_nmse:.2e} (max {max_nmse}), "
                               "mean top-1 {mean_top1:.3f} (min {min_top1})")
 
 
-def print_info(manifest: dict[str, Any], bundle: Path, console: Console | None = None) -> None:
+def print_info(manifest: Manifest, console: Console | None = None) -> None:
     console = console or Console()
-    summary = summarize(manifest, bundle)
-    table = Table(title=f"{summary['name']} ({bundle})", show_header=False)
+    summary = summarize(manifest)
+    table = Table(title=f"{summary['name']} ({manifest.bundle})", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     for key in ("architecture", "parameters", "layers", "hidden_size", "heads", "context_length", "vocab_size",

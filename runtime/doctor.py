@@ -64,20 +64,19 @@ def memory_report(settings: RuntimeSettings, bundle: Path | None) -> dict[str, A
     if bundle is None:
         return report
     from .backends import run_context
-    from .manifest import model_config, read_manifest
+    from .manifest import read_manifest
 
     manifest = read_manifest(bundle)
-    config = model_config(manifest)
     try:  # the context a run would use (on npu: the graphs' window)
-        context = run_context(manifest, settings, config.max_position_embeddings)
+        context = run_context(manifest, settings)
     except EdgeLLMError as error:  # e.g. --backend npu on a bundle without NPU graphs: say so, keep the report
         report["bundle"] = {"path": str(bundle), "backend": settings.backend, "error": error.message}
         return report
-    needed = estimate(bundle, manifest, config, settings.backend, context, settings.prefill_chunk)
+    needed = estimate(manifest, settings.backend, context, settings.prefill_chunk)
     report["bundle"] = {"path": str(bundle), "backend": settings.backend, "context": context,
                         "needed_bytes": needed.total, "fits": available is None or needed.total <= available,
                         "largest_context_that_fits": None if available is None else
-                        largest_context(bundle, manifest, config, settings.backend, settings.prefill_chunk, available)}
+                        largest_context(manifest, settings.backend, settings.prefill_chunk, available)}
     return report
 
 

@@ -26,6 +26,7 @@ def run_export(source: str, output: Path, *, bits: int, block: int, symmetric: b
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .bundle_info import print_quantization, print_verification
+    from .manifest import read_manifest
     from .npu_report import print_npu
     from .export.exporter import ExportOptions, export_model
     from .export.npu_export import NpuOptions
@@ -38,13 +39,14 @@ def run_export(source: str, output: Path, *, bits: int, block: int, symmetric: b
     with Progress(TextColumn("{task.description:<60.60}"), BarColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("export", total=1.0)
-        manifest = export_model(source, output, options,
-                                progress=lambda stage, done: bar.update(task, description=stage, completed=done))
+        export_model(source, output, options,
+                     progress=lambda stage, done: bar.update(task, description=stage, completed=done))
+    manifest = read_manifest(output)
     out = Console()
-    for warning in manifest["provenance"]["warnings"]:
+    for warning in manifest.raw["provenance"]["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     print_quantization(manifest, out)
     print_verification(manifest, out)
-    if "npu" in manifest["graphs"]:
+    if manifest.npu is not None:
         print_npu(manifest, out)
-    out.print(f"bundle written to [bold]{output}[/bold] in {manifest['provenance']['export_seconds']:.1f} s")
+    out.print(f"bundle written to [bold]{output}[/bold] in {manifest.raw['provenance']['export_seconds']:.1f} s")

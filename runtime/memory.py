@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .bundle_format import WEIGHTS_FILE
 from .errors import MemoryBudgetError
+from .manifest import Manifest
 from .model_config import ModelConfig
 
 # resident bytes per byte of weights.bin: native maps the file once; ONNX Runtime's measured on SmolLM2.
@@ -28,6 +29,14 @@ from .model_config import ModelConfig
 WEIGHT_FACTOR = {"native": 1.0, "onnxruntime": 2.2, "npu": 7.0}
 RUNTIME_OVERHEAD = 90 * 2**20
 MIB = 2**20
+
+
+def format_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB', 300 MiB -> '300 MiB', 1024 -> '1 KiB' (never '0 MiB' for a small budget)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}".replace(".0 ", " ")
+    return f"{n} bytes"
 
 
 @dataclass(frozen=True)
@@ -45,8 +54,8 @@ class MemoryEstimate:
         return {**asdict(self), "total": self.total}
 
     def describe(self) -> str:
-        return (f"{self.total / MIB:.0f} MiB (weights {self.weights / MIB:.0f}, KV cache {self.kv_cache / MIB:.0f}, "
-                f"scratch {self.scratch / MIB:.0f}, runtime {self.runtime / MIB:.0f})")
+        return (f"{format_bytes(self.total)} (weights {format_bytes(self.weights)}, KV cache "
+                f"{format_bytes(self.kv_cache)}, scratch {format_bytes(self.scratch)}, runtime {format_bytes(self.runtime)})")
 
 
 KV_BYTES = {"native": 2}  # bytes per cached value; float32 (4) elsewhere
@@ -65,20 +74,15 @@ def scratch_bytes(config: ModelConfig, context: int, chunk: int) -> int:
     return logits + activations + scores + keys
 
 
-def weights_file(bundle: Path, manifest: dict, backend: str) -> Path:
-    """The file a backend's weights come from: weights.bin, or the NPU graphs' own (named in `manifest`,
-    the bundle's, which the caller has read) for the npu backend."""
-    if backend == "npu":
-        try:
-            return Path(bundle) / manifest["graphs"]["npu"]["files"]["weights"]
-        except (KeyError, TypeError):
-            pass  # no NPU graphs: the backend itself will say so
-    return Path(bundle) / WEIGHTS_FILE
+def weights_bytes(manifest: Manifest, backend: str) -> int:
+    """The size of the file a backend's weights come from: weights.bin, or the NPU graphs' own for the npu
+    backend (when the bundle has none, the backend itself will say so)."""
+    name = manifest.npu.weights_file if backend == "npu" and manifest.npu is not None else WEIGHTS_FILE
+    return manifest.files[name].bytes
 
 
-def estimate(bundle: Path, manifest: dict, config: ModelConfig, backend: str, context: int,
-             chunk: int) -> MemoryEstimate:
-    return _estimate(weights_file(bundle, manifest, backend).stat().st_size, config, backend, context, chunk)
+def estimate(manifest: Manifest, backend: str, context: int, chunk: int) -> MemoryEstimate:
+    return _estimate(weights_bytes(manifest, backend), manifest.config, backend, context, chunk)
 
 
 def _estimate(weights_bytes: int, config: ModelConfig, backend: str, context: int, chunk: int) -> MemoryEstimate:
@@ -108,9 +112,9 @@ def available_memory() -> int | None:
     return available
 
 
-def largest_context(bundle: Path, manifest: dict, config: ModelConfig, backend: str, chunk: int, budget: int) -> int:
+def largest_context(manifest: Manifest, backend: str, chunk: int, budget: int) -> int:
     """The longest context (a multiple of 256, at least 256) whose estimate fits in `budget`, or 0."""
-    return _largest_context(weights_file(bundle, manifest, backend).stat().st_size, config, backend, chunk, budget)
+    return _largest_context(weights_bytes(manifest, backend), manifest.config, backend, chunk, budget)
 
 
 def _largest_context(weights_bytes: int, config: ModelConfig, backend: str, chunk: int, budget: int) -> int:
@@ -122,22 +126,21 @@ def _largest_context(weights_bytes: int, config: ModelConfig, backend: str, chun
     return best
 
 
-def check_budget(bundle: Path, manifest: dict, config: ModelConfig, backend: str, context: int, chunk: int,
-                 max_memory: int | None) -> MemoryEstimate:
+def check_budget(manifest: Manifest, backend: str, context: int, chunk: int, max_memory: int | None) -> MemoryEstimate:
     """The estimate, or MemoryBudgetError naming a context length that would fit."""
-    weights_bytes = weights_file(bundle, manifest, backend).stat().st_size
-    needed = _estimate(weights_bytes, config, backend, context, chunk)
+    config, size = manifest.config, weights_bytes(manifest, backend)
+    needed = _estimate(size, config, backend, context, chunk)
     limits = [(max_memory, "the --max-memory setting")] if max_memory else []
     available = available_memory()
     if available is not None:
         limits.append((available, "the memory available on this machine"))
     for budget, what in limits:
         if needed.total > budget:
-            fits = _largest_context(weights_bytes, config, backend, chunk, budget)
+            fits = _largest_context(size, config, backend, chunk, budget)
             hint = (f"a context of {fits} tokens fits: pass --context {fits}" if fits
                     else "the weights alone do not fit; use a smaller model or free memory")
             raise MemoryBudgetError(f"the model with a context of {context} tokens needs about {needed.describe()}, "
-                                    f"more than {what} ({budget / MIB:.0f} MiB)", hint)
+                                    f"more than {what} ({format_bytes(budget)})", hint)
     return needed
 
 

@@ -7,6 +7,7 @@ or a bundle manifest can be compared field by field.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ from .errors import EdgeLLMError
 
 # Families whose decoder is the llama block, with the deltas each one brings.
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
+LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,17 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
             )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise EdgeLLMError(f"model config field {name!r} must be a positive integer, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+                raise EdgeLLMError(f"model config field {name!r} must be a positive finite number, got {value!r}")
+        for name in ("tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise EdgeLLMError(f"model config field {name!r} must be true or false, got {getattr(self, name)!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise EdgeLLMError(
                 f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
@@ -53,11 +62,20 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise EdgeLLMError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ("llama3", "default"):
-            raise EdgeLLMError(
-                f"unsupported rope_scaling type {self.rope_scaling.get('rope_type')!r}",
-                "supported: llama3 (or none)",
-            )
+        if self.rope_scaling is not None:
+            self._check_rope_scaling()
+
+    def _check_rope_scaling(self) -> None:
+        scaling = self.rope_scaling
+        if not isinstance(scaling, dict) or scaling.get("rope_type") not in ("llama3", "default"):
+            kind = scaling.get("rope_type") if isinstance(scaling, dict) else scaling
+            raise EdgeLLMError(f"unsupported rope_scaling type {kind!r}", "supported: llama3 (or none)")
+        if scaling["rope_type"] == "llama3":
+            for name in LLAMA3_ROPE_FIELDS:
+                value = scaling.get(name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+                    raise EdgeLLMError(f"model config field 'rope_scaling.{name}' must be a positive finite number, "
+                                       f"got {value!r}")
 
     @property
     def q_size(self) -> int:  # width of the query projection
@@ -80,3 +98,49 @@ class ModelConfig:
             return cls(**raw)
         except TypeError as exc:
             raise EdgeLLMError(f"incomplete model config: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Expected:
+    """A decoder tensor's shape, and the config fields it follows from (for the message when they disagree)."""
+
+    shape: tuple[int, ...]
+    fields: tuple[str, ...]
+
+
+def decoder_matrices(config: ModelConfig) -> dict[str, Expected]:
+    """Every block-quantized matrix of the decoder, by checkpoint name: shape (rows, cols) = (out, in)."""
+    c = config
+    hidden, q, kv, ffn = "hidden_size", ("num_attention_heads", "head_dim"), ("num_key_value_heads", "head_dim"), \
+        "intermediate_size"
+    shapes = {"model.embed_tokens.weight": Expected((c.vocab_size, c.hidden_size), ("vocab_size", hidden))}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = Expected((c.vocab_size, c.hidden_size),
+                                            ("vocab_size", hidden, "tie_word_embeddings"))
+    for i in range(c.num_hidden_layers):
+        p, layer = f"model.layers.{i}", ("num_hidden_layers",)
+        shapes.update({f"{p}.self_attn.q_proj.weight": Expected((c.q_size, c.hidden_size), (*q, hidden, *layer)),
+                       f"{p}.self_attn.k_proj.weight": Expected((c.kv_size, c.hidden_size), (*kv, hidden, *layer)),
+                       f"{p}.self_attn.v_proj.weight": Expected((c.kv_size, c.hidden_size), (*kv, hidden, *layer)),
+                       f"{p}.self_attn.o_proj.weight": Expected((c.hidden_size, c.q_size), (hidden, *q, *layer)),
+                       f"{p}.mlp.gate_proj.weight": Expected((c.intermediate_size, c.hidden_size), (ffn, hidden, *layer)),
+                       f"{p}.mlp.up_proj.weight": Expected((c.intermediate_size, c.hidden_size), (ffn, hidden, *layer)),
+                       f"{p}.mlp.down_proj.weight": Expected((c.hidden_size, c.intermediate_size), (hidden, ffn, *layer))})
+    return shapes
+
+
+def decoder_vectors(config: ModelConfig, rope_table: str) -> dict[str, Expected]:
+    """Every float32 tensor of the decoder that is not a matrix (norms, biases, RoPE's table `rope_table`)."""
+    c = config
+    shapes = {"model.norm.weight": Expected((c.hidden_size,), ("hidden_size",)),
+              rope_table: Expected((c.head_dim // 2,), ("head_dim",))}
+    for i in range(c.num_hidden_layers):
+        p, layer = f"model.layers.{i}", ("num_hidden_layers",)
+        shapes[f"{p}.input_layernorm.weight"] = Expected((c.hidden_size,), ("hidden_size", *layer))
+        shapes[f"{p}.post_attention_layernorm.weight"] = Expected((c.hidden_size,), ("hidden_size", *layer))
+        if c.attention_bias:
+            bias = ("attention_bias", *layer)
+            shapes.update({f"{p}.self_attn.q_proj.bias": Expected((c.q_size,), ("num_attention_heads", "head_dim", *bias)),
+                           f"{p}.self_attn.k_proj.bias": Expected((c.kv_size,), ("num_key_value_heads", "head_dim", *bias)),
+                           f"{p}.self_attn.v_proj.bias": Expected((c.kv_size,), ("num_key_value_heads", "head_dim", *bias))})
+    return shapes

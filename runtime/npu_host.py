@@ -21,26 +21,25 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import BundleError, ContextOverflowError, InvalidSettingError
+from .manifest import MatrixEntry
 from .model_config import ModelConfig
+from .quant_formats import QUANT_FORMATS
 
 # Added to the scores of hidden slots (the manifest's mask_value: the graphs are calibrated with it).
 # Not -inf: the mask and the masked scores are quantized to 16 bits over their calibrated range, so a
 # huge value would leave the visible scores a coarse grid. exp(-100) underflows to 0 like -inf would.
 MASK_VALUE = np.float32(-100.0)
-FORMAT_ZERO_POINTS = {"int8_sym": 128, "int4_sym": 8}  # implied zero point of the symmetric block formats
 
 
 class HostEmbedding:
     """Rows of the bundle's block-quantized embedding table (weights.bin), dequantized on demand."""
 
-    def __init__(self, weights, matrix: dict):
-        self.format, self.bits, self.cols = matrix["format"], matrix["bits"], matrix["cols"]
-        self.codes = weights.array(matrix["qweight"])  # uint8 [V, n_blocks, block*bits/8]
-        self.scales = weights.array(matrix["scales"])  # float16 [V, n_blocks]
-        self.mins = weights.array(matrix["mins"]) if matrix.get("mins") else None
-        if self.mins is None and self.format not in FORMAT_ZERO_POINTS:
-            raise BundleError(f"embedding table format {self.format!r} is not one the NPU backend reads",
-                              "export the bundle again")
+    def __init__(self, weights, matrix: MatrixEntry):
+        self.format, self.bits, self.cols = matrix.format, matrix.bits, matrix.cols
+        self.zero_point = QUANT_FORMATS[matrix.format].zero_point
+        self.codes = weights.array(matrix.qweight)  # uint8 [V, n_blocks, block*bits/8]
+        self.scales = weights.array(matrix.scales)  # float16 [V, n_blocks]
+        self.mins = weights.array(matrix.mins) if matrix.mins is not None else None
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         """float32 [n, E] for token ids [n]."""
@@ -55,7 +54,7 @@ class HostEmbedding:
         if self.mins is not None:
             values = codes * scales + np.asarray(self.mins[ids], np.float32)[..., None]
         else:
-            values = (codes - np.float32(FORMAT_ZERO_POINTS[self.format])) * scales
+            values = (codes - np.float32(self.zero_point)) * scales
         return values.reshape(len(ids), -1)[:, : self.cols]
 
 

@@ -27,10 +27,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from .bundle_format import cache_root
 from .errors import InvalidSettingError, NpuError
+from .manifest import Manifest
 
 EP_NAME = "QNNExecutionProvider"
 DEFAULT_SOC_MODEL = "57"  # the simulator's target when the board profile names no SoC
@@ -97,8 +98,8 @@ class CacheKey:
         return f"{self.graph}-{self.model_hash[:16]}-soc{self.soc_model}-qnn{version}_ctx.onnx"
 
 
-def model_hash(manifest: dict, files: Mapping[str, str]) -> str:
-    digests = {name: manifest["files"][name]["sha256"] for name in sorted(files.values())}
+def model_hash(manifest: Manifest, files: Iterable[str]) -> str:
+    digests = {name: manifest.files[name].sha256 for name in sorted(files)}
     return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
 

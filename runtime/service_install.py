@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import EdgeLLMError, InvalidSettingError
-from .manifest import model_config, read_manifest
-from .memory import MIB, estimate
+from .manifest import Manifest, read_manifest
+from .memory import MIB, estimate, format_bytes
 from .settings import BACKENDS, RuntimeSettings, parse_bytes
 
 UNIT_NAME = "edgellm.service"
@@ -113,24 +113,23 @@ def load_board(board: str | Path | Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(data.get("service", data))
 
 
-def memory_max_for(bundle: Path, manifest: dict, options: ServiceOptions) -> int:
+def memory_max_for(manifest: Manifest, options: ServiceOptions) -> int:
     """Bytes for MemoryMax=: the board's figure, else the runtime's estimate for these settings,
     plus the server, plus headroom, rounded up to a MiB."""
     # The board's defaults are already in `options`; the installing machine's board must not mix in.
     settings = RuntimeSettings.resolve(environ={}, board="none", threads=options.threads,
                                        context_length=options.context, backend=options.backend)
-    config = model_config(manifest)
-    context = settings.context_for(config.max_position_embeddings)
+    context = settings.context_for(manifest.config.max_position_embeddings)
     # A backend picked at load time ("auto") is sized for the hungriest one it could pick.
     backends = [settings.backend] if settings.backend in BACKENDS else list(BACKENDS)
-    needed = max(estimate(bundle, manifest, config, backend, context, settings.prefill_chunk).total for backend in backends)
+    needed = max(estimate(manifest, backend, context, settings.prefill_chunk).total for backend in backends)
     needed += SERVER_OVERHEAD
     if options.memory_max is None:
         return math.ceil(needed * MEMORY_HEADROOM / MIB) * MIB
     if needed > options.memory_max:  # a cap the service would be killed at while loading
         raise InvalidSettingError(
-            f"the service needs about {needed / MIB:.0f} MiB with a context of {context} tokens, more than "
-            f"memory_max ({options.memory_max / MIB:.0f} MiB)",
+            f"the service needs about {format_bytes(needed)} with a context of {context} tokens, more than "
+            f"memory_max ({format_bytes(options.memory_max)})",
             "pass a smaller --context, or raise memory_max (--memory-max or the board's [service] table)")
     return options.memory_max
 
@@ -230,14 +229,14 @@ def render_unit(bundle: str | Path, *, board: str | Path | Mapping[str, Any] | N
     hidden = [p for p in _outermost(read_only) if _under_home(p)]
     loopback = _loopback(options.host)
     values: dict[str, Any] = {
-        "MODEL": manifest["model"].get("name") or bundle.name,
+        "MODEL": manifest.name or bundle.name,
         "EXEC_START": exec_start(bundle, options, python),
         "ENVIRONMENT": " ".join(systemd_quote(f"{k}={v}") for k, v in sorted(options.environment.items())),
         "CREDENTIAL": f"{CREDENTIAL}:{Path(options.api_key_file).resolve()}" if options.api_key_file else "",
         "TIMEOUT_START": str(options.timeout_start_sec),
         "TIMEOUT_STOP": str(math.ceil(options.grace) + 15),
         "WATCHDOG_SEC": str(options.watchdog_sec),
-        "MEMORY_MAX": f"{memory_max_for(bundle, manifest, options) // MIB}M",
+        "MEMORY_MAX": f"{memory_max_for(manifest, options) // MIB}M",
         "CPU_AFFINITY": options.cpu_affinity or "",
         "NICE": "" if options.nice is None else str(options.nice),
         "PROTECT_HOME": "tmpfs" if hidden else "yes",

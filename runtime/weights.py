@@ -1,28 +1,31 @@
-"""weights.bin, memory-mapped: every tensor is a zero-copy numpy view at its manifest offset."""
+"""weights.bin, memory-mapped: every tensor is a zero-copy numpy view at its index entry's offset."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO, Mapping
 
 import numpy as np
 
-from .bundle_format import ALIGN, WEIGHTS_FILE
-from .errors import EdgeLLMError
+from .bundle_format import WEIGHTS_FILE
+from .manifest import Manifest, TensorEntry
 
 
 class BundleWeights:
-    def __init__(self, bundle: Path, manifest: dict):
-        path = Path(bundle) / WEIGHTS_FILE
-        self.index = manifest["tensors"]
-        self.map = np.memmap(path, dtype=np.uint8, mode="r")
-        for name, entry in self.index.items():
-            end = entry["offset"] + entry["nbytes"]
-            if entry["offset"] % ALIGN or end > self.map.size:
-                raise EdgeLLMError(f"{path}: tensor {name} lies outside the file or is misaligned",
-                                   "the bundle is damaged; export it again")
+    """`index` was checked against the file (manifest.py): every entry lies inside it."""
+
+    def __init__(self, file: BinaryIO | Path, index: Mapping[str, TensorEntry]):
+        self.index = index
+        self.map = np.memmap(file, dtype=np.uint8, mode="r")
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> "BundleWeights":
+        """weights.bin of a checked bundle."""
+        with manifest.open(WEIGHTS_FILE) as handle:  # the mapping outlives the descriptor
+            return cls(handle, manifest.tensors)
 
     def array(self, name: str) -> np.ndarray:
         """The stored tensor `name` as a read-only view of the mapped file."""
         entry = self.index[name]
-        raw = self.map[entry["offset"]: entry["offset"] + entry["nbytes"]]
-        return raw.view(np.dtype(entry["dtype"])).reshape(entry["shape"])
+        raw = self.map[entry.offset: entry.offset + entry.nbytes]
+        return raw.view(np.dtype(entry.dtype)).reshape(entry.shape)

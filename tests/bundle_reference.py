@@ -4,31 +4,31 @@ import numpy as np
 
 from edgellm.export.quant_formats import unpack_codes
 from edgellm.export.reference import ReferenceModel
-from edgellm.manifest import model_config, read_manifest
+from edgellm.manifest import Manifest, read_manifest
 from edgellm.weights import BundleWeights
 
 
-def reference_from_bundle(bundle, manifest) -> ReferenceModel:
+def reference_from_bundle(manifest: Manifest) -> ReferenceModel:
     """Dequantize every tensor straight from weights.bin through the manifest, as an engine would."""
-    weights = BundleWeights(bundle, manifest)
+    weights = BundleWeights.of(manifest)
     tensors = {}
-    for name, m in manifest["matrices"].items():
-        codes = unpack_codes(np.asarray(weights.array(m["qweight"])), m["bits"]).astype(np.float32)
-        scales = np.asarray(weights.array(m["scales"]), np.float32)[..., None]
-        if m["mins"]:
-            values = codes * scales + np.asarray(weights.array(m["mins"]), np.float32)[..., None]
+    for name, m in manifest.matrices.items():
+        codes = unpack_codes(np.asarray(weights.array(m.qweight)), m.bits).astype(np.float32)
+        scales = np.asarray(weights.array(m.scales), np.float32)[..., None]
+        if m.mins:
+            values = codes * scales + np.asarray(weights.array(m.mins), np.float32)[..., None]
         else:
-            values = (codes - np.float32(2 ** (m["bits"] - 1))) * scales
-        tensors[name] = values.reshape(m["rows"], -1)[:, : m["cols"]]
-    for name in manifest["tensors"]:
+            values = (codes - np.float32(2 ** (m.bits - 1))) * scales
+        tensors[name] = values.reshape(m.rows, -1)[:, : m.cols]
+    for name in manifest.tensors:
         base = name.rsplit(".", 1)[0]
-        if base not in manifest["matrices"]:
+        if base not in manifest.matrices:
             tensors[name] = np.asarray(weights.array(name))
-    return ReferenceModel(model_config(manifest), tensors)
+    return ReferenceModel(manifest.config, tensors)
 
 
 def reference_for(bundle) -> ReferenceModel:
-    return reference_from_bundle(bundle, read_manifest(bundle))
+    return reference_from_bundle(read_manifest(bundle))
 
 
 def reference_greedy(reference: ReferenceModel, prompt_ids, n: int) -> list[int]:

@@ -66,18 +66,17 @@ def _npu_bundle(kind: str, quant: str) -> Path:
     return folder / "bundle"
 
 
-def cpu_provider_decoder(bundle: Path, manifest: dict):
+def cpu_provider_decoder(manifest):
     """The bundle's NPU graphs on ONNX Runtime's CPU provider behind the runtime's host loop (NpuDecoder,
     the bundle's host embedding): what the exporter verified, to hold the HTP or the reference against."""
     from edgellm.export.npu_verify import cpu_sessions
-    from edgellm.manifest import model_config
     from edgellm.npu_host import HostEmbedding, NpuDecoder
     from edgellm.weights import BundleWeights
 
-    entry = manifest["graphs"]["npu"]
-    sessions = cpu_sessions({entry["chunk"]: bundle / entry["files"]["prefill"], 1: bundle / entry["files"]["decode"]})
-    embed = HostEmbedding(BundleWeights(bundle, manifest), manifest["matrices"]["model.embed_tokens.weight"])
-    return NpuDecoder(model_config(manifest), entry["context"], sessions, embed)
+    npu = manifest.npu
+    sessions = cpu_sessions({npu.chunk: manifest.path(npu.prefill_file), 1: manifest.path(npu.decode_file)})
+    embed = HostEmbedding(BundleWeights.of(manifest), manifest.matrices["model.embed_tokens.weight"])
+    return NpuDecoder(manifest.config, npu.context, sessions, embed)
 
 
 def copy_bundle(bundle: Path, destination: Path) -> Path:

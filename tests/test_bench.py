@@ -91,7 +91,7 @@ def test_llama_cpp_needs_the_gguf_the_bundle_was_exported_from(tiny_bundle):
     manifest = read_manifest(tiny_bundle)  # exported from a Hugging Face folder
     with pytest.raises(EdgeLLMError, match="llama.cpp runs GGUF files"):
         peer_model("llama.cpp", manifest, lambda description, fraction: None)
-    manifest["provenance"]["source"]["path"] = str(tiny_bundle / "gone.gguf")
+    manifest.raw["provenance"]["source"]["path"] = str(tiny_bundle / "gone.gguf")
     with pytest.raises(EdgeLLMError, match="which is missing"):
         peer_model("llama.cpp", manifest, lambda description, fraction: None)
 

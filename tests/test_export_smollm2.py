@@ -14,7 +14,7 @@ from edgellm.export.canonical import as_float
 from edgellm.export.exporter import export_model
 from edgellm.export.gguf_source import load_gguf
 from edgellm.export.verify import run_onnx_logits
-from edgellm.manifest import model_config, read_manifest
+from edgellm.manifest import read_manifest
 
 
 def edgellm(*args, cwd=None):
@@ -27,7 +27,7 @@ def test_export_default_and_info_on_the_command_line(tmp_path):
     done = edgellm("export", "default", "-o", str(bundle))
     assert done.returncode == 0, done.stderr
     assert "verification" in done.stdout and "passed" in done.stdout
-    manifest = read_manifest(bundle)
+    manifest = read_manifest(bundle).raw
     assert manifest["verification"]["passed"]
     assert len(manifest["quantization"]["carried_over"]) == 211  # every Q4_1/Q8_0 matrix, none re-quantized
     assert manifest["quantization"]["quantized"] == []
@@ -71,7 +71,7 @@ def test_smollm2_as_a_float_hf_folder_exports_to_the_same_model(tmp_path, smollm
     logits = []
     for b in (bundle, smollm2_bundle):
         session = ort.InferenceSession(str(b / "model.onnx"), providers=["CPUExecutionProvider"])
-        logits.append(run_onnx_logits(session, model_config(read_manifest(b)), ids, decode_steps=2))
+        logits.append(run_onnx_logits(session, read_manifest(b).config, ids, decode_steps=2))
     nmse = np.mean((logits[0] - logits[1]) ** 2) / np.mean(logits[1] ** 2)
     assert nmse < 1e-4
     assert (logits[0].argmax(-1) == logits[1].argmax(-1)).mean() >= 0.95

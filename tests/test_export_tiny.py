@@ -13,7 +13,7 @@ from edgellm.bundle_format import ALIGN
 from edgellm.export.exporter import ExportOptions, export_model
 from edgellm.export.quantize import QuantOptions
 from edgellm.export.verify import run_onnx_logits
-from edgellm.manifest import model_config, read_manifest
+from edgellm.manifest import read_manifest
 from bundle_reference import reference_from_bundle
 from tiny_models import make_tiny_model, save_tiny_model, tiny_vocab_size
 
@@ -71,9 +71,10 @@ def test_weights_bin_stores_the_ropes_table_the_graph_reads_even_for_a_small_hea
     from edgellm.export.reference import rope_inv_freq
     from edgellm.weights import BundleWeights
 
-    _, bundle, manifest = export_tiny(tmp_path, "llama", True, head_dim=16)  # 32 bytes: under the inline limit
-    stored = np.asarray(BundleWeights(bundle, manifest).array("model.rotary_emb.inv_freq"))
-    assert stored.dtype == np.float32 and stored.tobytes() == rope_inv_freq(model_config(manifest)).tobytes()
+    _, bundle, _ = export_tiny(tmp_path, "llama", True, head_dim=16)  # 32 bytes: under the inline limit
+    manifest = read_manifest(bundle)
+    stored = np.asarray(BundleWeights.of(manifest).array("model.rotary_emb.inv_freq"))
+    assert stored.dtype == np.float32 and stored.tobytes() == rope_inv_freq(manifest.config).tobytes()
     graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
     table = next(t for t in graph.initializer if t.name == "model.rotary_emb.inv_freq")
     assert table.data_location == onnx.TensorProto.EXTERNAL
@@ -83,11 +84,11 @@ def test_weights_bin_stores_the_ropes_table_the_graph_reads_even_for_a_small_hea
 def test_onnx_runtime_with_kv_cache_equals_the_reference_read_from_weights_bin(tmp_path, arch):
     _, bundle, manifest = export_tiny(tmp_path, arch, False, heads=6, kv_heads=2,
                                       hidden=96)
-    reference = reference_from_bundle(bundle, manifest)
+    reference = reference_from_bundle(read_manifest(bundle))
     session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     ids = list(np.random.default_rng(7).integers(0, tiny_vocab_size(), 30))
     expected = reference.forward(ids)
-    actual = run_onnx_logits(session, model_config(manifest), ids, decode_steps=10)
+    actual = run_onnx_logits(session, reference.config, ids, decode_steps=10)
     nmse = np.mean((actual - expected) ** 2) / np.mean(expected ** 2)
     assert nmse < 1e-9
     assert (actual.argmax(-1) == expected.argmax(-1)).all()
@@ -99,7 +100,7 @@ def test_int4_bundle_stays_close_to_the_float_transformers_model(tmp_path):
     ids = list(np.random.default_rng(11).integers(0, tiny_vocab_size(), 24))
     with torch.no_grad():
         expected = model(torch.tensor(ids)[None]).logits[0].numpy()
-    actual = run_onnx_logits(session, model_config(manifest), ids, decode_steps=4)
+    actual = run_onnx_logits(session, read_manifest(bundle).config, ids, decode_steps=4)
     nmse = np.mean((actual - expected) ** 2) / np.mean(expected ** 2)
     assert nmse < 0.05  # int4 quantization error, not a numerics bug: those are caught above at 1e-9
     assert manifest["quantization"]["overall_nmse"] < 0.02

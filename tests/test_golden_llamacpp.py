@@ -10,7 +10,7 @@ import pytest
 
 from conftest import FIXTURES
 from edgellm.export.verify import run_onnx_logits
-from edgellm.manifest import model_config, read_manifest
+from edgellm.manifest import read_manifest
 
 PREFILL_CHUNK = 64
 
@@ -24,7 +24,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 def teacher_forced_logits(bundle, ids: list[int]) -> np.ndarray:
     """Logits at every position, prefilled in chunks through the KV cache as the runtime will."""
     session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    return run_onnx_logits(session, model_config(read_manifest(bundle)), ids, 0, prefill_chunk=PREFILL_CHUNK)
+    return run_onnx_logits(session, read_manifest(bundle).config, ids, 0, prefill_chunk=PREFILL_CHUNK)
 
 
 def assert_agrees_with_llamacpp(actual: np.ndarray, expected: np.ndarray, ids: list[int], engine: str) -> None:
@@ -63,7 +63,7 @@ def test_the_chunked_prefill_matches_a_single_pass(smollm2_bundle, golden):
     ids, _ = golden
     manifest = read_manifest(smollm2_bundle)
     session = ort.InferenceSession(str(smollm2_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    single = run_onnx_logits(session, model_config(manifest), ids[:96], decode_steps=0)
+    single = run_onnx_logits(session, manifest.config, ids[:96], decode_steps=0)
     chunked = teacher_forced_logits(smollm2_bundle, ids[:96])
     assert (single.argmax(-1) == chunked.argmax(-1)).mean() >= 0.99
     assert np.mean((single - chunked) ** 2) / np.mean(single ** 2) < 1e-4

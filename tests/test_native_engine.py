@@ -22,6 +22,7 @@ import pytest
 
 import edgellm
 from edgellm import native
+from edgellm.bundle_format import file_sha256
 from edgellm.errors import BundleError, EdgeLLMError, InvalidSettingError
 from edgellm.settings import RuntimeSettings
 
@@ -34,7 +35,7 @@ from bundle_reference import reference_for, reference_greedy  # noqa: E402
 from conftest import FIXTURES  # noqa: E402
 from edgellm.backends.native_backend import NativeBackend  # noqa: E402
 from edgellm.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
-from edgellm.manifest import read_manifest  # noqa: E402
+from edgellm.manifest import check_document, read_manifest  # noqa: E402
 from test_golden_llamacpp import assert_agrees_with_llamacpp  # noqa: E402
 from tiny_models import make_tiny_model, save_tiny_model  # noqa: E402
 
@@ -107,8 +108,8 @@ def test_native_logits_equal_the_reference_and_onnxruntime_for_prefill_chunks_an
     reference = reference_for(bundle)
     ids = prompt_ids(reference.config.vocab_size)
     want = reference.forward(ids)  # [S, V], one pass
-    native_backend = NativeBackend(bundle, manifest, settings(prefill_chunk=7), 64)
-    ort_backend = OnnxRuntimeBackend(bundle, manifest, settings(backend="onnxruntime", prefill_chunk=7), 64)
+    native_backend = NativeBackend(manifest, settings(prefill_chunk=7), 64)
+    ort_backend = OnnxRuntimeBackend(manifest, settings(backend="onnxruntime", prefill_chunk=7), 64)
     try:
         got = prefill_then_decode(native_backend, ids, decoded=12)
         ort = prefill_then_decode(ort_backend, ids, decoded=12)
@@ -122,7 +123,7 @@ def test_native_logits_equal_the_reference_and_onnxruntime_for_prefill_chunks_an
 
 def test_a_chunk_gives_the_same_bits_as_its_tokens_one_by_one_and_after_a_truncate(tiny_bundles):
     bundle = tiny_bundles("qwen2-biases")
-    backend = NativeBackend(bundle, read_manifest(bundle), settings(prefill_chunk=16), 160)
+    backend = NativeBackend(read_manifest(bundle), settings(prefill_chunk=16), 160)
     try:
         ids = prompt_ids(backend.config.vocab_size, 150)  # attention over three chunks of 64 cache positions
         chunked = backend.forward(ids, all_logits=True)
@@ -140,7 +141,7 @@ def test_a_chunk_gives_the_same_bits_as_its_tokens_one_by_one_and_after_a_trunca
 def test_smollm2_native_logits_agree_with_llamacpp_teacher_forced(smollm2_bundle):
     data = np.load(FIXTURES / "llamacpp_logits.npz")
     ids, expected = data["ids"].astype(np.int64).tolist(), data["logits"].astype(np.float32)
-    backend = NativeBackend(smollm2_bundle, read_manifest(smollm2_bundle), settings(prefill_chunk=64), 512)
+    backend = NativeBackend(read_manifest(smollm2_bundle), settings(prefill_chunk=64), 512)
     try:
         actual = prefill_then_decode(backend, ids, decoded=32)  # 256 prefilled in chunks of 64, 32 decoded
     finally:
@@ -205,7 +206,7 @@ from edgellm.settings import RuntimeSettings
 bundle = Path(sys.argv[1])
 manifest = read_manifest(bundle)
 before = status()
-backend = NativeBackend(bundle, manifest, RuntimeSettings(backend="native", threads=2), 512)
+backend = NativeBackend(manifest, RuntimeSettings(backend="native", threads=2), 512)
 loaded = status()
 backend.forward(list(range(10, 26)))
 ran = status()
@@ -246,8 +247,9 @@ def raw_manifest(bundle: Path) -> dict:
 
 
 def refused(bundle: Path, manifest: dict) -> str:
+    """The BundleError that the manifest check (every backend's) or the native backend's own raises."""
     with pytest.raises(BundleError) as failure:
-        NativeBackend(bundle, manifest, settings(threads=1), 32)
+        NativeBackend(check_document(bundle, manifest), settings(threads=1), 32)
     return str(failure.value)
 
 
@@ -265,10 +267,10 @@ def test_a_weights_bin_shorter_than_the_manifest_says_is_refused(tiny_bundles, t
         handle.truncate(size // 2)
     with pytest.raises(BundleError, match="weights.bin"):  # the file check of every load
         edgellm.load(bundle, backend="native")
-    manifest = raw_manifest(bundle)  # and the engine's own check, for a manifest that agrees with the file
-    manifest["files"]["weights.bin"]["bytes"] = size // 2
+    manifest = raw_manifest(bundle)  # and the tensor index check, for a manifest that agrees with the file
+    manifest["files"]["weights.bin"] = {"bytes": size // 2, "sha256": file_sha256(bundle / "weights.bin")}
     message = refused(bundle, manifest)
-    assert "past the end of weights.bin" in message
+    assert "outside weights.bin" in message
 
 
 @pytest.mark.parametrize("damage", ["misaligned offset", "offset past the end", "nbytes not the shape's",
@@ -301,16 +303,20 @@ def test_a_damaged_tensor_index_is_refused_naming_the_tensor(tiny_bundles, damag
     assert name in refused(bundle, manifest)
 
 
-def test_a_matrix_the_engine_cannot_run_is_refused_with_what_to_do(tiny_bundles, no_c_engine):
-    bundle = tiny_bundles("llama-untied")
-    manifest = raw_manifest(bundle)
+def test_a_matrix_the_engine_cannot_run_is_refused_with_what_to_do(tmp_path, tiny_bundles, no_c_engine):
+    from edgellm.export.exporter import ExportOptions, export_model
+    from edgellm.export.quantize import QuantOptions
+
+    bundle = tmp_path / "block16"  # blocks of 16: a bundle ONNX Runtime runs and the native kernels do not
+    export_model(save_tiny_model(make_tiny_model("llama", tie=True), tmp_path / "hf"), bundle,
+                 ExportOptions(quant=QuantOptions(block=16), verify=False))
+    with pytest.raises(BundleError) as failure:
+        NativeBackend(read_manifest(bundle), settings(threads=1), 32)
+    assert "blocks of 16" in str(failure.value) and "onnxruntime" in str(failure.value)
     name = "model.layers.0.self_attn.o_proj.weight"
-    manifest["matrices"][name]["block"] = 16
-    message = refused(bundle, manifest)
-    assert name in message and "onnxruntime" in message
-    manifest = raw_manifest(bundle)
+    manifest = raw_manifest(tiny_bundles("llama-untied"))
     manifest["matrices"][name]["format"] = "int3_wat"
-    assert name in refused(bundle, manifest)
+    assert name in refused(tiny_bundles("llama-untied"), manifest)
 
 
 def test_a_bundle_without_ropes_table_is_refused_saying_to_export_it_again(tiny_bundles, no_c_engine):
@@ -328,6 +334,7 @@ from pathlib import Path
 
 from edgellm.backends.native_backend import NativeBackend
 from edgellm.errors import BundleError
+from edgellm.manifest import check_document
 from edgellm.settings import RuntimeSettings
 
 bundle, seed, rounds = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -363,7 +370,8 @@ for round in range(rounds):
         field = rng.choice(["offset", "nbytes", "shape", "dtype"])
         entry[field] = mutate(field, entry[field])
     try:
-        backend = NativeBackend(bundle, damaged, RuntimeSettings(backend="native", threads=2, prefill_chunk=4), 16)
+        backend = NativeBackend(check_document(bundle, damaged),
+                                RuntimeSettings(backend="native", threads=2, prefill_chunk=4), 16)
     except BundleError:
         outcomes["refused"] += 1
         continue

@@ -289,20 +289,20 @@ def test_smollm2_bundle_matrices_give_the_same_bits_in_every_variant_and_numpy(s
     from edgellm.weights import BundleWeights
 
     manifest = read_manifest(smollm2_bundle)
-    weights = BundleWeights(smollm2_bundle, manifest)
+    weights = BundleWeights.of(manifest)
     names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
              "model.embed_tokens.weight"]  # int4_asym 576x576, int4_asym 576x1536, int8_sym 49152x576
     for name in names:
-        entry = manifest["matrices"][name]
-        rows = min(entry["rows"], 4096)  # the head's first 4096 rows: a contiguous view, no copy
-        qweight = weights.array(entry["qweight"])[:rows]
-        scales = weights.array(entry["scales"])[:rows]
-        mins = weights.array(entry["mins"])[:rows] if entry["mins"] else None
-        w = native.QMatrix(entry["format"], rows, entry["cols"], qweight, scales, mins, entry["block"])
-        x = RNG.standard_normal((2, entry["cols"])).astype(np.float32)
+        entry = manifest.matrices[name]
+        rows = min(entry.rows, 4096)  # the head's first 4096 rows: a contiguous view, no copy
+        qweight = weights.array(entry.qweight)[:rows]
+        scales = weights.array(entry.scales)[:rows]
+        mins = weights.array(entry.mins)[:rows] if entry.mins else None
+        w = native.QMatrix(entry.format, rows, entry.cols, qweight, scales, mins, entry.block)
+        x = RNG.standard_normal((2, entry.cols)).astype(np.float32)
         xq = native.quantize_activations_numpy(x)
-        codes = unpack_codes(np.asarray(qweight), entry["bits"])
-        want = np.stack([native.matvec_numpy(entry["format"], codes, scales, mins, entry["cols"], xq[t])
+        codes = unpack_codes(np.asarray(qweight), entry.bits)
+        want = np.stack([native.matvec_numpy(entry.format, codes, scales, mins, entry.cols, xq[t])
                          for t in range(2)])
         for variant in VARIANTS:
             with native.using_variant(variant):

@@ -69,7 +69,7 @@ def test_the_simulator_runs_the_graphs_like_the_cpu_provider(tmp_path, kind, qua
     npu = edgellm.load(bundle, backend="npu")
     ids = npu.encode(TRAINING_TEXT[3])[:40]
     on_htp = teacher_forced_logits(npu.backend.decoder, ids, decode_steps=6)
-    on_cpu = teacher_forced_logits(cpu_provider_decoder(bundle, read_manifest(bundle)), ids, decode_steps=6)
+    on_cpu = teacher_forced_logits(cpu_provider_decoder(read_manifest(bundle)), ids, decode_steps=6)
     kl = kl_divergence(on_cpu, on_htp)
     print(f"{kind} {quant}: HTP vs CPU provider, KL mean {kl.mean():.2e} max {kl.max():.2e}, top-1 "
           f"{np.mean(on_htp.argmax(-1) == on_cpu.argmax(-1)):.3f}")
@@ -214,7 +214,7 @@ def test_a_graph_the_npu_refuses_fails_loudly_instead_of_running_on_the_cpu(tmp_
         sessions.open(npu_bundle("trained") / "model.onnx", key, tmp_path)
     assert "CPU fallback is off" in str(error.value)
     assert not list(tmp_path.iterdir())  # no half-written context
-    assert manifest["graphs"]["cpu"]["file"] == "model.onnx"
+    assert manifest.cpu_graph == "model.onnx"
 
 
 def test_a_token_id_outside_the_vocabulary_is_a_setting_error(trained):

@@ -15,7 +15,7 @@ from edgellm.export.npu_graph import build_npu_graph, float_nodes
 from edgellm.export.npu_quantize import calibration_documents
 from edgellm.export.npu_verify import cpu_sessions, kl_divergence, teacher_forced_logits
 from edgellm.export.reference import FREQ_FACTORS, INV_FREQ, ReferenceModel, rope_inv_freq
-from edgellm.manifest import model_config, read_manifest
+from edgellm.manifest import read_manifest
 from edgellm.npu_host import HostEmbedding, NpuDecoder
 from edgellm.weights import BundleWeights
 from npu_support import NPU_CHUNK, NPU_CONTEXT, cpu_provider_decoder, npu_bundle
@@ -33,7 +33,7 @@ def graph_files(bundle, manifest):
 
 
 def test_the_npu_graphs_have_static_shapes_and_only_standard_onnx_ops(bundle):
-    manifest = read_manifest(bundle)
+    manifest = read_manifest(bundle).raw
     for role, graph in graph_files(bundle, manifest).items():
         for value in [*graph.graph.input, *graph.graph.output]:
             dims = value.type.tensor_type.shape.dim
@@ -51,7 +51,7 @@ def test_the_npu_graphs_have_static_shapes_and_only_standard_onnx_ops(bundle):
 
 
 def test_the_matrices_are_int8_per_channel_and_both_graphs_share_one_weights_file(bundle):
-    manifest = read_manifest(bundle)
+    manifest = read_manifest(bundle).raw
     graphs = graph_files(bundle, manifest)
     weights_file = manifest["graphs"]["npu"]["files"]["weights"]
     locations = {}
@@ -75,7 +75,7 @@ def test_the_matrices_are_int8_per_channel_and_both_graphs_share_one_weights_fil
 
 
 def test_the_manifest_describes_the_npu_variant_and_its_verification(bundle):
-    manifest = read_manifest(bundle)  # the runtime's own checks: every listed file present, hashes match
+    manifest = read_manifest(bundle).raw  # the runtime's own checks: every listed file present, hashes match
     entry = manifest["graphs"]["npu"]
     assert entry["chunk"] == NPU_CHUNK and entry["context"] == NPU_CONTEXT
     assert set(entry["files"].values()) <= set(manifest["files"])
@@ -99,10 +99,9 @@ def test_the_quantized_graphs_follow_the_float_reference_through_prefill_and_dec
     """The random model's logits, teacher-forced: prefill chunks at positions 0, 16, 32 (the last one
     padded) and decode steps, against the numpy reference over the source's float weights."""
     manifest = read_manifest(bundle)
-    config = model_config(manifest)
     source = load_source(bundle.parent / "hf")
-    reference = ReferenceModel(config, {n: as_float(t) for n, t in source.tensors.items()})
-    decoder = cpu_provider_decoder(bundle, manifest)
+    reference = ReferenceModel(manifest.config, {n: as_float(t) for n, t in source.tensors.items()})
+    decoder = cpu_provider_decoder(manifest)
     ids = list(np.random.default_rng(5).integers(3, tiny_vocab_size(), 45))
     expected = reference.forward(ids)
     actual = teacher_forced_logits(decoder, ids, decode_steps=8)
@@ -147,9 +146,10 @@ def test_the_host_embedding_reads_the_same_values_as_the_quantized_table(tmp_pat
         folder = tmp_path / fmt
         hf = save_tiny_model(make_tiny_model("llama", tie=True), folder / "hf")
         manifest = export_model(hf, folder / "bundle", ExportOptions(quant=options, verify=False))
-        matrix = manifest["matrices"]["model.embed_tokens.weight"]
-        assert matrix["format"] == fmt
-        embed = HostEmbedding(BundleWeights(folder / "bundle", manifest), matrix)
+        checked = read_manifest(folder / "bundle")
+        matrix = checked.matrices["model.embed_tokens.weight"]
+        assert manifest["matrices"]["model.embed_tokens.weight"]["format"] == matrix.format == fmt
+        embed = HostEmbedding(BundleWeights.of(checked), matrix)
         table = as_float(quantize(as_float(load_source(hf).tensors["model.embed_tokens.weight"]), fmt, 32))
         ids = np.array([0, 5, 399, 17, 5])
         np.testing.assert_array_equal(embed(ids), table[ids])
@@ -169,7 +169,7 @@ def test_the_calibration_text_is_a_few_hundred_tokens_in_several_languages():
 
 def test_a16w4_exports_int4_channels_and_passes_its_own_thresholds():
     bundle = npu_bundle("random", "a16w4")
-    manifest = read_manifest(bundle)
+    manifest = read_manifest(bundle).raw
     entry = manifest["graphs"]["npu"]
     assert entry["quantization"]["scheme"] == "a16w4"  # exported at all: its verification passed (else it raises)
     prefill = onnx.load(str(bundle / entry["files"]["prefill"]), load_external_data=False)

@@ -31,7 +31,7 @@ def golden_ids(smollm2_npu):
     from edgellm.tokenizer import BundleTokenizer
 
     bundle, _ = smollm2_npu
-    ids = BundleTokenizer(bundle, read_manifest(bundle)).encode((FIXTURES / "golden_text.txt").read_text())
+    ids = BundleTokenizer.of(read_manifest(bundle)).encode((FIXTURES / "golden_text.txt").read_text())
     assert len(ids) >= GOLDEN_TOKENS
     return ids[:GOLDEN_TOKENS]
 
@@ -44,13 +44,14 @@ def test_smollm2_npu_graphs_agree_with_the_float_reference_over_128_tokens(smoll
     from edgellm.export.exporter import load_source
     from edgellm.export.npu_verify import kl_divergence, teacher_forced_logits
     from edgellm.export.reference import ReferenceModel
-    from edgellm.manifest import model_config
+    from edgellm.manifest import read_manifest
 
-    bundle, manifest = smollm2_npu
+    bundle, _ = smollm2_npu
+    manifest = read_manifest(bundle)
     source = load_source("default")
-    reference = ReferenceModel(model_config(manifest), {n: as_float(t) for n, t in source.tensors.items()})
+    reference = ReferenceModel(manifest.config, {n: as_float(t) for n, t in source.tensors.items()})
     expected = reference.forward(golden_ids)
-    actual = teacher_forced_logits(cpu_provider_decoder(bundle, manifest), golden_ids, decode_steps=64)
+    actual = teacher_forced_logits(cpu_provider_decoder(manifest), golden_ids, decode_steps=64)
     top1 = float(np.mean(actual.argmax(-1) == expected.argmax(-1)))
     kl = float(kl_divergence(expected, actual).mean())
     print(f"\nteacher-forced over {len(golden_ids)} tokens, NPU graphs on the CPU provider vs the float reference: "
@@ -67,7 +68,7 @@ def test_smollm2_prefills_64_tokens_and_decodes_4_on_the_htp_simulator(smollm2_n
     import edgellm
     from edgellm.export.npu_verify import kl_divergence
 
-    bundle, manifest = smollm2_npu
+    bundle, _ = smollm2_npu
     started = time.perf_counter()
     model = edgellm.load(bundle, backend="npu")
     load_seconds = time.perf_counter() - started
@@ -81,7 +82,7 @@ def test_smollm2_prefills_64_tokens_and_decodes_4_on_the_htp_simulator(smollm2_n
         rows.append(backend.forward([tokens[-1]]))
         tokens.append(int(rows[-1].argmax()))
     decode_seconds = time.perf_counter() - started
-    cpu = cpu_provider_decoder(bundle, manifest)
+    cpu = cpu_provider_decoder(model.manifest)
     expected = [cpu.forward(prompt)[-1]] + [cpu.forward([t])[-1] for t in tokens[:-1]]
     kl = kl_divergence(np.stack(expected), np.stack(rows))
     loads = ", ".join(f"{r['graph']} {r['seconds']:.1f} s" for r in backend.loads)

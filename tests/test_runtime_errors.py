@@ -131,13 +131,13 @@ def test_a_prompt_longer_than_the_context_is_refused(pristine):
 
 
 def test_a_context_that_does_not_fit_in_memory_is_refused_with_one_that_fits(pristine):
-    from edgellm.manifest import model_config, read_manifest
+    from edgellm.manifest import read_manifest
     from edgellm.memory import estimate
     from edgellm.settings import RuntimeSettings
 
     manifest, settings = read_manifest(pristine), RuntimeSettings.resolve()
-    needs = {context: estimate(pristine, manifest, model_config(manifest), settings.backend, context,
-                               settings.prefill_chunk).total for context in (256, 512)}
+    needs = {context: estimate(manifest, settings.backend, context, settings.prefill_chunk).total
+             for context in (256, 512)}
     assert needs[256] < needs[512]
     with pytest.raises(MemoryBudgetError, match="context of 256 tokens fits") as error:  # a budget between the two
         edgellm.load(pristine, context_length=512, max_memory=(needs[256] + needs[512]) // 2)

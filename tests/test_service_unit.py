@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edgellm.errors import EdgeLLMError, InvalidSettingError
-from edgellm.manifest import model_config, read_manifest
+from edgellm.manifest import read_manifest
 from edgellm.memory import MIB, estimate
 from edgellm.service_install import (MEMORY_HEADROOM, SERVER_OVERHEAD, ServiceOptions, fill_template, install,
                                      load_board, render_unit, uninstall, unreadable_by_service)
@@ -104,7 +104,7 @@ def test_the_unit_has_the_hardening_and_life_cycle_the_service_needs(bundle):
 
 def test_memory_max_is_the_estimate_plus_the_server_and_headroom_unless_the_board_says(bundle):
     manifest = read_manifest(bundle)
-    needed = estimate(bundle, manifest, model_config(manifest), ServiceOptions().backend or "onnxruntime", 512, 128).total
+    needed = estimate(manifest, ServiceOptions().backend or "onnxruntime", 512, 128).total
     found = directives(render_unit(bundle, context=512, backend="onnxruntime"))
     assert found["MemoryMax"] == [f"{math.ceil((needed + SERVER_OVERHEAD) * MEMORY_HEADROOM / MIB)}M"]
     board = directives(render_unit(bundle, board={"service": {"memory_max": "1G", "cpu_affinity": "4-7"}}))

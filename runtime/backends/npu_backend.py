@@ -15,28 +15,29 @@ import numpy as np
 
 from ..bundle_format import cache_root
 from ..errors import ContextOverflowError, NpuError
-from ..model_config import ModelConfig
+from ..manifest import Manifest, NpuGraphs
 from ..npu_host import MASK_VALUE, HostEmbedding, NpuDecoder, check_graph_io
 from ..npu_session import QnnSessions, cache_dir, log, model_hash
 from ..settings import RuntimeSettings
 from ..weights import BundleWeights
 from .base import Backend
 
-def npu_entry(manifest: dict) -> dict:
+
+def npu_entry(manifest: Manifest) -> NpuGraphs:
     """The manifest's description of the NPU graphs; NpuError when the bundle has none."""
-    entry = manifest.get("graphs", {}).get("npu")
-    if not entry:
+    entry = manifest.npu
+    if entry is None:
         raise NpuError("this bundle has no NPU graphs",
                        "export it with them: edgellm export SRC -o BUNDLE --profile npu")
-    if entry.get("mask_value") != float(MASK_VALUE):
-        raise NpuError(f"the NPU graphs were calibrated for mask value {entry.get('mask_value')}, this runtime "
+    if entry.mask_value != float(MASK_VALUE):
+        raise NpuError(f"the NPU graphs were calibrated for mask value {entry.mask_value}, this runtime "
                        f"feeds {float(MASK_VALUE)}", "export the bundle again with this edgellm")
     return entry
 
 
-def npu_context(manifest: dict, settings: RuntimeSettings) -> int:
+def npu_context(manifest: Manifest, settings: RuntimeSettings) -> int:
     """The context the NPU backend runs: the graphs' fixed window, or less when --context asks for less."""
-    window = npu_entry(manifest)["context"]
+    window = npu_entry(manifest).context
     if settings.context_length > window:
         raise ContextOverflowError(f"a context of {settings.context_length} tokens is longer than the NPU graphs' "
                                    f"fixed window of {window}",
@@ -47,31 +48,29 @@ def npu_context(manifest: dict, settings: RuntimeSettings) -> int:
 class NpuBackend(Backend):
     name = "npu"
 
-    def __init__(self, bundle: Path, manifest: dict, settings: RuntimeSettings, context_length: int,
-                 config: ModelConfig | None = None):
-        from ..manifest import model_config
-
+    def __init__(self, manifest: Manifest, settings: RuntimeSettings, context_length: int):
         entry = npu_entry(manifest)
-        self.config = config or model_config(manifest)
-        self.window = entry["context"]  # KV cache slots the graphs were compiled for
+        bundle = manifest.bundle
+        self.config = manifest.config
+        self.window = entry.context  # KV cache slots the graphs were compiled for
         self.context_length = min(context_length, self.window)
-        self.prefill_chunk = entry["chunk"]
+        self.prefill_chunk = entry.chunk
         self.position = 0
         qnn = QnnSessions(settings.npu_provider_options)
         folder = cache_dir(bundle)
         if folder is None:
             log.warning("neither %s nor %s can be written: the NPU graphs are compiled at every start",
                         Path(bundle) / "npu_cache", cache_root() / "npu")
-        digest = model_hash(manifest, entry["files"])
+        digest = model_hash(manifest, entry.files.values())
         sessions, self.loads = {}, []
         for role, seq in (("prefill", self.prefill_chunk), ("decode", 1)):
-            key = qnn.key(role, digest)
-            session, report = qnn.open(Path(bundle) / entry["files"][role], key, folder)
-            check_graph_io(session, self.config, seq, self.window, f"{Path(bundle) / entry['files'][role]}")
+            graph = manifest.path(entry.files[role])
+            session, report = qnn.open(graph, qnn.key(role, digest), folder)
+            check_graph_io(session, self.config, seq, self.window, str(graph))
             sessions[seq] = session
             self.loads.append(report)
-        table = manifest["matrices"]["model.embed_tokens.weight"]
-        self.decoder = NpuDecoder(self.config, self.window, sessions, HostEmbedding(BundleWeights(bundle, manifest), table))
+        table = manifest.matrices["model.embed_tokens.weight"]
+        self.decoder = NpuDecoder(self.config, self.window, sessions, HostEmbedding(BundleWeights.of(manifest), table))
 
     def _forward_chunk(self, token_ids: Sequence[int], all_logits: bool) -> np.ndarray:
         self.decoder.truncate(self.position)

@@ -9,14 +9,12 @@ Logits go to a preallocated [1, prefill_chunk, V] buffer the same way.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..bundle_format import ONNX_CPU_FILE
 from ..errors import BundleError, InvalidSettingError
-from ..model_config import ModelConfig
+from ..manifest import Manifest
 from ..settings import RuntimeSettings
 from .base import Backend
 
@@ -24,13 +22,10 @@ from .base import Backend
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, bundle: Path, manifest: dict, settings: RuntimeSettings, context_length: int,
-                 config: ModelConfig | None = None):
+    def __init__(self, manifest: Manifest, settings: RuntimeSettings, context_length: int):
         import onnxruntime as ort
 
-        from ..manifest import model_config
-
-        self.config = config or model_config(manifest)
+        self.config = manifest.config
         self.context_length = context_length
         self.prefill_chunk = min(settings.prefill_chunk, context_length)
         self.position = 0
@@ -39,11 +34,12 @@ class OnnxRuntimeBackend(Backend):
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers, provider_options = self._providers(settings, ort.get_available_providers())
+        graph = manifest.path(manifest.cpu_graph)  # checked: a regular file inside the bundle, its hash matched
         try:
-            self.session = ort.InferenceSession(str(Path(bundle) / ONNX_CPU_FILE), options,
-                                                providers=providers, provider_options=provider_options)
+            self.session = ort.InferenceSession(str(graph), options, providers=providers,
+                                                provider_options=provider_options)
         except Exception as exc:  # ORT raises its own types for a bad or mismatched graph
-            raise BundleError(f"{Path(bundle) / ONNX_CPU_FILE}: ONNX Runtime cannot load it ({exc})",
+            raise BundleError(f"{graph}: ONNX Runtime cannot load it ({exc})",
                               "the bundle is damaged or from an incompatible exporter; export it again") from None
         c = self.config
         cache_shape = (1, context_length, c.num_key_value_heads, c.head_dim)  # [1, T, KV, D]
@@ -52,7 +48,6 @@ class OnnxRuntimeBackend(Backend):
         self.logits = np.zeros((1, self.prefill_chunk, c.vocab_size), np.float32)  # [1, chunk, V]
         self.row_bytes = c.num_key_value_heads * c.head_dim * 4  # one position of one layer's K or V
         self.binding = self.session.io_binding()
-
 
     @staticmethod
     def _providers(settings: RuntimeSettings, available: list[str]) -> tuple[list[str], list[dict]]:
