@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from .errors import ContextOverflowError
+from .errors import ContextOverflowError, EdgeLLMError
 from .generation import Chunk
 
 
@@ -34,9 +34,14 @@ class ChatSession:
     def send(self, text: str, **kwargs: Any) -> Iterator[Chunk]:
         """Stream the reply to `text`; the reply (even a cancelled, partial one) joins the history."""
         options = {**self.defaults, **kwargs}
-        self.turns.append({"role": "user", "content": text})
-        reserve = options.get("max_tokens", 256)
-        prompt_ids = self._fit(reserve)
+        turn = {"role": "user", "content": text}
+        self.turns.append(turn)
+        try:
+            prompt_ids = self._fit(options.get("max_tokens", 256))
+        except EdgeLLMError:  # the template refused it, or it does not fit: the session stays as it was
+            if self.turns and self.turns[-1] is turn:
+                self.turns.pop()
+            raise
         reply = []
         try:
             for chunk in self.model.stream(prompt_ids, **options):
@@ -48,7 +53,7 @@ class ChatSession:
     def _fit(self, reserve: int) -> list[int]:
         context = self.model.context_length
         while True:
-            ids = self.model.encode(self.model.render_chat(self.messages))
+            ids = self.model.encode_chat(self.messages)
             if len(ids) + min(reserve, context // 2) <= context:
                 return ids
             if len(self.turns) <= 1:

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from .backends import create_backend, run_context
-from .bundle_format import WEIGHTS_FILE, file_sha256
-from .chat_template import render_chat
-from .errors import BundleError, ContextOverflowError, EdgeLLMError
+from .bundle_format import WEIGHTS_FILE
+from .chat_template import TemplateRenderer, check_messages, render_chat
+from .errors import ContextOverflowError, EdgeLLMError
 from .generation import Chunk, Generator, join_chunks
-from .manifest import model_config, read_manifest
+from .manifest import Manifest, read_manifest
 from .memory import MemoryEstimate, check_budget
 from .sampling import SamplingParams
 from .settings import RuntimeSettings
@@ -26,24 +26,26 @@ if TYPE_CHECKING:
 class Model:
     """A bundle loaded on a backend. Facts come from the manifest, policy from `settings`."""
 
-    def __init__(self, bundle: Path, manifest: dict, settings: RuntimeSettings):
+    def __init__(self, manifest: Manifest, settings: RuntimeSettings):
         started = time.perf_counter()
-        self.bundle = Path(bundle)
+        self.bundle = manifest.bundle
         self.manifest = manifest
         self.settings = settings
-        self.config = model_config(manifest)
-        self.context_length = run_context(manifest, settings, self.config.max_position_embeddings)
+        self.config = manifest.config
+        self.context_length = run_context(manifest, settings)
         if self.context_length > self.config.max_position_embeddings:
             raise ContextOverflowError(f"a context of {self.context_length} tokens is longer than the model was "
                                        f"trained for ({self.config.max_position_embeddings})",
                                        f"use --context {self.config.max_position_embeddings} or less")
-        self.memory: MemoryEstimate = check_budget(self.bundle, manifest, self.config, settings.backend,
-                                                   self.context_length, settings.prefill_chunk, settings.max_memory)
+        self.memory: MemoryEstimate = check_budget(manifest, settings.backend, self.context_length,
+                                                   settings.prefill_chunk, settings.max_memory)
         if settings.verify_weights:
             self.verify_weights()
-        self.tokenizer = BundleTokenizer(self.bundle, manifest)
-        self.backend = create_backend(self.bundle, manifest, settings, self.context_length)
-        self.chat_template: str | None = manifest.get("chat_template")
+        self.tokenizer = BundleTokenizer.of(manifest)
+        self.backend = create_backend(manifest, settings, self.context_length)
+        self.chat_template: str | None = manifest.chat_template
+        # its own process, started now so that it is ready when the first chat arrives
+        self.template_renderer = TemplateRenderer() if self.chat_template else None
         self.load_seconds = time.perf_counter() - started
         self.generator = Generator(self.backend, self.tokenizer, self.config.vocab_size, self.load_seconds)
 
@@ -51,25 +53,33 @@ class Model:
     def load(cls, bundle: str | Path, settings: RuntimeSettings | None = None, **overrides: Any) -> "Model":
         """Open a bundle folder. `overrides` are RuntimeSettings fields (threads=, context_length=, ...)."""
         settings = settings or RuntimeSettings.resolve(**overrides)
-        return cls(Path(bundle), read_manifest(Path(bundle)), settings)
+        return cls(read_manifest(bundle), settings)
 
     # -- integrity ----------------------------------------------------------------------------
     def verify_weights(self) -> None:
         """Hash weights.bin against the manifest (a tampered or damaged file fails here)."""
-        expected = self.manifest["files"][WEIGHTS_FILE]["sha256"]
-        if file_sha256(self.bundle / WEIGHTS_FILE) != expected:
-            raise BundleError(f"{self.bundle / WEIGHTS_FILE}: sha256 differs from the manifest",
-                              "the file was modified or damaged; export the bundle again")
+        self.manifest.verify_file(WEIGHTS_FILE)
 
     # -- prompts ------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+    def encode(self, text: str, parse_special: bool = False) -> list[int]:
+        """Ids of a raw prompt; text that spells a control token is text unless `parse_special`."""
+        return self.tokenizer.encode(text, parse_special=parse_special)
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        if not self.chat_template:
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    seconds: float | None = None) -> str:
+        """The conversation as the chat template writes it (ChatTemplateError past its time limit)."""
+        if self.template_renderer is None:
             raise EdgeLLMError("this bundle has no chat template", "use a raw prompt (--raw) instead")
         return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           special_tokens=self.tokenizer.special_tokens)
+                           special_tokens=self.tokenizer.special_tokens, seconds=seconds,
+                           renderer=self.template_renderer)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    seconds: float | None = None) -> list[int]:
+        """Ids of the rendered conversation. The template's markers are control tokens; a message's text
+        is text, even where it spells one ("<|im_end|><|im_start|>system..." cannot open a system turn)."""
+        return self.tokenizer.encode_chat(check_messages(messages),
+                                          lambda marked: self.render_chat(marked, add_generation_prompt, seconds))
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         return self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -95,7 +105,7 @@ class Model:
 
     def chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> Iterator[Chunk]:
         """Stream the assistant's reply to a conversation rendered with the bundle's chat template."""
-        return self.stream(self.render_chat(messages), **kwargs)
+        return self.stream(self.encode_chat(messages), **kwargs)
 
     async def astream(self, prompt: str | Sequence[int], **kwargs: Any) -> AsyncIterator[Chunk]:
         """`stream` for asyncio servers: each step runs in a worker thread, the event loop stays free.
@@ -120,6 +130,8 @@ class Model:
 
     def close(self) -> None:
         self.backend.close()
+        if self.template_renderer is not None:
+            self.template_renderer.close()
 
     def __enter__(self) -> "Model":
         return self

@@ -24,7 +24,7 @@ GUARDED = ("{% for m in messages %}{% if m['role'] == 'system' and not loop.firs
 @pytest.fixture(scope="module")
 def smollm2_template(smollm2_bundle):
     manifest = read_manifest(smollm2_bundle)
-    return manifest["chat_template"], manifest["tokenizer"]["special_tokens"], smollm2_bundle
+    return manifest.chat_template, manifest.tokenizer.special_tokens, smollm2_bundle
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
@@ -64,7 +64,7 @@ def test_a_long_chat_drops_the_oldest_turns_but_keeps_the_system_prompt(tiny_bun
         assert session.dropped_turns > 0
         assert session.messages[0]["role"] == "system"
         assert session.messages[-2]["content"].startswith("Question number 11")
-        ids = model.encode(model.render_chat(session.messages))
+        ids = model.encode_chat(session.messages)
         assert len(ids) <= 160
 
 

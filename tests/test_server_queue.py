@@ -21,7 +21,7 @@ class ScriptedModel:
     """Model's serving surface: `astream` yields max_tokens chunks of "a", each after `step` seconds
     (the first after `first_step`: the prefill)."""
 
-    manifest = {"model": {"name": "scripted"}}
+    manifest = SimpleNamespace(name="scripted")
     chat_template = "{{ messages }}"
     context_length = 64
     config = SimpleNamespace(vocab_size=100)
@@ -34,11 +34,11 @@ class ScriptedModel:
         self.running = 0
         self.most_running = 0
 
-    def encode(self, text):
+    def encode(self, text, parse_special=False):
         return [1] * max(1, len(text.split()))
 
-    def render_chat(self, messages):
-        return " ".join(m["content"] for m in messages)
+    def encode_chat(self, messages, add_generation_prompt=True, seconds=None):
+        return self.encode(" ".join(m["content"] for m in messages))
 
     def stream(self, prompt, max_tokens=1, **kwargs):  # the warm-up
         self.loaded.wait()
@@ -121,6 +121,23 @@ def test_a_running_generation_that_is_cancelled_stops_after_the_step_in_flight()
 
     generation, stopped_in = run(scenario())
     assert generation.state == "done" and generation.tokens < 5 and stopped_in < 0.1
+
+
+def test_a_generation_that_delivered_its_last_chunk_keeps_its_finish_reason_when_cancelled_after():
+    """A shutdown that lands after the last chunk went out (before the worker closed the stream) must not
+    turn the logged "stop" into "shutdown": the client received a finished answer."""
+    async def scenario():
+        queue = AdmissionQueue(ScriptedModel(step=0.001), max_waiting=1)
+        queue.start()
+        generation = queue.submit([1], max_tokens=2)
+        while (chunk := await generation.next_chunk()) is not None and chunk.finish_reason is None:
+            pass
+        generation.cancel("shutdown")
+        await queue.drain(1)
+        return generation
+
+    generation = run(scenario())
+    assert generation.finish_reason == "length" and generation.cancel_reason is None
 
 
 def test_draining_refuses_new_work_and_lets_admitted_work_finish_within_the_grace_period():

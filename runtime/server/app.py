@@ -57,7 +57,7 @@ class ServerState:
         # The id clients send: --model-name, else the bundle folder's name ("smollm2-135m-instruct"),
         # which reads better in a URL than the checkpoint's own name; that one is accepted too.
         self.model_name = config.model_name or self.bundle.resolve().name
-        self.model_aliases = {self.model_name, self.manifest["model"].get("name") or self.model_name}
+        self.model_aliases = {self.model_name, self.manifest.name or self.model_name}
         self.created = int(self.bundle.joinpath("manifest.json").stat().st_mtime) if model is None else int(time.time())
         self.model = model
         self.status = "loading"  # loading -> ready -> draining; or failed
@@ -166,10 +166,16 @@ class ServerState:
 
 
 def warm_up(model: Any) -> None:
-    """One tiny greedy generation, so the first request does not pay for lazy initialization."""
+    """One tiny greedy generation, so the first request does not pay for lazy initialization, and the chat
+    template rendered once (its process started), so that a broken one is reported at start."""
     prompt = model.encode("Hello") or [0]
     for _ in model.stream(prompt, max_tokens=1, temperature=0):
         pass
+    if model.chat_template:
+        try:
+            model.encode_chat([{"role": "user", "content": "Hello"}])
+        except EdgeLLMError as error:
+            log.warning("the bundle's chat template fails (%s): chat requests will be answered with 400", error)
 
 
 # -- requests to generation options -------------------------------------------------------------
@@ -311,7 +317,8 @@ def create_app(state: ServerState) -> FastAPI:
                            param="messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
-        prompt_ids = await asyncio.to_thread(lambda: model.encode(model.render_chat(messages)))
+        # in a thread, and the template in its own process with its own time limit, within the request's
+        prompt_ids = await asyncio.to_thread(model.encode_chat, messages, True, _remaining(arrived + state.config.timeout))
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         options = _options(body, prompt_ids, model.context_length, model.config.vocab_size, requested, None,
                            "messages")
@@ -327,7 +334,7 @@ def create_app(state: ServerState) -> FastAPI:
                 raise APIError(400, "send one prompt per request (a list of prompts is not supported)", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            prompt_ids = await asyncio.to_thread(model.encode, prompt)
+            prompt_ids = await asyncio.to_thread(model.encode, prompt, body.parse_special)
         else:
             vocab = model.config.vocab_size
             if any(not 0 <= t < vocab for t in prompt):
