@@ -74,10 +74,10 @@ def info(
 
         manifest = read_manifest(bundle)
         if as_json:
-            typer.echo(json.dumps({**summarize(manifest, bundle), "npu": npu_summary(manifest)}, indent=2,
+            typer.echo(json.dumps({**summarize(manifest), "npu": npu_summary(manifest)}, indent=2,
                                   ensure_ascii=False))
         else:
-            print_info(manifest, bundle)
+            print_info(manifest)
             if npu_summary(manifest):
                 from rich.console import Console
 
@@ -127,6 +127,8 @@ _system = typer.Option(None, "--system", help="System prompt (chat mode).")
 def run(
     args: List[str] = typer.Argument(..., metavar="[BUNDLE] PROMPT", help="Bundle folder (optional) and prompt ('-': stdin)."),
     chat: Optional[bool] = typer.Option(None, "--chat/--raw", help="Wrap the prompt in the chat template (default when the bundle has one)."),
+    parse_special: bool = typer.Option(False, "--parse-special", help="With --raw: text that spells a control token "
+                                                                      "(<|im_start|>) is that token, not plain text."),
     system: Optional[str] = _system, max_tokens: int = _max_tokens, stop: List[str] = _stop,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per chunk."), show_stats: bool = _stats,
     temperature: Optional[float] = _temperature, top_k: Optional[int] = _top_k, top_p: Optional[float] = _top_p,
@@ -143,7 +145,7 @@ def run(
         run_prompt(args, chat=chat, system=system, max_tokens=max_tokens, stop=stop, as_json=as_json,
                    show_stats=show_stats, settings=runtime_settings(threads, context, max_memory, backend, verify_weights, board),
                    sampling=sampling_flags(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
-                                           frequency_penalty, seed))
+                                           frequency_penalty, seed), parse_special=parse_special)
     except EdgeLLMError as error:
         fail(error)
 
@@ -217,6 +219,10 @@ def serve(
     timeout: float = typer.Option(300, "--timeout", help="Seconds per request, from arrival to the last token."),
     grace: float = typer.Option(20, "--grace", help="Seconds admitted requests get to finish after SIGTERM."),
     max_body: str = typer.Option("1M", "--max-body", help="Largest request body, e.g. 1M."),
+    read_timeout: float = typer.Option(10, "--read-timeout", help="Seconds a connection has to send a whole request "
+                                                                  "(headers and body); slower ones are closed."),
+    max_connections: int = typer.Option(512, "--max-connections", help="Open connections; past it, a new one "
+                                                                       "evicts the oldest idle one."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id clients send (default: the bundle folder's name)."),
     threads: Optional[int] = _threads, context: Optional[int] = _context, max_memory: Optional[str] = _max_memory,
     backend: Optional[str] = _backend, verify_weights: bool = _verify_weights,
@@ -229,6 +235,7 @@ def serve(
         from .settings import RuntimeSettings, parse_bytes
 
         config = ServerConfig(host=host, port=port, max_queue=max_queue, timeout=timeout, grace=grace,
+                              read_timeout=read_timeout, max_connections=max_connections,
                               max_body_bytes=parse_bytes(max_body, "max_body"), api_key=resolve_api_key(api_key_file),
                               model_name=model_name)
         settings = RuntimeSettings.resolve(**runtime_settings(threads, context, max_memory, backend, verify_weights, board))

@@ -16,6 +16,7 @@ from .errors import EdgeLLMError, InvalidSettingError
 from .generation import Chunk
 from .sampling import SamplingParams
 from .settings import RuntimeSettings
+from .tokenizer import INVALID_TEXT_HINT, check_text
 
 
 def default_bundle_dir() -> Path:
@@ -117,21 +118,36 @@ def split_run_args(args: Sequence[str]) -> tuple[str | None, str]:
     raise InvalidSettingError("usage: edgellm run [BUNDLE] PROMPT", "quote the prompt; use - to read it from stdin")
 
 
+def read_prompt(prompt: str) -> str:
+    """The prompt argument, or standard input's bytes for "-", as text; invalid UTF-8 is an error."""
+    if prompt != "-":
+        return check_text(prompt)
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidSettingError(f"standard input is not valid UTF-8 (byte {error.start}: {data[error.start]:#04x})",
+                                  INVALID_TEXT_HINT) from None
+
+
 def run_prompt(args: Sequence[str], *, chat: bool | None, system: str | None, max_tokens: int, stop: Sequence[str],
-               as_json: bool, show_stats: bool, settings: dict, sampling: dict) -> None:
+               as_json: bool, show_stats: bool, settings: dict, sampling: dict, parse_special: bool = False) -> None:
     bundle, prompt = split_run_args(args)
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    prompt = read_prompt(prompt)
+    for text, what in [(system or "", "--system"), *((s, "--stop") for s in stop)]:
+        check_text(text, what)
     params = sampling_from_flags(**sampling)
     model = open_model(bundle, **settings)
     use_chat = bool(model.chat_template) if chat is None else chat
+    if use_chat and parse_special:
+        raise InvalidSettingError("--parse-special applies to raw prompts", "add --raw")
     if use_chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        prompt_ids = model.encode(model.render_chat(messages))
+        prompt_ids = model.encode_chat(messages)
     else:
         if system:
             raise InvalidSettingError("--system needs chat mode", "drop --raw or --system")
-        prompt_ids = model.encode(prompt)
+        prompt_ids = model.encode(prompt, parse_special=parse_special)
     with cancel_on_interrupt() as cancel:
         print_chunks(model.stream(prompt_ids, max_tokens=max_tokens, stop=stop, sampling=params, cancel=cancel),
                      as_json, show_stats)
@@ -145,7 +161,7 @@ def chat_loop(bundle: str | None, *, system: str | None, max_tokens: int, stop: 
     params = sampling_from_flags(**sampling)
     model = open_model(bundle, **settings)
     session = model.chat_session(system, max_tokens=max_tokens, stop=stop, sampling=params)
-    name = model.manifest["model"].get("name") or model.config.architecture
+    name = model.manifest.name or model.config.architecture
     print(f"{name} ({model.context_length}-token context). {HELP}", file=sys.stderr)
     while True:
         try:
@@ -155,6 +171,9 @@ def chat_loop(bundle: str | None, *, system: str | None, max_tokens: int, stop: 
             return
         except KeyboardInterrupt:
             print(file=sys.stderr)
+            continue
+        except UnicodeDecodeError:  # the terminal sent bytes that are not UTF-8: this line is lost, the chat is not
+            print(f"error: that line is not valid UTF-8 text ({INVALID_TEXT_HINT})", file=sys.stderr)
             continue
         text = line.strip()
         if not text:

@@ -38,7 +38,7 @@ def test_plain_output_equals_the_json_text_and_the_python_api(bundle):
     joined = "".join(json.loads(line)["text"] for line in as_json.stdout.splitlines())
     assert plain.stdout == joined + "\n"
     with api.load(bundle) as model:
-        ids = model.encode(model.render_chat([{"role": "user", "content": "Hello"}]))
+        ids = model.encode_chat([{"role": "user", "content": "Hello"}])
         assert model.generate(ids, temperature=0, max_tokens=12) == joined
 
 
@@ -96,3 +96,41 @@ def test_run_without_a_bundle_uses_the_default_model(tmp_path):
     assert "first use" in done.stderr
     assert (tmp_path / "edgellm" / "bundles" / "smollm2-135m-instruct" / "manifest.json").is_file()
     assert done.stdout.strip()
+
+
+def one_error_line(done: subprocess.CompletedProcess, *phrases: str) -> str:
+    stderr = done.stderr if isinstance(done.stderr, str) else done.stderr.decode("utf-8", "replace")
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", ["stdin", "argv"])
+def test_a_prompt_of_invalid_utf8_is_one_error_line(bundle, where):
+    command = [sys.executable, "-m", "edgellm", "run", str(bundle), "-n", "4"]
+    if where == "stdin":
+        done = subprocess.run(command + ["-"], input=b"Hello \xff", capture_output=True, timeout=300)
+        one_error_line(done, "standard input is not valid UTF-8", "0xff")
+    else:
+        done = subprocess.run(command + [b"Hello \xff"], capture_output=True, timeout=300)
+        one_error_line(done, "the prompt is not valid UTF-8")
+
+
+def test_serve_on_a_port_in_use_is_one_error_line_and_exit_1(bundle):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "edgellm", "serve", str(bundle), "--port", str(port)],
+                              capture_output=True, text=True, timeout=300)
+    one_error_line(done, f"cannot listen on 127.0.0.1:{port}", "--port")
+
+
+def test_a_tiny_memory_budget_is_reported_in_a_unit_that_shows_it(bundle):
+    done = edgellm("run", str(bundle), "Hi", "--max-memory", "1K")
+    one_error_line(done, "(1 KiB)")

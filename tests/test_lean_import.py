@@ -20,7 +20,8 @@ RUNTIME_MODULES = ("edgellm", "edgellm.cli", "edgellm.manifest", "edgellm.model_
                    "edgellm.default_model", "edgellm.streaming", "edgellm.sampling", "edgellm.settings",
                    "edgellm.weights", "edgellm.model", "edgellm.generation", "edgellm.chat", "edgellm.chat_template",
                    "edgellm.tokenizer", "edgellm.memory", "edgellm.run_command", "edgellm.bench",
-                   "edgellm.backends.onnxruntime_backend", "edgellm.server", "edgellm.service_install")
+                   "edgellm.backends.onnxruntime_backend", "edgellm.server", "edgellm.service_install",
+                   "edgellm.quant_formats", "edgellm.template_sandbox", "edgellm.server.connections")
 
 # Installed first thing in the child interpreter, before anything from edgellm is imported.
 BLOCKER = textwrap.dedent(f"""

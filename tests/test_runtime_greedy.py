@@ -79,7 +79,7 @@ def check_chat_reuse(bundle) -> None:
             fresh.generator.cached_ids.clear()
             fresh.backend.reset()
             upto = history[: 1 + 2 * turn + 1]  # system, earlier pairs, this turn's question
-            ids = fresh.encode(fresh.render_chat(upto))
+            ids = fresh.encode_chat(upto)
             tokens = [c.token_id for c in fresh.stream(ids, max_tokens=24, temperature=0) if c.token_id is not None]
             assert tokens == answers[turn], f"turn {turn}"
 

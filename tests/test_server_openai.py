@@ -46,14 +46,14 @@ def expected(model, prompt_ids, max_tokens, stop=(), **sampling):
 
 
 def chat_prompt(model, messages=MESSAGES):
-    return model.encode(model.render_chat(messages))
+    return model.encode_chat(messages)
 
 
 def test_models_lists_the_one_served_model_by_its_folder_name_and_its_own_name_works_too(client, model):
     ids = [m.id for m in client.models.list().data]
     assert ids == [MODEL_NAME]
     assert client.models.retrieve(ids[0]).id == ids[0]
-    checkpoint_name = model.manifest["model"]["name"]
+    checkpoint_name = model.manifest.name
     assert checkpoint_name != MODEL_NAME
     reply = client.completions.create(model=checkpoint_name, prompt="Hi", max_tokens=2)
     assert reply.model == MODEL_NAME

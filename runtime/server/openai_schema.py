@@ -129,6 +129,9 @@ class ChatCompletionRequest(_GenerationRequest):
 
 class CompletionRequest(_GenerationRequest):
     prompt: Union[str, list[str], list[int]] = Field(..., description="Text, or token ids; one prompt.")
+    parse_special: bool = Field(False, description="Text in the prompt that spells a control token (<|im_start|>) "
+                                                   "becomes that token; off, it is plain text (an edgellm extension, "
+                                                   "named as in llama.cpp).")
 
 
 ERROR_SCHEMA = {
