@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -16,16 +17,18 @@ from pathlib import Path
 from typing import Callable
 
 from edgellm import __version__
-from edgellm.bundle_format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, ONNX_CPU_FILE, TOKENIZER_FILE,
-                                   WEIGHTS_FILE, file_sha256)
+from edgellm.bundle_format import (FORMAT_NAME, FORMAT_VERSION, INV_FREQ, MANIFEST_FILE, ONNX_CPU_FILE,
+                                   TOKENIZER_FILE, WEIGHTS_FILE, file_sha256)
+from edgellm.chat_template import ChatTemplateError, TemplateRenderer, render_chat
 from edgellm.default_model import default_gguf_path
 from edgellm.errors import EdgeLLMError
+from edgellm.manifest import read_manifest
 
 from .bundle_writer import attach_initializers, matrix_index, write_json, write_weights
 from .canonical import CanonicalModel, as_float
 from .npu_export import NPU_FILES, NpuOptions
 from .quantize import QuantOptions, quantize_tensors
-from .reference import FREQ_FACTORS, INV_FREQ, ReferenceModel, rope_inv_freq
+from .reference import FREQ_FACTORS, ReferenceModel, rope_inv_freq
 
 Progress = Callable[[str, float], None]  # (stage description, fraction done 0..1)
 PROFILES = ("cpu", "npu")  # npu: the CPU bundle plus the NPU graphs
@@ -63,12 +66,89 @@ def load_source(source: str | Path) -> CanonicalModel:
 
 
 def check_destination(output: Path, force: bool) -> None:
-    if output.exists() and not output.is_dir():
+    """`output` may be written: it is new, an empty folder, or (with --force) a bundle and nothing else."""
+    if output.is_symlink() or (output.exists() and not output.is_dir()):
         raise EdgeLLMError(f"{output}: exists and is not a folder", "choose another output path")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        raise EdgeLLMError(f"{output}: already exists", "pass --force to replace it")
-    if not output.parent.exists():
+    if not output.parent.is_dir():
         raise EdgeLLMError(f"{output.parent}: parent folder does not exist", "create it first")
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if not force:
+        raise EdgeLLMError(f"{output}: already exists", "pass --force to replace it")
+    stray = not_bundle_entries(output)
+    if stray:
+        raise EdgeLLMError(f"{output}: --force replaces only a bundle, and {stray}",
+                           "choose another output path, or move the folder's contents away first")
+
+
+# What a bundle folder may hold besides the files its manifest lists: the NPU backend's compiled contexts.
+RUNTIME_FOLDERS = ("npu_cache",)
+
+
+def not_bundle_entries(folder: Path) -> str | None:
+    """Why `folder` is not (only) a bundle, or None: its manifest.json must say it is one and every other
+    entry must be a file that manifest lists. Judged from the manifest's text alone (a damaged or
+    older bundle is still replaceable); nothing is deleted on a guess."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return f"it has no readable {MANIFEST_FILE}"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        return f"its {MANIFEST_FILE} does not say it is an edgellm bundle"
+    listed = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    top_level = {name.split("/")[0] for name in listed if isinstance(name, str)} | {MANIFEST_FILE, *RUNTIME_FOLDERS}
+    for entry in sorted(folder.iterdir()):
+        if entry.name not in top_level:
+            return f"it also holds {entry.name}, which is not part of the bundle"
+    return None
+
+
+def remove_stale_staging(output: Path) -> None:
+    """Staging (.NAME.tmp-PID) and retired (.NAME.old-PID) folders of exports to `output` whose process
+    is gone (killed mid-way): nothing else would ever remove them."""
+    pattern = re.compile(re.escape(f".{output.name}.") + r"(?:tmp|old)-([0-9]+)")
+    for entry in output.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+# What a chat template must render within the runtime's limits for the export to go on.
+PLAIN_CONVERSATION = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi. How can I help?"},
+                      {"role": "user", "content": "What is 2 + 2?"}]
+
+
+def check_chat_template(model: CanonicalModel) -> None:
+    """The source's chat template renders a plain conversation, with and without a system prompt, within
+    the runtime's time and size limits; a template that loops, explodes or fails is refused here rather
+    than shipped. One that refuses a system prompt on purpose (raise_exception) is the model's rule: noted."""
+    template = model.tokenizer.chat_template
+    if not template:
+        return
+    renderer = TemplateRenderer()
+    try:
+        for messages in (PLAIN_CONVERSATION, [{"role": "system", "content": "Be brief."}, *PLAIN_CONVERSATION]):
+            try:
+                render_chat(template, messages, special_tokens=model.tokenizer.special_tokens, renderer=renderer)
+            except ChatTemplateError as error:
+                if error.refused and messages is not PLAIN_CONVERSATION:  # the template's rule about system prompts
+                    model.warnings.append(f"the chat template refuses a system prompt: {error.message}")
+                    continue
+                raise EdgeLLMError(f"the source's chat template cannot render a plain conversation: {error.message}",
+                                   "the bundle was not written; fix the template in the source "
+                                   "(tokenizer_config.json, or the GGUF's tokenizer.chat_template)") from None
+    finally:
+        renderer.close()
 
 
 def fast_loading_tokenizer_json(text: str) -> str:
@@ -108,8 +188,10 @@ def export_model(source: str | Path, output: Path, options: ExportOptions = Expo
     started = time.perf_counter()
     output = Path(output).absolute()
     check_destination(output, options.force)
+    remove_stale_staging(output)
     progress("reading source", 0.0)
     model = load_source(source)
+    check_chat_template(model)
     names = list(model.tensors)
     tensors, quant_report = quantize_tensors(
         model.tensors, options.quant,
@@ -156,11 +238,21 @@ def export_model(source: str | Path, output: Path, options: ExportOptions = Expo
         manifest = build_manifest(model, tensors, index, quant_report.to_dict(), options, verification,
                                   staging, time.perf_counter() - started, npu)
         write_json(staging / MANIFEST_FILE, manifest)
+        check_written(staging)
         publish(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     progress("done", 1.0)
     return manifest
+
+
+def check_written(staging: Path) -> None:
+    """The runtime's own manifest check passes on the bundle about to be published."""
+    try:
+        read_manifest(staging)
+    except EdgeLLMError as error:
+        raise EdgeLLMError(f"the exporter wrote a bundle the runtime refuses: {error}",
+                           "the bundle was not written; please report this with the source file") from None
 
 
 def publish(staging: Path, output: Path) -> None:

@@ -196,6 +196,49 @@ def test_an_existing_bundle_is_left_untouched_without_force(tiny_bundle, tiny_hf
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("contents", ["a folder of notes", "a bundle with a file of the user's in it",
+                                      "a manifest that is not an edgellm bundle's"])
+def test_force_onto_a_folder_that_is_not_only_a_bundle_fails_and_leaves_it_byte_for_byte(tiny_bundle, tiny_hf_folder,
+                                                                                         tmp_path, contents):
+    folder = tmp_path / "DIR"
+    if contents == "a folder of notes":
+        (folder / "sub").mkdir(parents=True)
+        (folder / "notes.txt").write_text("my notes\n")
+        (folder / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    elif contents == "a bundle with a file of the user's in it":
+        shutil.copytree(tiny_bundle, folder)
+        (folder / "notes.txt").write_text("my notes\n")
+    else:
+        folder.mkdir()
+        (folder / "manifest.json").write_text('{"format": "something-else", "files": {}}')
+    before = snapshot(folder)
+    result = run_cli("export", tiny_hf_folder, "-o", "DIR", "--force", cwd=tmp_path)
+    assert_one_line_error(result, "DIR", "--force replaces only a bundle")
+    assert snapshot(folder) == before
+    assert leftovers(tmp_path) == []
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(tiny_hf_folder, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "edgellm", "export", str(tiny_hf_folder), "-o", "bundle"],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = tmp_path / f".bundle.tmp-{process.pid}"
+    deadline = time.monotonic() + 120
+    while not staging.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert staging.is_dir(), "the export finished (or never staged) before it could be killed"
+    assert leftovers(tmp_path) == [staging.name]
+    result = run_cli("export", tiny_hf_folder, "-o", "bundle", "--force", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert leftovers(tmp_path) == []
+
+
 def test_an_output_under_a_missing_folder_fails_naming_the_folder(tiny_hf_folder, tmp_path):
     result = run_cli("export", tiny_hf_folder, "-o", "missing/bundle", cwd=tmp_path)
     assert_one_line_error(result, "missing", "does not exist")
@@ -228,7 +271,7 @@ def test_a_tiny_model_exports_into_a_complete_bundle(tiny_bundle):
 
 def test_force_replaces_an_existing_bundle_without_leftovers(tiny_bundle, tiny_hf_folder, tmp_path):
     bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
-    (bundle / "stale.txt").write_text("from an older export\n")
+    (bundle / "npu_cache").mkdir()  # what the runtime itself may add to a bundle
     old_manifest = json.loads((bundle / "manifest.json").read_text())
     assert old_manifest["quantization"]["options"]["bits"] == 4
 
