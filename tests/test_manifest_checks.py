@@ -116,6 +116,23 @@ def test_a_path_that_leaves_the_bundle_is_refused_before_anything_outside_is_ope
     assert "manifest.json" in message or bundle.name in message
 
 
+@pytest.mark.parametrize("role", ["prefill", "decode", "weights"])
+@pytest.mark.parametrize("target", ["../secret.onnx", "/etc/passwd", "/dev/zero"])
+def test_an_npu_graph_path_that_leaves_the_bundle_is_refused_unopened(tmp_path, role, target):
+    from npu_support import npu_bundle
+
+    bundle = Path(shutil.copytree(npu_bundle("random"), tmp_path / "bundle"))
+    (tmp_path / "secret.onnx").write_bytes(b"x" * 631)
+    manifest = raw(bundle)
+    manifest["graphs"]["npu"]["files"][role] = target
+    rewrite(bundle, manifest)
+    with recording_opens() as opened:
+        with pytest.raises(BundleError, match=f"graphs.npu.files.{role}") as failure:
+            read_manifest(bundle)
+    assert outside(opened, bundle) == []
+    assert "631 bytes" not in str(failure.value)
+
+
 def test_the_manifest_itself_as_a_symlink_out_of_the_bundle_is_refused_unread(pristine, tmp_path):
     bundle = Path(shutil.copytree(pristine, tmp_path / "bundle"))
     elsewhere = tmp_path / "elsewhere.json"
