@@ -57,5 +57,4 @@ def _cffi_modules() -> dict:
 
 # The extension uses only the stable ABI (cffi builds it with Py_LIMITED_API: _native.abi3.so), so one
 # wheel serves every CPython from 3.10 on: Raspberry Pi OS (3.11) and JetPack's Ubuntu 22.04 (3.10) alike.
-setup(cmdclass={"build_ext": OptionalBuildExt}, options={"bdist_wheel": {"py_limited_api": "cp310"}},
-      **_cffi_modules())
+setup(cmdclass={"build_ext": OptionalBuildExt}, options={"bdist_wheel": {"py_limited_api": "cp310"}}, **_cffi_modules())

@@ -9,15 +9,15 @@ rotate-half RoPE order (GGUF files are un-permuted on read).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
-from edgellm.model_config import ModelConfig
+from edgellm.bundle.format import INV_FREQ
+from edgellm.bundle.model_config import ModelConfig, decoder_matrices, decoder_vectors
+from edgellm.export.quant.formats import BlockQuantTensor
 
-from .quant_formats import BlockQuantTensor
-
-Tensor = Union[np.ndarray, BlockQuantTensor]  # float32 array, or quantized blocks
+Tensor = np.ndarray | BlockQuantTensor  # float32 array, or quantized blocks
 
 
 @dataclass
@@ -43,35 +43,11 @@ class CanonicalModel:
     warnings: list[str] = field(default_factory=list)
 
 
-def layer_prefix(layer: int) -> str:
-    return f"model.layers.{layer}"
-
-
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor a decoder of this config has (the contract with sources)."""
-    h, ff = config.hidden_size, config.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h),
-                                          "model.norm.weight": (h,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, h)
-    for i in range(config.num_hidden_layers):
-        p = layer_prefix(i)
-        shapes.update({
-            f"{p}.input_layernorm.weight": (h,),
-            f"{p}.post_attention_layernorm.weight": (h,),
-            f"{p}.self_attn.q_proj.weight": (config.q_size, h),
-            f"{p}.self_attn.k_proj.weight": (config.kv_size, h),
-            f"{p}.self_attn.v_proj.weight": (config.kv_size, h),
-            f"{p}.self_attn.o_proj.weight": (h, config.q_size),
-            f"{p}.mlp.gate_proj.weight": (ff, h),
-            f"{p}.mlp.up_proj.weight": (ff, h),
-            f"{p}.mlp.down_proj.weight": (h, ff),
-        })
-        if config.attention_bias:
-            shapes.update({f"{p}.self_attn.q_proj.bias": (config.q_size,),
-                           f"{p}.self_attn.k_proj.bias": (config.kv_size,),
-                           f"{p}.self_attn.v_proj.bias": (config.kv_size,)})
-    return shapes
+    """Name -> shape of every tensor a decoder of this config has, as a source holds it (the contract
+    with sources; RoPE's table is the exporter's own)."""
+    tensors = {**decoder_matrices(config), **decoder_vectors(config, INV_FREQ)}
+    return {name: expected.shape for name, expected in tensors.items() if name != INV_FREQ}
 
 
 def tensor_shape(tensor: Tensor) -> tuple[int, ...]:

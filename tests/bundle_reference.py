@@ -2,10 +2,10 @@
 
 import numpy as np
 
-from edgellm.export.quant_formats import unpack_codes
+from edgellm.bundle.manifest import Manifest, read_manifest
+from edgellm.bundle.quant_formats import dequantize, unpack_codes
+from edgellm.bundle.weights import BundleWeights
 from edgellm.export.reference import ReferenceModel
-from edgellm.manifest import Manifest, read_manifest
-from edgellm.weights import BundleWeights
 
 
 def reference_from_bundle(manifest: Manifest) -> ReferenceModel:
@@ -13,13 +13,10 @@ def reference_from_bundle(manifest: Manifest) -> ReferenceModel:
     weights = BundleWeights.of(manifest)
     tensors = {}
     for name, m in manifest.matrices.items():
-        codes = unpack_codes(np.asarray(weights.array(m.qweight)), m.bits).astype(np.float32)
-        scales = np.asarray(weights.array(m.scales), np.float32)[..., None]
-        if m.mins:
-            values = codes * scales + np.asarray(weights.array(m.mins), np.float32)[..., None]
-        else:
-            values = (codes - np.float32(2 ** (m.bits - 1))) * scales
-        tensors[name] = values.reshape(m.rows, -1)[:, : m.cols]
+        mins = weights.array(m.mins) if m.mins else None
+        tensors[name] = dequantize(
+            m.format, unpack_codes(np.asarray(weights.array(m.qweight)), m.bits), weights.array(m.scales), mins, m.cols
+        )
     for name in manifest.tensors:
         base = name.rsplit(".", 1)[0]
         if base not in manifest.matrices:

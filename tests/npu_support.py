@@ -27,15 +27,14 @@ atexit.register(shutil.rmtree, _cache_root, True)
 def trained_tiny_llama(steps: int = TRAIN_STEPS):
     """make_tiny_model("llama", tie=True) trained for `steps` on TRAINING_TEXT (seeded, ~3 s)."""
     import torch
-    from tokenizers import Tokenizer
-
     from tiny_models import TRAINING_TEXT, make_tiny_model, tiny_tokenizer_json
+    from tokenizers import Tokenizer
 
     model = make_tiny_model("llama", tie=True)
     tokenizer = Tokenizer.from_str(tiny_tokenizer_json())
     stream = [t for text in TRAINING_TEXT for t in tokenizer.encode(text).ids + [2]]  # 2 = <|im_end|>
     window = 64
-    batch = torch.tensor([stream[i:i + window] for i in range(0, len(stream) - window, 16)])
+    batch = torch.tensor([stream[i : i + window] for i in range(0, len(stream) - window, 16)])
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
@@ -53,11 +52,12 @@ def npu_bundle(kind: str = "trained", quant: str = "a16w8") -> Path:
     return _npu_bundle(kind, quant)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _npu_bundle(kind: str, quant: str) -> Path:
-    from edgellm.export.exporter import ExportOptions, export_model
-    from edgellm.export.npu_export import NpuOptions
     from tiny_models import make_tiny_model, save_tiny_model
+
+    from edgellm.export.exporter import export_model
+    from edgellm.export.options import ExportOptions, NpuOptions
 
     folder = _cache_root / f"{kind}-{quant}"
     model = trained_tiny_llama() if kind == "trained" else make_tiny_model("llama", tie=True)
@@ -69,9 +69,9 @@ def _npu_bundle(kind: str, quant: str) -> Path:
 def cpu_provider_decoder(manifest):
     """The bundle's NPU graphs on ONNX Runtime's CPU provider behind the runtime's host loop (NpuDecoder,
     the bundle's host embedding): what the exporter verified, to hold the HTP or the reference against."""
-    from edgellm.export.npu_verify import cpu_sessions
-    from edgellm.npu_host import HostEmbedding, NpuDecoder
-    from edgellm.weights import BundleWeights
+    from edgellm.backends.npu.host import HostEmbedding, NpuDecoder
+    from edgellm.bundle.weights import BundleWeights
+    from edgellm.export.verify.npu import cpu_sessions
 
     npu = manifest.npu
     sessions = cpu_sessions({npu.chunk: manifest.path(npu.prefill_file), 1: manifest.path(npu.decode_file)})

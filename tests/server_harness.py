@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,11 +27,11 @@ def tiny_bundle(tmp_path_factory) -> Path:
     bundle = tmp_path_factory.getbasetemp() / "server-tiny" / MODEL_NAME
     if (bundle / "manifest.json").is_file():
         return bundle
-    from edgellm.export.exporter import export_model
     from tiny_models import make_tiny_model, save_tiny_model
 
-    hf = save_tiny_model(make_tiny_model("llama", tie=True, max_position_embeddings=TINY_CONTEXT),
-                         bundle.parent / "hf")
+    from edgellm.export.exporter import export_model
+
+    hf = save_tiny_model(make_tiny_model("llama", tie=True, max_position_embeddings=TINY_CONTEXT), bundle.parent / "hf")
     export_model(hf, bundle)
     return bundle
 
@@ -49,8 +50,8 @@ LAUNCHER = textwrap.dedent("""
         sys.path.insert(0, args["tests"])
         from server_harness import apply_unit_sandbox
         apply_unit_sandbox(args["sandbox"])
-    from edgellm.server.config import ServerConfig
-    from edgellm.server.serve import run_server
+    from edgellm.service.server.config import ServerConfig
+    from edgellm.service.server.serve import run_server
     from edgellm.settings import RuntimeSettings
     sys.exit(run_server(args["bundle"], ServerConfig(**args["config"]), RuntimeSettings.resolve(**args["settings"])))
 """)
@@ -98,9 +99,11 @@ class RunningServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            raise AssertionError(f"the server did not exit within {timeout} s of SIGTERM:\n{self.log()[-3000:]}")
+            raise AssertionError(
+                f"the server did not exit within {timeout} s of SIGTERM:\n{self.log()[-3000:]}"
+            ) from None
 
-    def __enter__(self) -> "RunningServer":
+    def __enter__(self) -> RunningServer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -109,24 +112,46 @@ class RunningServer:
             self.process.wait()
 
 
-def start_server(bundle: Path, log_dir: Path, *, config: dict | None = None, settings: dict | None = None,
-                 env: dict | None = None, sandbox: dict | None = None, wait_ready: bool = True,
-                 ready_timeout: float = 90) -> RunningServer:
+def start_server(
+    bundle: Path,
+    log_dir: Path,
+    *,
+    config: dict | None = None,
+    settings: dict | None = None,
+    env: dict | None = None,
+    sandbox: dict | None = None,
+    wait_ready: bool = True,
+    ready_timeout: float = 90,
+) -> RunningServer:
     port = free_port()
     config = {"port": port, **(config or {})}
     settings = {"context_length": TINY_CONTEXT, "threads": 1, **(settings or {})}
-    args = {"bundle": str(bundle), "config": config, "settings": settings, "sandbox": sandbox,
-            "tests": str(Path(__file__).parent)}
+    args = {
+        "bundle": str(bundle),
+        "config": config,
+        "settings": settings,
+        "sandbox": sandbox,
+        "tests": str(Path(__file__).parent),
+    }
     log_path = Path(log_dir) / f"server-{port}.log"
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
     child_env.update(env or {})
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-c", LAUNCHER, json.dumps(args)], stdout=log,
-                                   stderr=subprocess.STDOUT, env=child_env)
+        process = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, json.dumps(args)], stdout=log, stderr=subprocess.STDOUT, env=child_env
+        )
     server = RunningServer(process, port, log_path, config.get("api_key"))
     if wait_ready:
         wait_until_ready(server, ready_timeout)
     return server
+
+
+def serve_for_module(bundle: Path, tmp_path_factory, **config) -> Iterator[RunningServer]:
+    """The body of a module-scoped `server` fixture: one server for the module's tests, which must
+    still shut down cleanly (exit 0) after them."""
+    with start_server(bundle, tmp_path_factory.mktemp("logs"), config=config) as running:
+        yield running
+        assert running.terminate() == 0
 
 
 def wait_until_ready(server: RunningServer, timeout: float = 90) -> None:
@@ -144,12 +169,21 @@ def wait_until_ready(server: RunningServer, timeout: float = 90) -> None:
     raise AssertionError(f"the server was not ready within {timeout} s:\n{server.log()[-3000:]}")
 
 
+def wait_for_metric(server: RunningServer, name: str, value: float, timeout: float = 10) -> None:
+    """Until the server's metric `name` reads `value` (AssertionError after `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while server.metrics().get(name) != value:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} never became {value} within {timeout} s")
+        time.sleep(0.005)
+
+
 def sse_events(response: httpx.Response) -> list:
     """The data payloads of a server-sent event stream: dicts, and the string "[DONE]"."""
     events = []
     for line in response.iter_lines():
         if line.startswith("data: "):
-            payload = line[len("data: "):]
+            payload = line[len("data: ") :]
             events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
 
@@ -208,18 +242,42 @@ def apply_unit_sandbox(policy: dict) -> None:
     def arg(i: int) -> int:
         return 16 + 8 * i  # the low 32 bits of args[i] on a little-endian machine
 
-    prog = [(LD_ABS, 0, 0, 4), (JEQ, 1, 0, AUDIT_ARCH_X86_64), (RET, 0, 0, KILL), (LD_ABS, 0, 0, 0),
-            (JSET, 0, 1, 0x40000000), (RET, 0, 0, errno_(errno.EPERM))]  # no x32 calls
+    prog = [
+        (LD_ABS, 0, 0, 4),
+        (JEQ, 1, 0, AUDIT_ARCH_X86_64),
+        (RET, 0, 0, KILL),
+        (LD_ABS, 0, 0, 0),
+        (JSET, 0, 1, 0x40000000),
+        (RET, 0, 0, errno_(errno.EPERM)),
+    ]  # no x32 calls
     if policy["mdwe"]:
         PROT_WRITE, PROT_EXEC, SHM_EXEC = 2, 4, 0o100000
-        prog += [(JEQ, 0, 5, 9), (LD_ABS, 0, 0, arg(2)), (JSET, 0, 2, PROT_EXEC),  # mmap with W and X
-                 (JSET, 0, 1, PROT_WRITE), (RET, 0, 0, errno_(errno.EPERM)), (RET, 0, 0, ALLOW)]
+        prog += [
+            (JEQ, 0, 5, 9),
+            (LD_ABS, 0, 0, arg(2)),
+            (JSET, 0, 2, PROT_EXEC),  # mmap with W and X
+            (JSET, 0, 1, PROT_WRITE),
+            (RET, 0, 0, errno_(errno.EPERM)),
+            (RET, 0, 0, ALLOW),
+        ]
         for nr, flag in ((10, PROT_EXEC), (329, PROT_EXEC), (30, SHM_EXEC)):  # mprotect, pkey_mprotect, shmat
-            prog += [(JEQ, 0, 4, nr), (LD_ABS, 0, 0, arg(2)), (JSET, 0, 1, flag),
-                     (RET, 0, 0, errno_(errno.EPERM)), (RET, 0, 0, ALLOW)]
+            prog += [
+                (JEQ, 0, 4, nr),
+                (LD_ABS, 0, 0, arg(2)),
+                (JSET, 0, 1, flag),
+                (RET, 0, 0, errno_(errno.EPERM)),
+                (RET, 0, 0, ALLOW),
+            ]
     families = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6
-    prog += [(JEQ, 0, 6, 41), (LD_ABS, 0, 0, arg(0)), (JEQ, 3, 0, families[0]), (JEQ, 2, 0, families[1]),
-             (JEQ, 1, 0, families[2]), (RET, 0, 0, errno_(errno.EAFNOSUPPORT)), (RET, 0, 0, ALLOW)]
+    prog += [
+        (JEQ, 0, 6, 41),
+        (LD_ABS, 0, 0, arg(0)),
+        (JEQ, 3, 0, families[0]),
+        (JEQ, 2, 0, families[1]),
+        (JEQ, 1, 0, families[2]),
+        (RET, 0, 0, errno_(errno.EAFNOSUPPORT)),
+        (RET, 0, 0, ALLOW),
+    ]
     for nr in allowed:
         prog += [(JEQ, 0, 1, nr), (RET, 0, 0, ALLOW)]
     prog.append((RET, 0, 0, errno_(errno.EPERM)))
@@ -233,6 +291,8 @@ def apply_unit_sandbox(policy: dict) -> None:
     fprog = Fprog(len(prog), ctypes.cast(buffer, ctypes.c_void_p))
     libc = ctypes.CDLL(None, use_errno=True)
     PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or \
-            libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+    if (
+        libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+        or libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0
+    ):
         raise OSError(ctypes.get_errno(), "installing the seccomp filter failed")

@@ -16,22 +16,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import make_tiny_model, save_tiny_model, tiny_tokenizer_json
 
 from edgellm.default_model import default_gguf_path
-
-from tiny_models import make_tiny_model, save_tiny_model, tiny_tokenizer_json
 
 BUNDLE_FILES = {"manifest.json", "model.onnx", "weights.bin", "tokenizer.json"}
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgellm", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "edgellm", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def leftovers(folder: Path) -> list[str]:
     """Staging (`.NAME.tmp-PID`) or retired (`.NAME.old-PID`) folders a failed export left behind."""
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name))
+    return sorted(
+        p.name for p in folder.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *phrases: str) -> str:
@@ -59,6 +61,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 # ------------------------------------------------------------------------------------ fixtures
 
+
 @pytest.fixture(scope="module")
 def real_gguf() -> Path:
     return default_gguf_path()
@@ -81,6 +84,7 @@ def tiny_bundle(tiny_hf_folder, tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------- GGUF sources
 
+
 @pytest.fixture(scope="module")
 def truncation_points(real_gguf) -> dict[str, int]:
     """Byte counts that cut the real GGUF in each of its sections (parsing it takes seconds: once)."""
@@ -100,6 +104,7 @@ def truncation_points(real_gguf) -> dict[str, int]:
 TRUNCATIONS = ["inside the header", "inside the metadata", "inside the first tensor", "inside a later tensor"]
 
 
+@pytest.mark.slow  # cuts the real SmolLM2 GGUF four ways
 @pytest.mark.parametrize("where", TRUNCATIONS)
 def test_a_truncated_gguf_fails_with_one_line_naming_the_file(where, real_gguf, truncation_points, tmp_path):
     size = truncation_points[where]
@@ -127,7 +132,7 @@ def _write_gpt2_gguf(path: Path) -> None:
 
 
 def test_a_gguf_of_an_unsupported_architecture_fails_listing_the_supported_ones(tmp_path):
-    from edgellm.export.gguf_source import GGUF_ARCHITECTURES
+    from edgellm.bundle.architectures import GGUF_ARCHITECTURES
 
     _write_gpt2_gguf(tmp_path / "gpt2.gguf")
     result = run_cli("export", "gpt2.gguf", "-o", "bundle", cwd=tmp_path)
@@ -139,6 +144,7 @@ def test_a_gguf_of_an_unsupported_architecture_fails_listing_the_supported_ones(
 
 # --------------------------------------------------------------------- Hugging Face folders
 
+
 def _folder_without_config(folder: Path, contents: str) -> None:
     from safetensors.numpy import save_file
 
@@ -149,8 +155,9 @@ def _folder_without_config(folder: Path, contents: str) -> None:
         save_file({"model.embed_tokens.weight": np.zeros((4, 8), np.float32)}, str(folder / "model.safetensors"))
 
 
-@pytest.mark.parametrize("contents", ["tokenizer.json only", "model.safetensors only",
-                                      "tokenizer and safetensors", "nothing"])
+@pytest.mark.parametrize(
+    "contents", ["tokenizer.json only", "model.safetensors only", "tokenizer and safetensors", "nothing"]
+)
 def test_a_hugging_face_folder_without_config_json_fails_saying_so(contents, tmp_path):
     _folder_without_config(tmp_path / "model", contents)
     result = run_cli("export", "model", "-o", "bundle", cwd=tmp_path)
@@ -179,6 +186,7 @@ def test_a_safetensors_shape_that_disagrees_with_config_json_names_the_tensor(ti
 
 # ------------------------------------------------------------------------ paths and options
 
+
 def test_an_output_path_that_is_a_file_fails_and_the_file_is_untouched(tiny_hf_folder, tmp_path):
     (tmp_path / "bundle").write_text("not a folder\n")
     result = run_cli("export", tiny_hf_folder, "-o", "bundle", cwd=tmp_path)
@@ -196,10 +204,13 @@ def test_an_existing_bundle_is_left_untouched_without_force(tiny_bundle, tiny_hf
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("contents", ["a folder of notes", "a bundle with a file of the user's in it",
-                                      "a manifest that is not an edgellm bundle's"])
-def test_force_onto_a_folder_that_is_not_only_a_bundle_fails_and_leaves_it_byte_for_byte(tiny_bundle, tiny_hf_folder,
-                                                                                         tmp_path, contents):
+@pytest.mark.parametrize(
+    "contents",
+    ["a folder of notes", "a bundle with a file of the user's in it", "a manifest that is not an edgellm bundle's"],
+)
+def test_force_onto_a_folder_that_is_not_only_a_bundle_fails_and_leaves_it_byte_for_byte(
+    tiny_bundle, tiny_hf_folder, tmp_path, contents
+):
     folder = tmp_path / "DIR"
     if contents == "a folder of notes":
         (folder / "sub").mkdir(parents=True)
@@ -224,8 +235,12 @@ def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(tiny_hf_f
     import sys
     import time
 
-    process = subprocess.Popen([sys.executable, "-m", "edgellm", "export", str(tiny_hf_folder), "-o", "bundle"],
-                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgellm", "export", str(tiny_hf_folder), "-o", "bundle"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     staging = tmp_path / f".bundle.tmp-{process.pid}"
     deadline = time.monotonic() + 120
     while not staging.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -245,12 +260,15 @@ def test_an_output_under_a_missing_folder_fails_naming_the_folder(tiny_hf_folder
     assert not (tmp_path / "missing").exists()
 
 
-@pytest.mark.parametrize("source, phrases", [
-    ("no-such-model", ("no-such-model", "no such file")),
-    ("no-such-model.gguf", ("no-such-model.gguf", "no such file")),
-    ("notes.txt", ("notes.txt", "not a GGUF file or a model folder")),
-    ("notes.gguf", ("notes.gguf", "not a readable GGUF file")),
-])
+@pytest.mark.parametrize(
+    "source, phrases",
+    [
+        ("no-such-model", ("no-such-model", "no such file")),
+        ("no-such-model.gguf", ("no-such-model.gguf", "no such file")),
+        ("notes.txt", ("notes.txt", "not a GGUF file or a model folder")),
+        ("notes.gguf", ("notes.gguf", "not a readable GGUF file")),
+    ],
+)
 def test_a_source_that_is_missing_or_not_a_model_fails_naming_it(source, phrases, tmp_path):
     for name in ("notes.txt", "notes.gguf"):
         (tmp_path / name).write_text("These are my notes, not a model.\n" * 10)
@@ -260,6 +278,7 @@ def test_a_source_that_is_missing_or_not_a_model_fails_naming_it(source, phrases
 
 
 # ---------------------------------------------------------------- success, --force and info
+
 
 def test_a_tiny_model_exports_into_a_complete_bundle(tiny_bundle):
     assert {p.name for p in tiny_bundle.iterdir()} == BUNDLE_FILES

@@ -10,13 +10,13 @@ import sys
 
 import pytest
 from rich.console import Console
+from tiny_models import make_tiny_model, save_tiny_model
 
-from edgellm import bench
-from edgellm.bench import PEERS, SCHEMA, peer_model, print_bench, run_bench, run_worker
+from edgellm.bundle.manifest import read_manifest
+from edgellm.cli import bench
+from edgellm.cli.bench import PEERS, SCHEMA, peer_model, print_bench, run_bench, run_worker
 from edgellm.errors import EdgeLLMError, InvalidSettingError
 from edgellm.export.exporter import export_model
-from edgellm.manifest import read_manifest
-from tiny_models import make_tiny_model, save_tiny_model
 
 try:
     import llama_cpp  # noqa: F401
@@ -40,20 +40,33 @@ def positive_stats(stats):
 
 def test_a_one_run_bench_of_a_tiny_bundle_reports_every_field_of_the_schema(tiny_bundle):
     seen = []
-    report = run_bench(tiny_bundle, runs=1, prompt_lengths=(16,), decode_tokens=8, threads=1,
-                       progress=lambda description, fraction: seen.append((description, fraction)))
+    report = run_bench(
+        tiny_bundle,
+        runs=1,
+        prompt_lengths=(16,),
+        decode_tokens=8,
+        threads=1,
+        progress=lambda description, fraction: seen.append((description, fraction)),
+    )
 
     assert report["schema"] == SCHEMA
     machine = report["machine"]
     assert machine["cores"] >= 1 and machine["cpu"] and machine["board"] and machine["arch"]
-    from edgellm import native
+    from edgellm.backends.native import ffi as native
 
     # The default backend: the native engine (reporting its dispatched kernel) when it is built.
     expected_variant = native.kernel_variant() if native.available() else "onnxruntime-mlas"
     assert machine["kernel_variant"] == expected_variant
-    assert report["settings"] == {"runs": 1, "threads": 1, "prompt_lengths": [16], "decode_tokens": 8,
-                                  "decode_after_prompt_tokens": 16, "ttft_prompt_tokens": 16, "context": 32,
-                                  "interleaved": True}
+    assert report["settings"] == {
+        "runs": 1,
+        "threads": 1,
+        "prompt_lengths": [16],
+        "decode_tokens": 8,
+        "decode_after_prompt_tokens": 16,
+        "ttft_prompt_tokens": 16,
+        "context": 32,
+        "interleaved": True,
+    }
     [result] = report["results"]
     assert result["engine"] == "edgellm" and result["threads"] == 1
     assert result["version"] and result["backend"].startswith("native" if native.available() else "onnxruntime")
@@ -97,8 +110,7 @@ def test_llama_cpp_needs_the_gguf_the_bundle_was_exported_from(tiny_bundle):
 
 
 def test_settings_out_of_range_fail_before_anything_runs(tiny_bundle):
-    for bad in ({"runs": 0}, {"prompt_lengths": ()}, {"prompt_lengths": (0,)}, {"decode_tokens": -1},
-                {"threads": 0}):
+    for bad in ({"runs": 0}, {"prompt_lengths": ()}, {"prompt_lengths": (0,)}, {"decode_tokens": -1}, {"threads": 0}):
         with pytest.raises(InvalidSettingError):
             run_bench(tiny_bundle, **bad)
     with pytest.raises(InvalidSettingError, match="trained for 512"):
@@ -106,8 +118,16 @@ def test_settings_out_of_range_fail_before_anything_runs(tiny_bundle):
 
 
 def test_a_worker_that_fails_reports_the_reason_as_an_edgellm_error(tmp_path):
-    job = {"engine": "edgellm", "model": str(tmp_path / "no-bundle"), "threads": 1, "context": 32,
-           "first_token_prompt": [5] * 16, "prompts": {"16": [5] * 16}, "decode_after": 16, "decode_tokens": 2}
+    job = {
+        "engine": "edgellm",
+        "model": str(tmp_path / "no-bundle"),
+        "threads": 1,
+        "context": 32,
+        "first_token_prompt": [5] * 16,
+        "prompts": {"16": [5] * 16},
+        "decode_after": 16,
+        "decode_tokens": 2,
+    }
     with pytest.raises(EdgeLLMError, match="edgellm benchmark worker failed: BundleError.*not a bundle folder"):
         run_worker(job)
 
@@ -133,15 +153,25 @@ def test_a_crashed_llama_cpp_on_a_cpu_with_amx_is_told_to_rebuild_it_without_amx
     assert bench._exit_status(-11) == "SIGSEGV" and bench._exit_status(3) == "exit 3"
 
 
-@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python is not installed (CI does not install it: "
-                                               "it compiles llama.cpp; pip install llama-cpp-python to run this)")
+@pytest.mark.skipif(
+    not HAVE_LLAMA_CPP,
+    reason="llama-cpp-python is not installed (CI does not install it: "
+    "it compiles llama.cpp; pip install llama-cpp-python to run this)",
+)
 def test_the_llama_cpp_worker_runs_the_real_gguf_for_one_run():
     from edgellm.default_model import default_gguf_path
 
     ids = list(range(1000, 1064))
-    job = {"engine": "llama.cpp", "model": str(default_gguf_path()), "threads": 2, "context": 88,
-           "first_token_prompt": ids[:16], "prompts": {"32": ids[:32], "64": ids}, "decode_after": 32,
-           "decode_tokens": 8}
+    job = {
+        "engine": "llama.cpp",
+        "model": str(default_gguf_path()),
+        "threads": 2,
+        "context": 88,
+        "first_token_prompt": ids[:16],
+        "prompts": {"32": ids[:32], "64": ids},
+        "decode_after": 32,
+        "decode_tokens": 8,
+    }
     result = run_worker(job)
     assert result["event"] == "result" and result["version"] and result["backend"].startswith("ggml CPU")
     assert result["config"]["n_batch"] >= 64  # the longest prompt is one batch (llama.cpp caps it at n_ctx)

@@ -9,31 +9,41 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURES, skip_without_native
 
-from conftest import FIXTURES
-from edgellm.board_detect import detect, parse_cpuinfo
-from edgellm.board_profile import (VARIANT_ORDER, all_profiles, capped_variant, load_profile, parse_cpu_list,
-                                   profile_names, read_profile)
+from edgellm.boards.detect import detect, parse_cpuinfo
+from edgellm.boards.profile import (
+    VARIANT_ORDER,
+    all_profiles,
+    capped_variant,
+    load_profile,
+    profile_names,
+    read_profile,
+)
 from edgellm.errors import InvalidSettingError
-from edgellm.service_install import load_board, render_unit
+from edgellm.service.unit import load_board, render_unit
 from edgellm.settings import RuntimeSettings
+from edgellm.units import parse_cpu_list
 
 BOARDS = FIXTURES / "boards"
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("fixture, arch, expected", [
-    ("rpi5", "aarch64", "rpi5"),
-    ("rpi5-container", "aarch64", "rpi5"),  # no device tree: cpuinfo's Model line names it
-    ("rpi4", "aarch64", "rpi4"),
-    ("rk3588", "aarch64", "rk3588"),
-    ("jetson-orin", "aarch64", "jetson-orin"),
-    ("qcs6490", "aarch64", "qcs6490"),
-    ("unknown-aarch64", "aarch64", "generic-aarch64"),
-    ("contradicting", "aarch64", "generic-aarch64"),
-    ("garbage", "aarch64", "generic-aarch64"),
-    ("x86-64", "x86_64", "generic-x86_64"),
-])
+@pytest.mark.parametrize(
+    "fixture, arch, expected",
+    [
+        ("rpi5", "aarch64", "rpi5"),
+        ("rpi5-container", "aarch64", "rpi5"),  # no device tree: cpuinfo's Model line names it
+        ("rpi4", "aarch64", "rpi4"),
+        ("rk3588", "aarch64", "rk3588"),
+        ("jetson-orin", "aarch64", "jetson-orin"),
+        ("qcs6490", "aarch64", "qcs6490"),
+        ("unknown-aarch64", "aarch64", "generic-aarch64"),
+        ("contradicting", "aarch64", "generic-aarch64"),
+        ("garbage", "aarch64", "generic-aarch64"),
+        ("x86-64", "x86_64", "generic-x86_64"),
+    ],
+)
 def test_recorded_boards_pick_their_profile(fixture, arch, expected):
     found = detect(BOARDS / fixture, arch=arch)
     assert found.profile.name == expected, found.reason
@@ -127,7 +137,7 @@ def test_settings_layers_flags_over_environment_over_board():
 
 
 def test_a_board_wish_list_of_providers_skips_missing_ones_but_a_user_choice_does_not():
-    from edgellm.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from edgellm.backends.onnxruntime import OnnxRuntimeBackend
 
     available = ["CPUExecutionProvider"]
     jetson = RuntimeSettings.resolve(environ={}, board="jetson-orin", backend="onnxruntime")
@@ -144,7 +154,7 @@ import edgellm
 model = edgellm.load(sys.argv[1], board=sys.argv[2], backend=sys.argv[3])
 model.generate([1, 2, 3], max_tokens=4, temperature=0)
 tasks = {int(t): sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}
-from edgellm import native
+from edgellm.backends.native import ffi as native
 print(json.dumps({"tasks": tasks, "variant": native.kernel_variant() if native.available() else None}))
 """
 
@@ -154,16 +164,19 @@ def test_the_runtime_threads_stay_on_the_profile_cpus(tmp_path, tiny_llama_bundl
     if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs Linux and two CPUs")
     if backend == "native":
-        from edgellm import native
-
-        if not native.available():
-            pytest.skip("native engine not built")
+        skip_without_native()
     last = max(os.sched_getaffinity(0))
     profile = tmp_path / "pinned.toml"
-    profile.write_text(f'name = "pinned"\ntitle = "Pinned"\n[cpu]\narch = "{os.uname().machine}"\n'
-                       f'[runtime]\nthreads = 2\ncpu_affinity = "{last}"\n')
-    result = subprocess.run([sys.executable, "-c", PIN_CHECK, str(tiny_llama_bundle), str(profile), backend],
-                            capture_output=True, text=True, timeout=120)
+    profile.write_text(
+        f'name = "pinned"\ntitle = "Pinned"\n[cpu]\narch = "{os.uname().machine}"\n'
+        f'[runtime]\nthreads = 2\ncpu_affinity = "{last}"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", PIN_CHECK, str(tiny_llama_bundle), str(profile), backend],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     tasks = json.loads(result.stdout)["tasks"]
     assert len(tasks) >= 2  # the pool's worker (native) or ONNX Runtime's threads exist
@@ -171,37 +184,50 @@ def test_the_runtime_threads_stay_on_the_profile_cpus(tmp_path, tiny_llama_bundl
 
 
 def test_a_kernel_ceiling_caps_the_native_variant(tmp_path, tiny_llama_bundle):
-    from edgellm import native
 
-    if not native.available() or "avx2" not in native.available_variants():
-        pytest.skip("needs the native engine on an AVX2 machine")
+    skip_without_native("avx2")
     profile = tmp_path / "capped.toml"
     profile.write_text('name = "capped"\ntitle = "Capped"\n[cpu]\narch = "x86_64"\nkernel_ceiling = "avx2"\n')
     env = {k: v for k, v in os.environ.items() if k != "EDGELLM_KERNELS"}
-    result = subprocess.run([sys.executable, "-c", PIN_CHECK.replace("sched_getaffinity(int(t))", "sched_getaffinity(0)"),
-                             str(tiny_llama_bundle), str(profile), "native"],
-                            capture_output=True, text=True, timeout=120, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PIN_CHECK.replace("sched_getaffinity(int(t))", "sched_getaffinity(0)"),
+            str(tiny_llama_bundle),
+            str(profile),
+            "native",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["variant"] == "avx2"
 
 
 # -- bad input ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, message", [
-    ('name = "x"\ntitle = "X"\n[cpu\narch = "aarch64"\n', "not valid TOML"),
-    ('title = "X"\n[cpu]\narch = "aarch64"\n', "name: missing"),
-    ('name = "x"\ntitle = "X"\n', "cpu.arch: missing"),
-    ('name = "x"\ntitle = "X"\n[cpu]\narch = "riscv64"\n', "cpu.arch: expected one of x86_64, aarch64"),
-    ('name = "x"\ntitle = "X"\n[cpu]\narch = "aarch64"\nkernel_ceiling = "avx2"\n', "cpu.kernel_ceiling"),
-    ('name = "x"\ntitle = "X"\n[cpu]\narch = "aarch64"\ncores = "eight"\n', "cpu.cores: expected int"),
-    ('name = "x"\ntitle = "X"\n[cpu]\narch = "aarch64"\nbig_cores = "the fast ones"\n', "cpu.big_cores"),
-    ('name = "x"\ntitle = "X"\n[cpu]\narch = "aarch64"\nturbo = true\n', "unknown field 'turbo'"),
-    ('name = "x"\ntitle = "X"\n[cpu]\narch = "aarch64"\n[runtime]\nbackend = "gpu"\n', "runtime.backend"),
-    ('name = "x"\ntitle = "X"\n[cpu]\narch = "aarch64"\n[match]\ncpu_parts = ["A76"]\n', "match.cpu_parts"),
-    ('name = "x"\ntitle = "X"\n[cpu]\narch = "aarch64"\n[service]\nport = 0\n', r"\[service\]: port"),
-    ('name = "x"\ntitle = "X"\n[cpu]\narch = "aarch64"\n[service]\nbig_cores = 4\n', "unknown service setting"),
-    ('name = "x"\ntitle = "X"\ncpu = 4\n', r"\[cpu\]: must be a table"),
-])
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('name = "x"\ntitle = "X"\n[cpu\narch = "aarch64"\n', "not valid TOML"),
+        ('title = "X"\n[cpu]\narch = "aarch64"\n', "name: missing"),
+        ('name = "x"\ntitle = "X"\n', "cpu.arch: missing"),
+        ('name = "x"\ntitle = "X"\n[cpu]\narch = "riscv64"\n', "cpu.arch: expected one of x86_64, aarch64"),
+        ('name = "x"\ntitle = "X"\n[cpu]\narch = "aarch64"\nkernel_ceiling = "avx2"\n', "cpu.kernel_ceiling"),
+        ('name = "x"\ntitle = "X"\n[cpu]\narch = "aarch64"\ncores = "eight"\n', "cpu.cores: expected int"),
+        ('name = "x"\ntitle = "X"\n[cpu]\narch = "aarch64"\nbig_cores = "the fast ones"\n', "cpu.big_cores"),
+        ('name = "x"\ntitle = "X"\n[cpu]\narch = "aarch64"\nturbo = true\n', "unknown field 'turbo'"),
+        ('name = "x"\ntitle = "X"\n[cpu]\narch = "aarch64"\n[runtime]\nbackend = "gpu"\n', "runtime.backend"),
+        ('name = "x"\ntitle = "X"\n[cpu]\narch = "aarch64"\n[match]\ncpu_parts = ["A76"]\n', "match.cpu_parts"),
+        ('name = "x"\ntitle = "X"\n[cpu]\narch = "aarch64"\n[service]\nport = 0\n', r"\[service\]: port"),
+        ('name = "x"\ntitle = "X"\n[cpu]\narch = "aarch64"\n[service]\nbig_cores = 4\n', "unknown service setting"),
+        ('name = "x"\ntitle = "X"\ncpu = 4\n', r"\[cpu\]: must be a table"),
+    ],
+)
 def test_a_malformed_profile_is_refused_naming_the_file_and_field(tmp_path, text, message):
     path = tmp_path / "board.toml"
     path.write_text(text)
@@ -221,11 +247,14 @@ def test_an_unknown_board_name_lists_the_known_ones():
         load_board("rpi9")
 
 
-@pytest.mark.parametrize("command", [
-    ["run", "--board", "rpi9", "hello"],
-    ["doctor", "--board", "rpi9"],
-    ["service", "install", "--board", "rpi9", "--dry-run", "BUNDLE"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run", "--board", "rpi9", "hello"],
+        ["doctor", "--board", "rpi9"],
+        ["service", "install", "--board", "rpi9", "--dry-run", "BUNDLE"],
+    ],
+)
 def test_the_cli_refuses_an_unknown_board_with_one_error_line(command, tiny_llama_bundle):
     command = [str(tiny_llama_bundle) if word == "BUNDLE" else word for word in command]
     if command[0] == "run":

@@ -2,23 +2,28 @@
 its context drops the oldest turns after the system prompt."""
 
 import pytest
+from tiny_models import CHATML_TEMPLATE
 from transformers import PreTrainedTokenizerFast
 
 import edgellm
-from edgellm.chat_template import ChatTemplateError, render_chat
+from edgellm.bundle.manifest import read_manifest
 from edgellm.errors import ContextOverflowError, InvalidSettingError
-from edgellm.manifest import read_manifest
-from tiny_models import CHATML_TEMPLATE
+from edgellm.generate.chat_template import ChatTemplateError, render_chat
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi there"}],
     [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! ✨"},
-     {"role": "user", "content": "日本語で答えて"}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! ✨"},
+        {"role": "user", "content": "日本語で答えて"},
+    ],
     [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
 ]
-GUARDED = ("{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
-           "{{ raise_exception('System message must be first') }}{% endif %}{{ m['content'] }}{% endfor %}")
+GUARDED = (
+    "{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+    "{{ raise_exception('System message must be first') }}{% endif %}{{ m['content'] }}{% endfor %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +40,10 @@ def test_rendering_equals_transformers_apply_chat_template(smollm2_template, mes
         hf = PreTrainedTokenizerFast(tokenizer_file=str(bundle / "tokenizer.json"))
         hf.chat_template = source
         expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        assert render_chat(source, messages, add_generation_prompt=add_generation_prompt,
-                           special_tokens=special) == expected
+        assert (
+            render_chat(source, messages, add_generation_prompt=add_generation_prompt, special_tokens=special)
+            == expected
+        )
 
 
 def test_raise_exception_in_a_template_is_a_clear_error():

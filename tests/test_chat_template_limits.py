@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from server_harness import start_server
 
 import edgellm
-from edgellm.chat_template import RENDER_SECONDS, ChatTemplateError, TemplateRenderer, render_chat
 from edgellm.errors import EdgeLLMError, InvalidSettingError
-from server_harness import start_server
+from edgellm.generate.chat_template import RENDER_SECONDS, ChatTemplateError, TemplateRenderer, render_chat
 
 HOSTILE = {
     "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
@@ -25,7 +25,7 @@ HOSTILE = {
     "a huge power": "{{ 9**(9**9) }}",
     "a 1 GB string": "{{ 'a' * 10**9 }}",
     "a doubling string": "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
-                         "{% endfor %}{{ ns.s }}",
+    "{% endfor %}{{ ns.s }}",
     "a recursion bomb": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
 }
 # From the start of a command to its error: the interpreter, the model's load and the render's limit.
@@ -63,8 +63,13 @@ def test_a_template_that_refuses_the_conversation_says_so_without_a_fix_hint():
 
 def edgellm_cli(*args: str, stdin: str | None = None) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "edgellm", *args], capture_output=True, text=True, input=stdin,
-                          timeout=COMMAND_DEADLINE + 60)
+    done = subprocess.run(
+        [sys.executable, "-m", "edgellm", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=COMMAND_DEADLINE + 60,
+    )
     return done, time.monotonic() - started
 
 
@@ -99,10 +104,10 @@ def test_the_python_api_raises_and_keeps_the_session_usable(tiny_llama_bundle, t
         assert model.generate("Hi", max_tokens=3, temperature=0) is not None
 
 
+@pytest.mark.system
 def test_the_server_answers_400_in_time_stays_healthy_and_exits_0(tiny_llama_bundle, tmp_path):
     bundle = hostile_bundle(tiny_llama_bundle, tmp_path, HOSTILE["nested loops"])
     with start_server(bundle, tmp_path, settings={"context_length": 512}) as server:
-
         with server.http() as http:
             for _ in range(3):  # more than one: each kills and replaces the renderer
                 started = time.monotonic()
@@ -118,8 +123,9 @@ def test_the_server_answers_400_in_time_stays_healthy_and_exits_0(tiny_llama_bun
 
 
 def test_an_export_refuses_a_template_that_cannot_render_a_plain_conversation(tmp_path):
-    from edgellm.export.exporter import export_model
     from tiny_models import make_tiny_model, save_tiny_model
+
+    from edgellm.export.exporter import export_model
 
     hf = save_tiny_model(make_tiny_model("llama", tie=True), tmp_path / "hf")
     config = json.loads((hf / "tokenizer_config.json").read_text())
@@ -133,8 +139,9 @@ def test_an_export_refuses_a_template_that_cannot_render_a_plain_conversation(tm
 def test_nothing_is_left_spinning_after_sigterm(tiny_llama_bundle, tmp_path):
     """`edgellm run` stopped mid-render: the interpreter and its template child are gone at once."""
     bundle = hostile_bundle(tiny_llama_bundle, tmp_path, HOSTILE["nested loops"])
-    process = subprocess.Popen([sys.executable, "-m", "edgellm", "run", str(bundle), "Hi"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgellm", "run", str(bundle), "Hi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     children = _wait_for_children(process.pid, deadline=time.monotonic() + 30)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=10)

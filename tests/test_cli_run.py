@@ -5,10 +5,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +15,9 @@ def bundle(tiny_llama_bundle):
 
 
 def edgellm(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "edgellm", *args], capture_output=True, text=True, input=stdin,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "edgellm", *args], capture_output=True, text=True, input=stdin, timeout=300
+    )
 
 
 def test_json_output_is_one_object_per_chunk_ending_with_stats(bundle):
@@ -63,15 +62,31 @@ def test_a_stop_string_is_not_printed(bundle):
 
 def test_ctrl_c_stops_cleanly_and_keeps_the_partial_output(smollm2_bundle):
     # The real model, so that 2000 tokens take long enough for the signal to land mid-generation.
-    proc = subprocess.Popen([sys.executable, "-m", "edgellm", "run", str(smollm2_bundle), "Hello", "--raw",
-                             "--temperature", "0", "-n", "2000", "--json", "--stats"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = proc.stdout.readline()  # generation has started
-    assert first
-    time.sleep(0.3)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgellm",
+            "run",
+            str(smollm2_bundle),
+            "Hello",
+            "--raw",
+            "--temperature",
+            "0",
+            "-n",
+            "2000",
+            "--json",
+            "--stats",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    streamed = [proc.stdout.readline() for _ in range(8)]  # eight chunks out: it is mid-generation
+    assert all(streamed)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    records = [json.loads(first)] + [json.loads(line) for line in out.splitlines()]
+    records = [json.loads(line) for line in streamed + out.splitlines()]
     assert proc.returncode == 0, err
     assert records[-1]["finish_reason"] == "cancelled"
     assert records[-1]["stats"]["generated_tokens"] >= 1
@@ -88,10 +103,16 @@ def test_chat_keeps_history_and_obeys_reset_and_exit(bundle):
     assert "(0 cached)" in cached[0] and "(0 cached)" not in cached[1]  # turn 2 reused turn 1's cache
 
 
+@pytest.mark.slow  # exports the real SmolLM2
 def test_run_without_a_bundle_uses_the_default_model(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "edgellm", "run", "What is 2+2?", "--temperature", "0", "-n", "8"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "edgellm", "run", "What is 2+2?", "--temperature", "0", "-n", "8"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     assert "first use" in done.stderr
     assert (tmp_path / "edgellm" / "bundles" / "smollm2-135m-instruct" / "manifest.json").is_file()
@@ -126,8 +147,12 @@ def test_serve_on_a_port_in_use_is_one_error_line_and_exit_1(bundle):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "edgellm", "serve", str(bundle), "--port", str(port)],
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "edgellm", "serve", str(bundle), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     one_error_line(done, f"cannot listen on 127.0.0.1:{port}", "--port")
 
 

@@ -5,18 +5,23 @@ import subprocess
 import sys
 
 from conftest import FIXTURES
-from edgellm.doctor import doctor_report
+
+from edgellm.cli.doctor import doctor_report
 
 
 def test_doctor_json_describes_this_machine(tiny_llama_bundle):
-    result = subprocess.run([sys.executable, "-m", "edgellm", "doctor", str(tiny_llama_bundle), "--json"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "edgellm", "doctor", str(tiny_llama_bundle), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     import onnxruntime as ort
 
-    from edgellm import native
-    from edgellm.board_detect import detect
+    from edgellm.backends.native import ffi as native
+    from edgellm.boards.detect import detect
 
     assert report["board"]["board"] == detect().profile.name
     assert report["onnxruntime"]["providers"] == ort.get_available_providers()
@@ -33,7 +38,18 @@ def test_doctor_prints_a_line_per_topic():
     result = subprocess.run([sys.executable, "-m", "edgellm", "doctor"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     keys = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
-    for key in ("board", "profile", "cpu", "features", "kernels", "onnxruntime", "qnn", "settings", "memory", "service"):
+    for key in (
+        "board",
+        "profile",
+        "cpu",
+        "features",
+        "kernels",
+        "onnxruntime",
+        "qnn",
+        "settings",
+        "memory",
+        "service",
+    ):
         assert key in keys
 
 

@@ -5,21 +5,22 @@ import json
 import subprocess
 import sys
 
-import numpy as np
-import onnxruntime as ort
-from safetensors.numpy import save_file
+import pytest
 
+from edgellm.bundle.manifest import read_manifest
 from edgellm.default_model import default_gguf_path
-from edgellm.export.canonical import as_float
 from edgellm.export.exporter import export_model
-from edgellm.export.gguf_source import load_gguf
-from edgellm.export.verify import run_onnx_logits
-from edgellm.manifest import read_manifest
+from edgellm.export.sources.float_hf import write_float_hf_folder
+from edgellm.export.verify.cpu import onnxruntime_backend
+from edgellm.export.verify.numerics import nmse, top1
+
+pytestmark = pytest.mark.slow  # exports the real SmolLM2
 
 
 def edgellm(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "edgellm", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "edgellm", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def test_export_default_and_info_on_the_command_line(tmp_path):
@@ -38,29 +39,8 @@ def test_export_default_and_info_on_the_command_line(tmp_path):
     assert summary["source"]["sha256"] == manifest["provenance"]["source"]["sha256"]
 
 
-def write_float_hf_folder(folder):
-    """SmolLM2 dequantized to fp32 and saved the way transformers would save it."""
-    model = load_gguf(default_gguf_path())
-    folder.mkdir()
-    save_file({name: np.ascontiguousarray(as_float(t)) for name, t in model.tensors.items()},
-              str(folder / "model.safetensors"))
-    c = model.config
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
-              "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-              "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-              "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
-              "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings,
-              "tie_word_embeddings": c.tie_word_embeddings, "hidden_act": "silu", "torch_dtype": "float32",
-              "bos_token_id": model.tokenizer.bos_token_id, "eos_token_id": model.tokenizer.eos_token_ids[0]}
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "tokenizer.json").write_text(model.tokenizer.tokenizer_json)
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": model.tokenizer.chat_template, "add_bos_token": False, **model.tokenizer.special_tokens}))
-    return folder
-
-
 def test_smollm2_as_a_float_hf_folder_exports_to_the_same_model(tmp_path, smollm2_bundle):
-    folder = write_float_hf_folder(tmp_path / "hf")
+    folder = write_float_hf_folder(default_gguf_path(), tmp_path / "hf")
     bundle = tmp_path / "from-float"
     manifest = export_model(folder, bundle)
     assert manifest["verification"]["passed"]
@@ -70,8 +50,8 @@ def test_smollm2_as_a_float_hf_folder_exports_to_the_same_model(tmp_path, smollm
     ids = list(range(100, 160))
     logits = []
     for b in (bundle, smollm2_bundle):
-        session = ort.InferenceSession(str(b / "model.onnx"), providers=["CPUExecutionProvider"])
-        logits.append(run_onnx_logits(session, read_manifest(b).config, ids, decode_steps=2))
-    nmse = np.mean((logits[0] - logits[1]) ** 2) / np.mean(logits[1] ** 2)
-    assert nmse < 1e-4
-    assert (logits[0].argmax(-1) == logits[1].argmax(-1)).mean() >= 0.95
+        backend = onnxruntime_backend(read_manifest(b), len(ids))
+        logits.append(backend.score(ids, decode_steps=2))
+        backend.close()
+    assert nmse(logits[0], logits[1]) < 1e-4
+    assert top1(logits[0], logits[1]) >= 0.95

@@ -5,17 +5,18 @@ import json
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
-
-from edgellm.bundle_format import ALIGN
-from edgellm.export.exporter import ExportOptions, export_model
-from edgellm.export.quantize import QuantOptions
-from edgellm.export.verify import run_onnx_logits
-from edgellm.manifest import read_manifest
 from bundle_reference import reference_from_bundle
+from parity import assert_parity
 from tiny_models import make_tiny_model, save_tiny_model, tiny_vocab_size
+
+from edgellm.bundle.format import ALIGN
+from edgellm.bundle.manifest import read_manifest
+from edgellm.export.exporter import export_model
+from edgellm.export.options import ExportOptions, QuantOptions
+from edgellm.export.verify.cpu import onnx_trace, onnxruntime_backend
+from edgellm.export.verify.numerics import first_divergence, nmse
 
 
 def export_tiny(tmp_path, arch="llama", tie=False, options=ExportOptions(), **model_kw):
@@ -39,8 +40,11 @@ def test_tiny_models_export_to_int4_bundles_that_verify(tmp_path, arch, tie):
     assert not list(tmp_path.glob(".bundle.tmp-*"))
 
 
-@pytest.mark.parametrize("quant", [QuantOptions(symmetric=True), QuantOptions(block=64), QuantOptions(bits=8),
-                                   QuantOptions(keep_8bit=())], ids=["sym", "block64", "int8", "int4-embeddings"])
+@pytest.mark.parametrize(
+    "quant",
+    [QuantOptions(symmetric=True), QuantOptions(block=64), QuantOptions(bits=8), QuantOptions(keep_8bit=())],
+    ids=["sym", "block64", "int8", "int4-embeddings"],
+)
 def test_quantization_options_export_and_verify(tmp_path, quant):
     _, _, manifest = export_tiny(tmp_path, "llama", True, ExportOptions(quant=quant))
     assert manifest["verification"]["passed"]
@@ -55,11 +59,14 @@ def test_weights_bin_index_matches_the_onnx_external_data_and_the_hashes(tmp_pat
     data = (bundle / "weights.bin").read_bytes()
     for name, entry in manifest["tensors"].items():
         assert entry["offset"] % ALIGN == 0
-        chunk = data[entry["offset"]: entry["offset"] + entry["nbytes"]]
+        chunk = data[entry["offset"] : entry["offset"] + entry["nbytes"]]
         assert hashlib.sha256(chunk).hexdigest() == entry["sha256"], name
     graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
-    external = {t.name: {kv.key: kv.value for kv in t.external_data} for t in graph.initializer
-                if t.data_location == onnx.TensorProto.EXTERNAL}
+    external = {
+        t.name: {kv.key: kv.value for kv in t.external_data}
+        for t in graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    }
     assert set(external) == set(manifest["tensors"])
     for name, fields in external.items():
         assert fields["location"] == "weights.bin"
@@ -68,8 +75,8 @@ def test_weights_bin_index_matches_the_onnx_external_data_and_the_hashes(tmp_pat
 
 
 def test_weights_bin_stores_the_ropes_table_the_graph_reads_even_for_a_small_head_dim(tmp_path):
+    from edgellm.bundle.weights import BundleWeights
     from edgellm.export.reference import rope_inv_freq
-    from edgellm.weights import BundleWeights
 
     _, bundle, _ = export_tiny(tmp_path, "llama", True, head_dim=16)  # 32 bytes: under the inline limit
     manifest = read_manifest(bundle)
@@ -82,27 +89,41 @@ def test_weights_bin_stores_the_ropes_table_the_graph_reads_even_for_a_small_hea
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_onnx_runtime_with_kv_cache_equals_the_reference_read_from_weights_bin(tmp_path, arch):
-    _, bundle, manifest = export_tiny(tmp_path, arch, False, heads=6, kv_heads=2,
-                                      hidden=96)
-    reference = reference_from_bundle(read_manifest(bundle))
-    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    ids = list(np.random.default_rng(7).integers(0, tiny_vocab_size(), 30))
+    _, bundle, _ = export_tiny(tmp_path, arch, False, heads=6, kv_heads=2, hidden=96)
+    manifest = read_manifest(bundle)
+    reference = reference_from_bundle(manifest)
+    ids = [int(t) for t in np.random.default_rng(7).integers(0, tiny_vocab_size(), 30)]
     expected = reference.forward(ids)
-    actual = run_onnx_logits(session, reference.config, ids, decode_steps=10)
-    nmse = np.mean((actual - expected) ** 2) / np.mean(expected ** 2)
-    assert nmse < 1e-9
-    assert (actual.argmax(-1) == expected.argmax(-1)).all()
+    backend = onnxruntime_backend(manifest, len(ids), prefill_chunk=8)
+    actual = backend.score(ids, decode_steps=10)
+    backend.close()
+
+    def traces():
+        reference.forward(ids, trace=(expected_trace := {}))
+        return expected_trace, onnx_trace(manifest, ids)
+
+    assert_parity(actual, expected, 1e-9, f"{arch}: ONNX Runtime vs the reference", traces)
+
+
+def test_the_graph_trace_follows_the_reference_trace_tensor_by_tensor(tmp_path):
+    _, bundle, _ = export_tiny(tmp_path, "qwen2", False, heads=6, kv_heads=2, hidden=96)
+    manifest = read_manifest(bundle)
+    ids = [int(t) for t in np.random.default_rng(3).integers(0, tiny_vocab_size(), 12)]
+    reference_from_bundle(manifest).forward(ids, trace=(expected := {}))
+    traced = onnx_trace(manifest, ids)
+    assert {"0.attn_norm", "0.attn", "0.attn_residual", "0.mlp_norm", "0.out", "final_norm"} <= set(traced)
+    assert first_divergence(expected, traced, 1e-9) is None
 
 
 def test_int4_bundle_stays_close_to_the_float_transformers_model(tmp_path):
     model, bundle, manifest = export_tiny(tmp_path, "llama", False)
-    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    ids = list(np.random.default_rng(11).integers(0, tiny_vocab_size(), 24))
+    ids = [int(t) for t in np.random.default_rng(11).integers(0, tiny_vocab_size(), 24)]
     with torch.no_grad():
         expected = model(torch.tensor(ids)[None]).logits[0].numpy()
-    actual = run_onnx_logits(session, read_manifest(bundle).config, ids, decode_steps=4)
-    nmse = np.mean((actual - expected) ** 2) / np.mean(expected ** 2)
-    assert nmse < 0.05  # int4 quantization error, not a numerics bug: those are caught above at 1e-9
+    backend = onnxruntime_backend(read_manifest(bundle), len(ids))
+    actual = backend.score(ids, decode_steps=4)
+    backend.close()
+    assert nmse(actual, expected) < 0.05  # int4 quantization error, not a numerics bug: those are caught above at 1e-9
     assert manifest["quantization"]["overall_nmse"] < 0.02
 
 

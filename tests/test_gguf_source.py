@@ -9,21 +9,28 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants
+from tiny_gguf import llama3_rope_freqs, permute_qk, write_tiny_gguf
+from tiny_models import make_tiny_model, tiny_vocab_size
 
+from edgellm.bundle.architectures import gguf_tensor_name as gguf_name
 from edgellm.export.canonical import as_float
 from edgellm.export.exporter import export_model
-from edgellm.export.gguf_source import load_gguf
-from edgellm.export.quant_formats import BlockQuantTensor, quantization_error, quantize
+from edgellm.export.quant.formats import BlockQuantTensor, quantization_error, quantize
 from edgellm.export.reference import ReferenceModel
-from tiny_gguf import gguf_name, llama3_rope_freqs, permute_qk, write_tiny_gguf
-from tiny_models import make_tiny_model, tiny_vocab_size
+from edgellm.export.sources.gguf import load_gguf
+from edgellm.export.verify.numerics import nmse
 
 SHAPES = [  # (query heads, key-value heads, head_dim, hidden)
     (4, 2, 16, 64),
     (6, 2, 16, 96),
 ]
-LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 64}
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 def token_ids(n: int, seed: int = 0) -> np.ndarray:
@@ -44,16 +51,14 @@ def max_relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
-def nmse(actual: np.ndarray, expected: np.ndarray) -> float:
-    expected = expected.astype(np.float64)
-    return float(np.mean((actual - expected) ** 2) / np.mean(expected ** 2))
-
-
 def hf_tensors(model) -> dict[str, np.ndarray]:
     """The checkpoint's tensors as a GGUF reader should return them (no lm_head when tied)."""
     tie = model.config.tie_word_embeddings
-    return {name: value.float().numpy() for name, value in model.state_dict().items()
-            if not (tie and name == "lm_head.weight")}
+    return {
+        name: value.float().numpy()
+        for name, value in model.state_dict().items()
+        if not (tie and name == "lm_head.weight")
+    }
 
 
 def file_tensors(path) -> dict[str, tuple[GGMLQuantizationType, np.ndarray]]:
@@ -72,11 +77,13 @@ def kv_heads_of(name: str, config) -> int | None:
 
 # --- float files --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("heads,kv,head_dim,hidden", SHAPES)
 def test_f32_gguf_loads_the_checkpoint_tensors_exactly_and_matches_transformers_logits(
-        tmp_path, arch, tie, heads, kv, head_dim, hidden):
+    tmp_path, arch, tie, heads, kv, head_dim, hidden
+):
     model = make_tiny_model(arch, tie=tie, heads=heads, kv_heads=kv, head_dim=head_dim, hidden=hidden)
     path = write_tiny_gguf(model, tmp_path / "tiny.gguf", arch=arch)
     canonical = load_gguf(path)
@@ -123,6 +130,7 @@ def test_f16_and_bf16_tensors_read_as_the_checkpoint_cast_to_that_type_and_widen
 
 
 # --- block-quantized files ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1"])
 def test_q8_0_q4_0_and_q4_1_matrices_are_carried_as_blocks_that_dequantize_like_gguf_py(tmp_path, type_name):
@@ -181,7 +189,8 @@ def torch_model_with_file_weights(model, path):
 # wrong order give 0.4-0.8. The comparison with the file's own dequantized weights is tight.
 @pytest.mark.parametrize("type_name,max_nmse_vs_float", [("Q8_0", 2e-3), ("Q4_0", 0.2), ("Q4_1", 0.2)])
 def test_block_quantized_files_give_transformers_logits_for_the_dequantized_weights(
-        tmp_path, type_name, max_nmse_vs_float):
+    tmp_path, type_name, max_nmse_vs_float
+):
     model = make_tiny_model("llama", tie=False)
     path = write_tiny_gguf(model, tmp_path / "tiny.gguf", tensor_type=type_name)
     ours = reference_logits(load_gguf(path), ids := token_ids(19))
@@ -192,15 +201,18 @@ def test_block_quantized_files_give_transformers_logits_for_the_dequantized_weig
 # --- K-quants: dequantized on read, re-quantized by the exporter --------------------------------
 
 K_QUANT_SHAPE = dict(heads=4, kv_heads=2, head_dim=64, hidden=256, ffn=256)  # Q4_K rows are 256 wide
-K_QUANT_TENSORS = {"blk.0.attn_k.weight": ("model.layers.0.self_attn.k_proj.weight", 2),
-                   "blk.1.ffn_down.weight": ("model.layers.1.mlp.down_proj.weight", None)}
+K_QUANT_TENSORS = {
+    "blk.0.attn_k.weight": ("model.layers.0.self_attn.k_proj.weight", 2),
+    "blk.1.ffn_down.weight": ("model.layers.1.mlp.down_proj.weight", None),
+}
 
 
 @pytest.fixture(scope="module")
 def q4_k_file(tmp_path_factory):
     model = make_tiny_model("llama", tie=False, **K_QUANT_SHAPE)
-    path = write_tiny_gguf(model, tmp_path_factory.mktemp("q4k") / "tiny-q4k.gguf",
-                           tensor_type=dict.fromkeys(K_QUANT_TENSORS, "Q4_K"))
+    path = write_tiny_gguf(
+        model, tmp_path_factory.mktemp("q4k") / "tiny-q4k.gguf", tensor_type=dict.fromkeys(K_QUANT_TENSORS, "Q4_K")
+    )
     return model, path
 
 
@@ -239,6 +251,7 @@ def test_a_q4_k_file_exports_with_the_tensor_requantized_reported_and_the_warnin
 
 # --- RoPE scaling and export --------------------------------------------------------------------
 
+
 def llama3_model():
     return make_tiny_model("llama", tie=True, rope_scaling=LLAMA3_SCALING, rope_theta=500000.0)
 
@@ -259,8 +272,9 @@ def test_llama3_rope_freqs_tensor_gives_transformers_logits_on_a_long_prompt(tmp
     assert max_relative_error(reference_logits(unscaled, ids), expected) > 1e-3
 
 
-@pytest.mark.parametrize("make_model", [lambda: make_tiny_model("llama", tie=False), llama3_model],
-                         ids=["f32", "llama3-rope-freqs"])
+@pytest.mark.parametrize(
+    "make_model", [lambda: make_tiny_model("llama", tie=False), llama3_model], ids=["f32", "llama3-rope-freqs"]
+)
 def test_a_bundle_exported_from_an_f32_gguf_verifies(tmp_path, make_model):
     path = write_tiny_gguf(make_model(), tmp_path / "tiny.gguf")
     manifest = export_model(path, tmp_path / "bundle")

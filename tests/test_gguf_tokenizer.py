@@ -15,8 +15,12 @@ import pytest
 from tokenizers import Tokenizer, pre_tokenizers
 
 from edgellm.errors import EdgeLLMError
-from edgellm.export.gguf_tokenizer import (
-    LLAMA3_REGEX, PRE_TOKENIZERS, QWEN2_REGEX, tokenizer_from_gguf_metadata)
+from edgellm.export.sources.gguf_tokenizer import (
+    LLAMA3_REGEX,
+    PRE_TOKENIZERS,
+    QWEN2_REGEX,
+    tokenizer_from_gguf_metadata,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RECORD = json.loads((FIXTURES / "llamacpp_tokens.json").read_text(encoding="utf-8"))
@@ -38,19 +42,12 @@ def mismatches(tokenizer: Tokenizer, expected_ids: list[list[int]]) -> list[str]
 
 
 @pytest.fixture(scope="module")
-def smollm_meta() -> dict:
-    from edgellm.default_model import default_gguf_path
-    from edgellm.export.gguf_metadata import open_gguf, read_gguf_metadata
-
-    return read_gguf_metadata(open_gguf(default_gguf_path()))
-
-
-@pytest.fixture(scope="module")
-def smollm(smollm_meta) -> Tokenizer:
-    return build(smollm_meta)
+def smollm(smollm2_gguf_metadata) -> Tokenizer:
+    return build(smollm2_gguf_metadata)
 
 
 # --- the real model (gpt2, pre "smollm") ----------------------------------------------------
+
 
 def test_the_corpus_covers_the_scripts_and_shapes_that_break_tokenizers():
     assert len(CORPUS) >= 36 and "" in CORPUS
@@ -62,10 +59,10 @@ def test_the_default_model_tokenizer_gives_llamacpp_ids_for_every_corpus_string(
     assert mismatches(smollm, RECORD["tokenizers"]["smollm"]["ids"]) == []
 
 
-def test_the_bundle_tokenizer_file_writes_merges_as_strings_and_gives_the_same_ids(smollm_meta):
+def test_the_bundle_tokenizer_file_writes_merges_as_strings_and_gives_the_same_ids(smollm2_gguf_metadata):
     from edgellm.export.exporter import fast_loading_tokenizer_json
 
-    text = fast_loading_tokenizer_json(tokenizer_from_gguf_metadata(smollm_meta).tokenizer_json)
+    text = fast_loading_tokenizer_json(tokenizer_from_gguf_metadata(smollm2_gguf_metadata).tokenizer_json)
     merges = json.loads(text)["model"]["merges"]
     assert len(merges) > 40000 and all(isinstance(m, str) and m.count(" ") == 1 for m in merges)
     assert mismatches(Tokenizer.from_str(text), RECORD["tokenizers"]["smollm"]["ids"]) == []
@@ -97,11 +94,11 @@ def test_the_golden_text_gives_the_ids_the_llamacpp_logits_were_recorded_for(smo
     text = (FIXTURES / "golden_text.txt").read_text(encoding="utf-8")
     ids = smollm.encode(text).ids
     assert len(ids) >= 300
-    assert ids[:len(recorded)] == recorded.tolist()
+    assert ids[: len(recorded)] == recorded.tolist()
 
 
-def test_the_default_model_spec_carries_its_special_tokens_and_template(smollm_meta):
-    spec = tokenizer_from_gguf_metadata(smollm_meta)
+def test_the_default_model_spec_carries_its_special_tokens_and_template(smollm2_gguf_metadata):
+    spec = tokenizer_from_gguf_metadata(smollm2_gguf_metadata)
     assert spec.bos_token_id == 1 and spec.eos_token_ids == [2]
     assert spec.add_bos_token is False  # the GGUF says so, and llama.cpp obeys it
     assert spec.special_tokens["bos_token"] == "<|im_start|>"
@@ -111,17 +108,22 @@ def test_the_default_model_spec_carries_its_special_tokens_and_template(smollm_m
 
 # --- other pre-tokenizers, on the same vocabulary relabelled ---------------------------------
 
+
 @pytest.mark.parametrize("pre", ["default", "gpt-2", "llama-bpe", "qwen2"])
-def test_each_pre_tokenizer_gives_llamacpp_ids_on_the_smollm_vocabulary(smollm_meta, pre):
-    tokenizer = build({**smollm_meta, "tokenizer.ggml.pre": pre})
+def test_each_pre_tokenizer_gives_llamacpp_ids_on_the_smollm_vocabulary(smollm2_gguf_metadata, pre):
+    tokenizer = build({**smollm2_gguf_metadata, "tokenizer.ggml.pre": pre})
     assert mismatches(tokenizer, RECORD["tokenizers"][f"pre:{pre}"]["ids"]) == []
 
 
 def tiny_byte_level_meta(pre: str) -> dict:
     """A gpt2 vocabulary of the 256 byte symbols and no merges: enough to see the splits."""
     symbols = pre_tokenizers.ByteLevel.alphabet()
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
-            "tokenizer.ggml.tokens": sorted(symbols), "tokenizer.ggml.merges": []}
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": sorted(symbols),
+        "tokenizer.ggml.merges": [],
+    }
 
 
 def regex_split(text: str, patterns: list[str]) -> list[str]:
@@ -133,7 +135,7 @@ def regex_split(text: str, patterns: list[str]) -> list[str]:
         for piece in pieces:
             at = 0
             for match in regex.finditer(pattern, piece):
-                split += [piece[at:match.start()]] if match.start() > at else []
+                split += [piece[at : match.start()]] if match.start() > at else []
                 split += [match.group()] if match.end() > match.start() else []
                 at = match.end()
             split += [piece[at:]] if at < len(piece) else []
@@ -167,6 +169,7 @@ def test_the_pre_tokenizer_splits_like_llamacpps_regex(pre, pattern, text):
 def test_llama3_keeps_digits_in_threes_and_qwen2_alone():
     def pieces(pre):
         return [p for p, _ in build(tiny_byte_level_meta(pre)).pre_tokenizer.pre_tokenize_str("1234567")]
+
     assert pieces("llama-bpe") == ["123", "456", "7"]
     assert pieces("qwen2") == list("1234567")
 
@@ -177,6 +180,7 @@ def test_llama3_defaults_to_adding_bos_like_llamacpp():
 
 
 # --- the llama (SentencePiece) model type ----------------------------------------------------
+
 
 def test_a_sentencepiece_vocabulary_gives_llamacpp_ids_for_every_corpus_string():
     """The vocabulary is frozen in the fixture, so this needs neither llama.cpp nor sentencepiece."""
@@ -199,12 +203,20 @@ Numbers: 12 boats, 340 crates, 7.5 tonnes, 2024-06-01, 08:30, 100% fresh.
 """
 
 SPM_PROBES = [
-    "", "a", " ", "  ", "The harbour was quiet.", "  two leading spaces", "trailing  ",
-    "Boats\nand\tnets\n\n", "Fishermen counted 1234567 crates at 08:30.",
+    "",
+    "a",
+    " ",
+    "  ",
+    "The harbour was quiet.",
+    "  two leading spaces",
+    "trailing  ",
+    "Boats\nand\tnets\n\n",
+    "Fishermen counted 1234567 crates at 08:30.",
     "Der Hafen, les pêcheurs, el puerto, порт, 港口, 港.",
     "never seen: 🚀 ΩΨ ข้อความ 🏳️‍🌈 ⅛ \u00a0 \x01",  # absent from training: byte fallback
     "def count_boats(harbour):\n    return 0\n",
-    "UPPER lower MiXeD don't café CAFÉ", "αβγ ∑∫√ ½",
+    "UPPER lower MiXeD don't café CAFÉ",
+    "αβγ ∑∫√ ½",
 ]
 
 
@@ -214,18 +226,32 @@ def trained_sentencepiece(tmp_path_factory):
     folder = tmp_path_factory.mktemp("spm")
     (folder / "train.txt").write_text(SPM_TRAINING_TEXT * 3, encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(folder / "train.txt"), model_prefix=str(folder / "m"), model_type="bpe",
-        vocab_size=400, byte_fallback=True, character_coverage=0.98,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
-        allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2)
+        input=str(folder / "train.txt"),
+        model_prefix=str(folder / "m"),
+        model_type="bpe",
+        vocab_size=400,
+        byte_fallback=True,
+        character_coverage=0.98,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        num_threads=1,
+        minloglevel=2,
+    )
     return spm.SentencePieceProcessor(model_file=str(folder / "m.model"))
 
 
 def sentencepiece_meta(processor) -> dict:
     """The tokenizer.ggml.* fields convert_hf_to_gguf.py writes for a SentencePiece model."""
+
     def token_type(i: int) -> int:  # normal=1 unknown=2 control=3 user_defined=4 unused=5 byte=6
-        for is_kind, kind in ((processor.is_unknown, 2), (processor.is_control, 3),
-                              (processor.is_unused, 5), (processor.is_byte, 6)):
+        for is_kind, kind in (
+            (processor.is_unknown, 2),
+            (processor.is_control, 3),
+            (processor.is_unused, 5),
+            (processor.is_byte, 6),
+        ):
             if is_kind(i):
                 return kind
         return 1
@@ -269,9 +295,14 @@ def test_a_sentencepiece_spec_adds_bos_and_names_its_special_tokens(trained_sent
 
 # --- metadata and errors --------------------------------------------------------------------
 
+
 def test_end_of_turn_and_end_of_message_tokens_also_stop_generation():
-    meta = {**tiny_byte_level_meta("gpt-2"), "tokenizer.ggml.eos_token_id": 5,
-            "tokenizer.ggml.eot_token_id": 7, "tokenizer.ggml.eom_token_id": 5}
+    meta = {
+        **tiny_byte_level_meta("gpt-2"),
+        "tokenizer.ggml.eos_token_id": 5,
+        "tokenizer.ggml.eot_token_id": 7,
+        "tokenizer.ggml.eom_token_id": 5,
+    }
     assert tokenizer_from_gguf_metadata(meta).eos_token_ids == [5, 7]
 
 

@@ -9,17 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import CHATML_TEMPLATE, make_tiny_model, save_tiny_model, tiny_tokenizer_json
 
 from edgellm.errors import EdgeLLMError
-from edgellm.export.hf_source import load_hf_folder
-
-from tiny_models import CHATML_TEMPLATE, make_tiny_model, save_tiny_model, tiny_tokenizer_json
+from edgellm.export.sources.hf import load_hf_folder
 
 torch = pytest.importorskip("torch")
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 # Each family tied and untied, each saved dtype, each GQA ratio, sharding for each family.
 ROUND_TRIPS = [
@@ -63,9 +67,11 @@ def load_error(folder: Path) -> str:
 
 # ------------------------------------------------------------------------------- round trips
 
+
 @pytest.mark.parametrize("arch,tie,heads,kv_heads,hidden,dtype,shard", ROUND_TRIPS)
-def test_loaded_tensors_and_config_equal_what_transformers_saved(tmp_path, arch, tie, heads, kv_heads,
-                                                                 hidden, dtype, shard):
+def test_loaded_tensors_and_config_equal_what_transformers_saved(
+    tmp_path, arch, tie, heads, kv_heads, hidden, dtype, shard
+):
     model = make_tiny_model(arch, tie=tie, heads=heads, kv_heads=kv_heads, hidden=hidden)
     folder = save_tiny_model(model, tmp_path / "model", shard_size=shard, dtype=dtype)
     if shard:
@@ -74,8 +80,9 @@ def test_loaded_tensors_and_config_equal_what_transformers_saved(tmp_path, arch,
 
     loaded = load_hf_folder(folder)
 
-    state = {name: value for name, value in model.state_dict().items()
-             if not (tie and name == "lm_head.weight")}  # transformers lists the tied alias too
+    state = {
+        name: value for name, value in model.state_dict().items() if not (tie and name == "lm_head.weight")
+    }  # transformers lists the tied alias too
     assert set(loaded.tensors) == set(state)
     for name, value in state.items():
         widened = value.to(TORCH_DTYPES[dtype]).float().numpy()
@@ -84,8 +91,12 @@ def test_loaded_tensors_and_config_equal_what_transformers_saved(tmp_path, arch,
 
     hf, config = model.config, loaded.config
     assert config.architecture == arch
-    assert (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers) == \
-        (hf.vocab_size, hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers)
+    assert (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (
+        hf.vocab_size,
+        hf.hidden_size,
+        hf.intermediate_size,
+        hf.num_hidden_layers,
+    )
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (heads, kv_heads, 16)
     assert config.rms_norm_eps == hf.rms_norm_eps
     assert config.rope_theta == 10000.0 and config.rope_scaling is None
@@ -101,8 +112,12 @@ def test_tokenizer_spec_comes_from_tokenizer_json_and_tokenizer_config(folder):
     assert (tokenizer.bos_token_id, tokenizer.eos_token_ids, tokenizer.pad_token_id) == (1, [2], 0)
     assert tokenizer.add_bos_token is False
     assert tokenizer.chat_template == CHATML_TEMPLATE
-    assert tokenizer.special_tokens == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-                                        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    assert tokenizer.special_tokens == {
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
 
 
 def test_source_names_the_folder_and_hashes_weights_then_config(folder):
@@ -119,8 +134,10 @@ def test_eos_ids_are_the_union_of_tokenizer_config_and_generation_config(folder)
 
 
 def test_a_list_of_named_chat_templates_yields_the_default_one(folder):
-    edit_json(folder / "tokenizer_config.json",
-              chat_template=[{"name": "tool_use", "template": "x"}, {"name": "default", "template": "y"}])
+    edit_json(
+        folder / "tokenizer_config.json",
+        chat_template=[{"name": "tool_use", "template": "x"}, {"name": "default", "template": "y"}],
+    )
     assert load_hf_folder(folder).tokenizer.chat_template == "y"
 
 
@@ -133,16 +150,19 @@ def test_add_bos_token_follows_the_post_processor_when_tokenizer_config_is_silen
     from tokenizers import Tokenizer, processors
 
     tokenizer = Tokenizer.from_str(tiny_tokenizer_json())
-    tokenizer.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)]),
-    ])
+    tokenizer.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)]),
+        ]
+    )
     (folder / "tokenizer.json").write_text(tokenizer.to_str())
     edit_json(folder / "tokenizer_config.json", add_bos_token=None)
     assert load_hf_folder(folder).tokenizer.add_bos_token is True
 
 
 # ----------------------------------------------------------------------------- config variants
+
 
 def test_llama3_rope_scaling_is_read(tmp_path):
     model = make_tiny_model("llama", tie=True, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)
@@ -153,8 +173,9 @@ def test_llama3_rope_scaling_is_read(tmp_path):
 
 def test_a_transformers_4_config_with_rope_scaling_type_key_is_read(folder):
     legacy = {key: value for key, value in LLAMA3_ROPE.items() if key != "rope_type"}
-    edit_json(folder / "config.json", rope_parameters=None, rope_theta=500000.0,
-              rope_scaling={"type": "llama3", **legacy})
+    edit_json(
+        folder / "config.json", rope_parameters=None, rope_theta=500000.0, rope_scaling={"type": "llama3", **legacy}
+    )
     config = load_hf_folder(folder).config
     assert config.rope_scaling == LLAMA3_ROPE
     assert config.rope_theta == 500000.0
@@ -201,6 +222,7 @@ def test_rotary_inv_freq_buffers_are_dropped(folder):
 
 
 # -------------------------------------------------------------------------------- bad inputs
+
 
 def test_a_missing_folder_fails_naming_it(tmp_path):
     assert "no such folder" in load_error(tmp_path / "nowhere")

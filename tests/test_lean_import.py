@@ -16,12 +16,32 @@ from pathlib import Path
 
 BLOCKED = ("onnx", "gguf", "safetensors", "torch", "transformers")
 
-RUNTIME_MODULES = ("edgellm", "edgellm.cli", "edgellm.manifest", "edgellm.model_config", "edgellm.bundle_info",
-                   "edgellm.default_model", "edgellm.streaming", "edgellm.sampling", "edgellm.settings",
-                   "edgellm.weights", "edgellm.model", "edgellm.generation", "edgellm.chat", "edgellm.chat_template",
-                   "edgellm.tokenizer", "edgellm.memory", "edgellm.run_command", "edgellm.bench",
-                   "edgellm.backends.onnxruntime_backend", "edgellm.server", "edgellm.service_install",
-                   "edgellm.quant_formats", "edgellm.template_sandbox", "edgellm.server.connections")
+RUNTIME_MODULES = (
+    "edgellm",
+    "edgellm.cli.app",
+    "edgellm.bundle.manifest",
+    "edgellm.bundle.model_config",
+    "edgellm.cli.info",
+    "edgellm.default_model",
+    "edgellm.generate.streaming",
+    "edgellm.generate.sampling",
+    "edgellm.settings",
+    "edgellm.bundle.weights",
+    "edgellm.model",
+    "edgellm.generate.generation",
+    "edgellm.generate.chat",
+    "edgellm.generate.chat_template",
+    "edgellm.generate.tokenizer",
+    "edgellm.backends.memory",
+    "edgellm.cli.run",
+    "edgellm.cli.bench",
+    "edgellm.backends.onnxruntime",
+    "edgellm.service.server",
+    "edgellm.service.unit",
+    "edgellm.bundle.quant_formats",
+    "edgellm.generate.template_sandbox",
+    "edgellm.service.server.connections",
+)
 
 # Installed first thing in the child interpreter, before anything from edgellm is imported.
 BLOCKER = textwrap.dedent(f"""
@@ -46,8 +66,13 @@ BLOCKER = textwrap.dedent(f"""
 
 def run_blocked(body: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run `body` in a fresh interpreter with the heavy packages blocked; argv[1:] is `args`."""
-    return subprocess.run([sys.executable, "-c", BLOCKER + textwrap.dedent(body), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER + textwrap.dedent(body), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_the_blocker_really_refuses_each_heavy_package_and_its_submodules(tmp_path):
@@ -67,8 +92,7 @@ def test_the_blocker_really_refuses_each_heavy_package_and_its_submodules(tmp_pa
     result = run_blocked(body, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["refused"] == list(BLOCKED) + ["onnx.helper", "safetensors.numpy", "torch.nn",
-                                                 "transformers.models"]
+    assert report["refused"] == list(BLOCKED) + ["onnx.helper", "safetensors.numpy", "torch.nn", "transformers.models"]
     assert report["loaded"] == []
 
 
@@ -81,7 +105,7 @@ def test_the_runtime_modules_and_edgellm_help_need_none_of_the_export_packages(t
             importlib.import_module(name)
 
         from typer.testing import CliRunner
-        from edgellm.cli import app
+        from edgellm.cli.app import app
 
         runner = CliRunner()
         helps = [runner.invoke(app, args, prog_name="edgellm") for args in (["--help"], ["export", "--help"],
@@ -105,7 +129,7 @@ def test_export_without_the_export_extra_fails_with_one_line_saying_what_to_inst
     body = """
         import atexit
 
-        from edgellm.cli import main
+        from edgellm.cli.app import main
 
         # Printed to stdout at exit, so the error line on stderr stays alone.
         atexit.register(lambda: print("loaded:", ",".join(heavy_modules_loaded())))

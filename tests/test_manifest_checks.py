@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import edgellm
-from edgellm.bundle_info import summarize
+from edgellm.bundle.manifest import check_document, read_manifest
+from edgellm.cli.info import summarize
 from edgellm.errors import BundleError
-from edgellm.manifest import check_document, read_manifest
 from edgellm.model import Model
 from edgellm.settings import RuntimeSettings
 
@@ -70,8 +70,12 @@ def outside(paths: list[str], bundle: Path) -> list[str]:
     check /proc/meminfo and the cgroup)."""
     root = os.path.realpath(bundle)
     allowed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, *sys.path, "/proc", "/sys") if p}
-    return [p for p in paths if os.path.commonpath([os.path.realpath(p), root]) != root
-            and not any(os.path.realpath(p).startswith(a + os.sep) for a in allowed)]
+    return [
+        p
+        for p in paths
+        if os.path.commonpath([os.path.realpath(p), root]) != root
+        and not any(os.path.realpath(p).startswith(a + os.sep) for a in allowed)
+    ]
 
 
 def a_path_field(manifest: dict, field: str, value: str) -> dict:
@@ -92,8 +96,9 @@ PATH_FIELDS = ("files", "tokenizer.file", "graphs.cpu.file")
 @pytest.mark.parametrize("field", PATH_FIELDS)
 @pytest.mark.parametrize("target", ["../secret.json", "/etc/passwd", "/dev/zero", "a symlink out of the bundle"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_path_that_leaves_the_bundle_is_refused_before_anything_outside_is_opened(pristine, tmp_path, field,
-                                                                                   target, backend):
+def test_a_path_that_leaves_the_bundle_is_refused_before_anything_outside_is_opened(
+    pristine, tmp_path, field, target, backend
+):
     bundle = Path(shutil.copytree(pristine, tmp_path / "bundle"))
     secret = tmp_path / "secret.json"
     secret.write_text(json.dumps({"secret": "x" * 631}))
@@ -163,13 +168,14 @@ def test_a_listed_file_that_is_a_fifo_is_refused_without_blocking(pristine, tmp_
 
 # ---- every field, every type ------------------------------------------------------------------
 
+
 def leaf_paths(value, path=()) -> list[tuple]:
     """Every field of the document (objects and lists included), as key/index paths; long tables sampled."""
     paths = [path] if path else []
     if isinstance(value, dict):
         items = list(value.items())
         if len(items) > 12:  # the tensor and matrix tables: their first, a layer's and their last entries
-            items = items[:4] + items[len(items) // 2: len(items) // 2 + 2] + items[-2:]
+            items = items[:4] + items[len(items) // 2 : len(items) // 2 + 2] + items[-2:]
         for key, item in items:
             paths += leaf_paths(item, path + (key,))
     elif isinstance(value, list):
@@ -205,9 +211,15 @@ def attempt(bundle: Path, document: dict) -> BundleError | None:
     return None
 
 
-JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
-                        st.text(max_size=12), st.lists(st.integers(0, 8), max_size=3),
-                        st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+JSON_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=12),
+    st.lists(st.integers(0, 8), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
 
 
 @pytest.fixture(scope="module")
@@ -226,23 +238,51 @@ def test_any_field_set_to_any_json_value_ends_in_a_bundle_error_naming_it_or_a_c
         assert names_the_field(str(error), path), f"{path} = {value!r}: {error}"
 
 
-WRONG_TYPES = {"a string": "8192", "a list": [1], "an object": {"a": 1}, "true": True, "null": None,
-               "a huge number": 10**30, "a negative number": -5, "a fraction": 0.5}
+WRONG_TYPES = {
+    "a string": "8192",
+    "a list": [1],
+    "an object": {"a": 1},
+    "true": True,
+    "null": None,
+    "a huge number": 10**30,
+    "a negative number": -5,
+    "a fraction": 0.5,
+}
 
 
 def json_type(value) -> str:
-    return {bool: "bool", int: "number", float: "number", str: "str", list: "list", dict: "dict",
-            type(None): "null"}[type(value)]
+    return {bool: "bool", int: "number", float: "number", str: "str", list: "list", dict: "dict", type(None): "null"}[
+        type(value)
+    ]
 
 
-@pytest.mark.parametrize("path", [("format",), ("format_version",), ("model",), ("model", "vocab_size"),
-                                  ("model", "max_position_embeddings"), ("model", "num_key_value_heads"),
-                                  ("model", "rms_norm_eps"), ("model", "tie_word_embeddings"), ("files",),
-                                  ("files", "weights.bin"), ("files", "weights.bin", "bytes"), ("tensors",),
-                                  ("matrices",), ("tokenizer",), ("tokenizer", "eos_token_ids"),
-                                  ("tokenizer", "add_bos_token"), ("tokenizer", "special_tokens"),
-                                  ("tokenizer", "file"), ("graphs",), ("graphs", "cpu", "file"),
-                                  ("provenance",), ("verification", "prompts")])
+@pytest.mark.parametrize(
+    "path",
+    [
+        ("format",),
+        ("format_version",),
+        ("model",),
+        ("model", "vocab_size"),
+        ("model", "max_position_embeddings"),
+        ("model", "num_key_value_heads"),
+        ("model", "rms_norm_eps"),
+        ("model", "tie_word_embeddings"),
+        ("files",),
+        ("files", "weights.bin"),
+        ("files", "weights.bin", "bytes"),
+        ("tensors",),
+        ("matrices",),
+        ("tokenizer",),
+        ("tokenizer", "eos_token_ids"),
+        ("tokenizer", "add_bos_token"),
+        ("tokenizer", "special_tokens"),
+        ("tokenizer", "file"),
+        ("graphs",),
+        ("graphs", "cpu", "file"),
+        ("provenance",),
+        ("verification", "prompts"),
+    ],
+)
 def test_a_required_field_of_another_type_is_refused_naming_it(pristine, document, path):
     original = document
     for key in path:
@@ -257,20 +297,23 @@ def test_a_required_field_of_another_type_is_refused_naming_it(pristine, documen
         assert names_the_field(str(error), path), f"{path} = {label}: {error}"
 
 
-@pytest.mark.parametrize("change, field", [
-    (lambda m: m["model"].update(vocab_size=1000), "vocab_size"),
-    (lambda m: m["model"].update(num_key_value_heads=1), "num_key_value_heads"),
-    (lambda m: m["model"].update(max_position_embeddings=-5), "max_position_embeddings"),
-    (lambda m: m["tokenizer"].update(bos_token_id=10**9), "bos_token_id"),
-    (lambda m: m["tokenizer"].update(eos_token_ids="2"), "eos_token_ids"),
-    (lambda m: m["tokenizer"].update(eos_token_ids=[400]), "eos_token_ids"),
-    (lambda m: m.update(files=[]), "files"),
-    (lambda m: m["files"]["weights.bin"].pop("bytes"), "bytes"),
-    (lambda m: m.update(model=[]), "model"),
-    (lambda m: m["tokenizer"].update(special_tokens=[]), "special_tokens"),
-    (lambda m: m.update(tokenizer="tokenizer.json"), "tokenizer"),
-    (lambda m: m.update(tensors=[]), "tensors"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda m: m["model"].update(vocab_size=1000), "vocab_size"),
+        (lambda m: m["model"].update(num_key_value_heads=1), "num_key_value_heads"),
+        (lambda m: m["model"].update(max_position_embeddings=-5), "max_position_embeddings"),
+        (lambda m: m["tokenizer"].update(bos_token_id=10**9), "bos_token_id"),
+        (lambda m: m["tokenizer"].update(eos_token_ids="2"), "eos_token_ids"),
+        (lambda m: m["tokenizer"].update(eos_token_ids=[400]), "eos_token_ids"),
+        (lambda m: m.update(files=[]), "files"),
+        (lambda m: m["files"]["weights.bin"].pop("bytes"), "bytes"),
+        (lambda m: m.update(model=[]), "model"),
+        (lambda m: m["tokenizer"].update(special_tokens=[]), "special_tokens"),
+        (lambda m: m.update(tokenizer="tokenizer.json"), "tokenizer"),
+        (lambda m: m.update(tensors=[]), "tensors"),
+    ],
+)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_reported_cases_are_refused_on_both_backends(pristine, tmp_path, change, field, backend):
     bundle = Path(shutil.copytree(pristine, tmp_path / "bundle"))

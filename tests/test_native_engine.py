@@ -1,4 +1,4 @@
-"""The native engine (native/src/engine.c, run by edgellm.backends.native_backend) runs the bundle's
+"""The native engine (native/src/engine.c, run by edgellm.backends.native.backend) runs the bundle's
 decoder like the numpy reference and ONNX Runtime do: logits within NMSE 1e-4 of both on tiny random
 models (every family delta, every quant format), SmolLM2 teacher-forced against llama.cpp's fixture,
 greedy tokens the same run to run and for one or two threads, weights.bin mapped rather than copied,
@@ -9,35 +9,33 @@ Skipped when the extension was not built, unless EDGELLM_REQUIRE_NATIVE=1.
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import skip_without_native  # noqa: E402
 
 import edgellm
-from edgellm import native
-from edgellm.bundle_format import file_sha256
+from edgellm.backends.native import ffi as native
+from edgellm.bundle.format import file_sha256
 from edgellm.errors import BundleError, EdgeLLMError, InvalidSettingError
 from edgellm.settings import RuntimeSettings
 
-if not native.available():
-    if os.environ.get("EDGELLM_REQUIRE_NATIVE") == "1":
-        raise RuntimeError(native.unavailable_reason())
-    pytest.skip(native.unavailable_reason(), allow_module_level=True)
+skip_without_native(module=True)
 
 from bundle_reference import reference_for, reference_greedy  # noqa: E402
 from conftest import FIXTURES  # noqa: E402
-from edgellm.backends.native_backend import NativeBackend  # noqa: E402
-from edgellm.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
-from edgellm.manifest import check_document, read_manifest  # noqa: E402
+from parity import assert_parity  # noqa: E402
 from test_golden_llamacpp import assert_agrees_with_llamacpp  # noqa: E402
 from tiny_models import make_tiny_model, save_tiny_model  # noqa: E402
+
+from edgellm.backends.native.backend import NativeBackend  # noqa: E402
+from edgellm.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
+from edgellm.bundle.manifest import check_document, read_manifest  # noqa: E402
+from edgellm.export.verify.numerics import first_divergence, nmse  # noqa: E402
 
 MAX_NMSE = 1e-4
 # name -> (make_tiny_model arguments, export QuantOptions arguments)
@@ -54,12 +52,6 @@ TINY = {
 }
 
 
-def nmse(got: np.ndarray, want: np.ndarray) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert np.isfinite(got).all()
-    return float(np.sum((got - want) ** 2) / np.sum(want ** 2))
-
-
 def settings(**fields) -> RuntimeSettings:
     return RuntimeSettings(**{"backend": "native", "threads": 2, **fields})
 
@@ -67,8 +59,8 @@ def settings(**fields) -> RuntimeSettings:
 @pytest.fixture(scope="module")
 def tiny_bundles(tmp_path_factory):
     """name -> bundle folder, each exported once, on first use."""
-    from edgellm.export.exporter import ExportOptions, export_model
-    from edgellm.export.quantize import QuantOptions
+    from edgellm.export.exporter import export_model
+    from edgellm.export.options import ExportOptions, QuantOptions
 
     made: dict[str, Path] = {}
 
@@ -78,8 +70,9 @@ def tiny_bundles(tmp_path_factory):
             folder = tmp_path_factory.mktemp(name.replace(":", "-"))
             args = dict(model_args)
             model = make_tiny_model(args.pop("arch"), **args)
-            export_model(save_tiny_model(model, folder / "hf"), folder / "bundle",
-                         ExportOptions(quant=QuantOptions(**quant)))
+            export_model(
+                save_tiny_model(model, folder / "hf"), folder / "bundle", ExportOptions(quant=QuantOptions(**quant))
+            )
             made[name] = folder / "bundle"
         return made[name]
 
@@ -90,16 +83,8 @@ def prompt_ids(vocab: int, n: int = 40) -> list[int]:
     return [int(t) for t in np.random.default_rng(7).integers(3, vocab, n)]
 
 
-def prefill_then_decode(backend, ids: list[int], decoded: int) -> np.ndarray:
-    """Logits [len(ids), V]: all but the last `decoded` tokens prefilled in the backend's chunks, the
-    rest one token at a time through the KV cache."""
-    split = len(ids) - decoded
-    rows = [backend.forward(ids[:split], all_logits=True)]
-    rows += [backend.forward([token])[None] for token in ids[split:]]
-    return np.concatenate(rows)
-
-
 # ---- logits ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(TINY))
 def test_native_logits_equal_the_reference_and_onnxruntime_for_prefill_chunks_and_decode(tiny_bundles, name):
@@ -110,15 +95,35 @@ def test_native_logits_equal_the_reference_and_onnxruntime_for_prefill_chunks_an
     want = reference.forward(ids)  # [S, V], one pass
     native_backend = NativeBackend(manifest, settings(prefill_chunk=7), 64)
     ort_backend = OnnxRuntimeBackend(manifest, settings(backend="onnxruntime", prefill_chunk=7), 64)
+
+    def traces():  # the first prefill chunk's layers, the engine's against the reference's
+        reference.forward(ids[:7], trace=(expected := {}))
+        return expected, native_backend.trace(ids[:7])
+
     try:
-        got = prefill_then_decode(native_backend, ids, decoded=12)
-        ort = prefill_then_decode(ort_backend, ids, decoded=12)
+        got = native_backend.score(ids, decode_steps=12)
+        ort = ort_backend.score(ids, decode_steps=12)
+        assert_parity(got, want, MAX_NMSE, f"{name}: native vs the reference", traces)
     finally:
         native_backend.close()
         ort_backend.close()
-    assert nmse(got, want) <= MAX_NMSE, f"{name}: native vs reference {nmse(got, want):.3g}"
     assert nmse(got, ort) <= MAX_NMSE, f"{name}: native vs onnxruntime {nmse(got, ort):.3g}"
-    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("name", ["qwen2-biases", "mistral-head_dim32"])
+def test_the_engine_trace_follows_the_reference_trace_layer_by_layer(tiny_bundles, name):
+    manifest = read_manifest(tiny_bundles(name))
+    ids = prompt_ids(manifest.config.vocab_size, 7)
+    reference_for(tiny_bundles(name)).forward(ids, trace=(expected := {}))
+    backend = NativeBackend(manifest, settings(prefill_chunk=8), 64)
+    try:
+        traced = backend.trace(ids)
+    finally:
+        backend.close()
+    assert set(traced) == {
+        f"{i}.{t}" for i in range(manifest.config.num_hidden_layers) for t in ("attn_residual", "out")
+    }
+    assert first_divergence(expected, traced, MAX_NMSE) is None
 
 
 def test_a_chunk_gives_the_same_bits_as_its_tokens_one_by_one_and_after_a_truncate(tiny_bundles):
@@ -143,17 +148,22 @@ def test_smollm2_native_logits_agree_with_llamacpp_teacher_forced(smollm2_bundle
     ids, expected = data["ids"].astype(np.int64).tolist(), data["logits"].astype(np.float32)
     backend = NativeBackend(read_manifest(smollm2_bundle), settings(prefill_chunk=64), 512)
     try:
-        actual = prefill_then_decode(backend, ids, decoded=32)  # 256 prefilled in chunks of 64, 32 decoded
+        actual = backend.score(ids, decode_steps=32)  # 256 prefilled in chunks of 64, 32 decoded
     finally:
         backend.close()
     assert actual.shape == expected.shape and np.isfinite(actual).all()
     assert_agrees_with_llamacpp(actual, expected, ids, "native")
 
+
 # ---- greedy generation -----------------------------------------------------------------------------
 
+
 def greedy(model, prompt, n: int) -> list[int]:
-    tokens = [c.token_id for c in model.stream(prompt, max_tokens=n, temperature=0, stop_token_ids=())
-              if c.token_id is not None]
+    tokens = [
+        c.token_id
+        for c in model.stream(prompt, max_tokens=n, temperature=0, stop_token_ids=())
+        if c.token_id is not None
+    ]
     assert len(tokens) == n
     return tokens
 
@@ -163,8 +173,9 @@ def test_smollm2_greedy_tokens_are_the_same_run_to_run_and_for_one_and_two_threa
     prompt = "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n"
     runs, logits = [], []
     for threads in (1, 2, 2):
-        with edgellm.load(smollm2_bundle, backend="native", threads=threads, context_length=256,
-                          prefill_chunk=16) as model:
+        with edgellm.load(
+            smollm2_bundle, backend="native", threads=threads, context_length=256, prefill_chunk=16
+        ) as model:
             assert model.backend.describe()["threads"] == threads
             runs.append(greedy(model, prompt, 48))
             model.backend.reset()
@@ -199,8 +210,8 @@ def status():
             out[key] = int(value.split()[0]) * 1024
     return out
 
-from edgellm.backends.native_backend import NativeBackend
-from edgellm.manifest import read_manifest
+from edgellm.backends.native.backend import NativeBackend
+from edgellm.bundle.manifest import read_manifest
 from edgellm.settings import RuntimeSettings
 
 bundle = Path(sys.argv[1])
@@ -216,14 +227,17 @@ print(json.dumps({"before": before, "loaded": loaded, "ran": ran}))
 
 @pytest.mark.slow
 def test_loading_maps_weights_bin_and_the_resident_set_grows_by_touched_pages_not_a_copy(smollm2_bundle):
-    done = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(smollm2_bundle)], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(smollm2_bundle)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     rss = json.loads(done.stdout)
     size = (smollm2_bundle / "weights.bin").stat().st_size
     grew = {when: {k: rss[when][k] - rss["before"][k] for k in rss["before"]} for when in ("loaded", "ran")}
-    print(f"weights.bin {size / 2**20:.1f} MiB; growth in MiB: "
-          + json.dumps({w: {k: round(v / 2**20, 1) for k, v in g.items()} for w, g in grew.items()}))
+    print(
+        f"weights.bin {size / 2**20:.1f} MiB; growth in MiB: "
+        + json.dumps({w: {k: round(v / 2**20, 1) for k, v in g.items()} for w, g in grew.items()})
+    )
     # loading touches (almost) nothing: no copy, no pass over the weights
     assert grew["loaded"]["RssAnon"] + grew["loaded"]["RssFile"] < 0.05 * size
     # a forward reads every weight through the mapping: file-backed pages, still no anonymous copy
@@ -233,9 +247,11 @@ def test_loading_maps_weights_bin_and_the_resident_set_grows_by_touched_pages_no
 
 # ---- damaged bundles -------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def no_c_engine(monkeypatch):
     """Makes reaching the C engine a test failure: a damaged bundle must be refused before it."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the C engine was reached with a damaged manifest")
 
@@ -273,9 +289,20 @@ def test_a_weights_bin_shorter_than_the_manifest_says_is_refused(tiny_bundles, t
     assert "outside weights.bin" in message
 
 
-@pytest.mark.parametrize("damage", ["misaligned offset", "offset past the end", "nbytes not the shape's",
-                                    "transposed shape", "dtype", "missing tensor", "negative offset",
-                                    "offset not a number", "shape not a list"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "misaligned offset",
+        "offset past the end",
+        "nbytes not the shape's",
+        "transposed shape",
+        "dtype",
+        "missing tensor",
+        "negative offset",
+        "offset not a number",
+        "shape not a list",
+    ],
+)
 def test_a_damaged_tensor_index_is_refused_naming_the_tensor(tiny_bundles, damage, no_c_engine):
     bundle = tiny_bundles("llama-untied")
     manifest = raw_manifest(bundle)
@@ -304,12 +331,15 @@ def test_a_damaged_tensor_index_is_refused_naming_the_tensor(tiny_bundles, damag
 
 
 def test_a_matrix_the_engine_cannot_run_is_refused_with_what_to_do(tmp_path, tiny_bundles, no_c_engine):
-    from edgellm.export.exporter import ExportOptions, export_model
-    from edgellm.export.quantize import QuantOptions
+    from edgellm.export.exporter import export_model
+    from edgellm.export.options import ExportOptions, QuantOptions
 
     bundle = tmp_path / "block16"  # blocks of 16: a bundle ONNX Runtime runs and the native kernels do not
-    export_model(save_tiny_model(make_tiny_model("llama", tie=True), tmp_path / "hf"), bundle,
-                 ExportOptions(quant=QuantOptions(block=16), verify=False))
+    export_model(
+        save_tiny_model(make_tiny_model("llama", tie=True), tmp_path / "hf"),
+        bundle,
+        ExportOptions(quant=QuantOptions(block=16), verify=False),
+    )
     with pytest.raises(BundleError) as failure:
         NativeBackend(read_manifest(bundle), settings(threads=1), 32)
     assert "blocks of 16" in str(failure.value) and "onnxruntime" in str(failure.value)
@@ -332,9 +362,9 @@ FUZZ_SCRIPT = """
 import copy, json, random, sys
 from pathlib import Path
 
-from edgellm.backends.native_backend import NativeBackend
+from edgellm.backends.native.backend import NativeBackend
 from edgellm.errors import BundleError
-from edgellm.manifest import check_document
+from edgellm.bundle.manifest import check_document
 from edgellm.settings import RuntimeSettings
 
 bundle, seed, rounds = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -386,14 +416,16 @@ print(json.dumps(outcomes))
 def test_fuzzed_manifest_tensor_fields_end_in_bundle_error_or_a_clean_run_never_a_crash(tiny_bundles):
     bundle = tiny_bundles("qwen2-biases")
     # in a child process: a segfault fails this test instead of killing pytest
-    done = subprocess.run([sys.executable, "-c", FUZZ_SCRIPT, str(bundle), "20261122", "300"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", FUZZ_SCRIPT, str(bundle), "20261122", "300"], capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
     outcomes = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcomes["refused"] + outcomes["loaded"] == 300 and outcomes["refused"] > 200, outcomes
 
 
 # ---- the backend's surface -------------------------------------------------------------------------
+
 
 def test_auto_resolves_to_native_and_the_backend_describes_its_kernels(tiny_bundles):
     assert RuntimeSettings(backend="auto").backend == "native"

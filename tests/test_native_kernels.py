@@ -1,4 +1,4 @@
-"""Native kernels (native/, through edgellm.native): the C reference equals the numpy definitions
+"""Native kernels (native/, through edgellm.backends.native.ffi): the C reference equals the numpy definitions
 bit for bit, every SIMD variant this CPU runs equals the C reference bit for bit on the integer
 paths (for any thread count, on sizes that hit every SIMD tail), float kernels agree with the
 numpy reference forward to a normalized MSE of 1e-10, and NaN never turns into a finite value.
@@ -17,16 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import skip_without_native  # noqa: E402
 
-from edgellm import native
+from edgellm.backends.native import ffi as native
 from edgellm.errors import EdgeLLMError
 from edgellm.export import reference
-from edgellm.export.quant_formats import quantize
+from edgellm.export.quant.formats import quantize
+from edgellm.export.verify.numerics import nmse
 
-if not native.available():
-    if os.environ.get("EDGELLM_REQUIRE_NATIVE") == "1":
-        raise RuntimeError(native.unavailable_reason())
-    pytest.skip(native.unavailable_reason(), allow_module_level=True)
+skip_without_native(module=True)
 
 RNG = np.random.default_rng(20261122)
 COLS = (32, 64, 96, 100, 288, 576, 1536 + 32)  # one, two, three blocks, a partial block, 9, 18, 49
@@ -45,7 +44,9 @@ def assert_same_bits(got: np.ndarray, want: np.ndarray, what: str) -> None:
     assert np.array_equal(nan_got, nan_want), f"{what}: NaN at different places"
     bits_got, bits_want = got.view(np.uint32)[~nan_got], want.view(np.uint32)[~nan_want]
     bad = np.flatnonzero(bits_got != bits_want)
-    assert bad.size == 0, f"{what}: {bad.size} values differ, first at {bad[0]}: {got[~nan_got][bad[0]]!r} != {want[~nan_want][bad[0]]!r}"
+    assert bad.size == 0, (
+        f"{what}: {bad.size} values differ, first at {bad[0]}: {got[~nan_got][bad[0]]!r} != {want[~nan_want][bad[0]]!r}"
+    )
 
 
 def assert_same_blocks(got: np.ndarray, want: np.ndarray, what: str) -> None:
@@ -53,12 +54,6 @@ def assert_same_blocks(got: np.ndarray, want: np.ndarray, what: str) -> None:
     np.testing.assert_array_equal(got["sum"], want["sum"], err_msg=f"{what} sum")
     np.testing.assert_array_equal(got["qh"], want["qh"], err_msg=f"{what} qh")
     np.testing.assert_array_equal(got["ql"], want["ql"], err_msg=f"{what} ql")
-
-
-def nmse(got: np.ndarray, want: np.ndarray) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert not np.isnan(got).any() and not np.isnan(want).any()
-    return float(np.sum((got - want) ** 2) / max(np.sum(want**2), 1e-300))
 
 
 def corner_case_activations() -> np.ndarray:
@@ -84,6 +79,7 @@ def numpy_matvec(tensor, xq: np.ndarray) -> np.ndarray:
 
 
 # ---- activation quantization --------------------------------------------------------------------
+
 
 def test_the_extension_reports_its_abi_version_and_a_variant_this_cpu_runs():
     header = (Path(__file__).resolve().parents[1] / "native" / "edgellm.h").read_text()
@@ -126,6 +122,7 @@ def test_every_variant_quantizes_activations_bit_for_bit_like_the_reference(vari
 
 
 # ---- quantized products ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("block", (32, 64, 128))
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -190,6 +187,7 @@ def test_a_nan_or_infinity_in_the_activations_makes_every_output_nan(variant, ba
 
 # ---- float kernels ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_float_kernels_of_every_variant_match_the_numpy_reference_within_nmse_1e_10(variant):
     with native.using_variant(variant):
@@ -218,6 +216,7 @@ def test_float_kernels_work_in_place():
 
 # ---- the Python boundary ---------------------------------------------------------------------
 
+
 def test_bad_arrays_raise_edgellm_errors_instead_of_reaching_c():
     tensor, w = random_matrix("int4_asym", 8, 64)
     xq = native.quantize_activations(RNG.standard_normal(64).astype(np.float32))
@@ -239,14 +238,15 @@ def test_bad_arrays_raise_edgellm_errors_instead_of_reaching_c():
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k != "EDGELLM_KERNELS"} | env
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=environment, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=environment, timeout=60
+    )
 
 
 def test_edgellm_kernels_forces_a_variant_and_refuses_one_the_cpu_lacks():
     lacking = next(v for v in ("neon", "avx2", "dotprod", "avx512vnni", "i8mm") if v not in VARIANTS)
     code = """
-        from edgellm import native
+        from edgellm.backends.native import ffi as native
         from edgellm.errors import EdgeLLMError
         try:
             print(native.kernel_variant())
@@ -266,7 +266,7 @@ def test_without_the_extension_the_runtime_says_native_backend_unavailable_and_w
                 if name == "edgellm._native":
                     raise ModuleNotFoundError("No module named 'edgellm._native'", name=name)
         sys.meta_path.insert(0, NoExtension())
-        from edgellm import native
+        from edgellm.backends.native import ffi as native
         from edgellm.errors import EdgeLLMError
         print(native.available())
         try:
@@ -282,16 +282,20 @@ def test_without_the_extension_the_runtime_says_native_backend_unavailable_and_w
 
 # ---- the real model --------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_smollm2_bundle_matrices_give_the_same_bits_in_every_variant_and_numpy(smollm2_bundle):
-    from edgellm.export.quant_formats import unpack_codes
-    from edgellm.manifest import read_manifest
-    from edgellm.weights import BundleWeights
+    from edgellm.bundle.manifest import read_manifest
+    from edgellm.bundle.quant_formats import unpack_codes
+    from edgellm.bundle.weights import BundleWeights
 
     manifest = read_manifest(smollm2_bundle)
     weights = BundleWeights.of(manifest)
-    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
-             "model.embed_tokens.weight"]  # int4_asym 576x576, int4_asym 576x1536, int8_sym 49152x576
+    names = [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.embed_tokens.weight",
+    ]  # int4_asym 576x576, int4_asym 576x1536, int8_sym 49152x576
     for name in names:
         entry = manifest.matrices[name]
         rows = min(entry.rows, 4096)  # the head's first 4096 rows: a contiguous view, no copy
@@ -302,8 +306,7 @@ def test_smollm2_bundle_matrices_give_the_same_bits_in_every_variant_and_numpy(s
         x = RNG.standard_normal((2, entry.cols)).astype(np.float32)
         xq = native.quantize_activations_numpy(x)
         codes = unpack_codes(np.asarray(qweight), entry.bits)
-        want = np.stack([native.matvec_numpy(entry.format, codes, scales, mins, entry.cols, xq[t])
-                         for t in range(2)])
+        want = np.stack([native.matvec_numpy(entry.format, codes, scales, mins, entry.cols, xq[t]) for t in range(2)])
         for variant in VARIANTS:
             with native.using_variant(variant):
                 assert_same_blocks(native.quantize_activations(x), xq, f"{variant} {name} activations")

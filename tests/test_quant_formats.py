@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, quants
 
-from edgellm.export.quant_formats import (FORMATS, BlockQuantTensor, from_gguf_q4_0, from_gguf_q4_1,
-                                          from_gguf_q8_0, quantize, unpack_codes)
+from edgellm.bundle.quant_formats import QUANT_FORMATS as FORMATS
+from edgellm.bundle.quant_formats import unpack_codes
+from edgellm.export.quant.formats import BlockQuantTensor, from_gguf_q4_0, from_gguf_q4_1, from_gguf_q8_0, quantize
 
 RNG = np.random.default_rng(1234)
 
@@ -15,8 +16,9 @@ def gguf_blocks(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return quants.quantize(values, qtype)  # uint8 [rows, bytes_per_row]
 
 
-@pytest.mark.parametrize("qtype,reader", [(GGMLQuantizationType.Q4_0, from_gguf_q4_0),
-                                          (GGMLQuantizationType.Q8_0, from_gguf_q8_0)])
+@pytest.mark.parametrize(
+    "qtype,reader", [(GGMLQuantizationType.Q4_0, from_gguf_q4_0), (GGMLQuantizationType.Q8_0, from_gguf_q8_0)]
+)
 def test_symmetric_gguf_blocks_dequantize_bit_exactly(qtype, reader):
     values = RNG.standard_normal((48, 256)).astype(np.float32)
     raw = gguf_blocks(values, qtype)
@@ -56,7 +58,7 @@ def test_quantize_error_is_within_half_a_step(fmt, block):
     # +7 steps and a value there may be clipped by one whole step (as in GGUF Q4_0).
     allowed = step * (1.0 if fmt == "int4_sym" else 0.5) * (1 + 1e-5) + 1e-7
     assert np.all(np.abs(t.dequantize() - values) <= allowed)
-    assert t.codes.max() < 2 ** t.bits
+    assert t.codes.max() < 2**t.bits
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
@@ -89,32 +91,42 @@ def test_the_onnx_matmul_lowering_computes_the_numpy_definition(fmt, rows, cols,
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgellm.export.onnx_graph import DecoderGraphBuilder
+    from edgellm.export.graph.cpu import DecoderGraphBuilder
 
     t = quantize(RNG.standard_normal((rows, cols)).astype(np.float32), fmt, block)
     builder = DecoderGraphBuilder(None, {"w": t})  # only its matmul lowering is used
     y = builder.make_matmul("x", "w", "/w")
     builder.nodes.append(helper.make_node("Identity", [y], ["y"]))
-    graph = helper.make_graph(builder.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, cols])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, rows])],
-                              [numpy_helper.from_array(a, n) for n, a in builder.arrays.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(
+        builder.nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, cols])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, rows])],
+        [numpy_helper.from_array(a, n) for n, a in builder.arrays.items()],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = RNG.standard_normal((1, 3, cols)).astype(np.float32)
     expected = x.astype(np.float64) @ t.dequantize().astype(np.float64).T
     actual = session.run(None, {"x": x})[0]
-    nmse = np.mean((actual - expected) ** 2) / np.mean(expected ** 2)
+    nmse = np.mean((actual - expected) ** 2) / np.mean(expected**2)
     assert nmse < 1e-10
 
 
+@pytest.mark.slow  # reads every block of the real SmolLM2
 def test_real_model_blocks_are_carried_over_losslessly():
     from edgellm.default_model import default_gguf_path
-    from edgellm.export.gguf_metadata import open_gguf
+    from edgellm.export.sources.gguf_metadata import open_gguf
 
     reader = open_gguf(default_gguf_path())
     by_name = {t.name: t for t in reader.tensors}
-    for name, reader_fn in (("token_embd.weight", from_gguf_q8_0), ("blk.0.ffn_down.weight", from_gguf_q4_1),
-                            ("blk.29.attn_v.weight", from_gguf_q4_1)):
+    for name, reader_fn in (
+        ("token_embd.weight", from_gguf_q8_0),
+        ("blk.0.ffn_down.weight", from_gguf_q4_1),
+        ("blk.29.attn_v.weight", from_gguf_q4_1),
+    ):
         t = by_name[name]
         rows, cols = int(t.shape[1]), int(t.shape[0])
         ours: BlockQuantTensor = reader_fn(np.asarray(t.data), rows, cols)

@@ -24,8 +24,9 @@ def bundle(pristine, tmp_path):
 
 
 def cli(*args, stdin=None):
-    done = subprocess.run([sys.executable, "-m", "edgellm", *args], capture_output=True, text=True, input=stdin,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "edgellm", *args], capture_output=True, text=True, input=stdin, timeout=300
+    )
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr + done.stdout
@@ -61,7 +62,7 @@ def test_tampered_weights_are_caught_when_verification_is_asked_for(bundle, monk
     data[1000] ^= 0x01
     (bundle / "weights.bin").write_bytes(bytes(data))
     # Files above the limit (real weights) are only hashed on request; make this small one count as large.
-    monkeypatch.setattr("edgellm.manifest.HASH_AT_LOAD_LIMIT", 0)
+    monkeypatch.setattr("edgellm.bundle.manifest.HASH_AT_LOAD_LIMIT", 0)
     edgellm.load(bundle).close()
     with pytest.raises(BundleError, match="sha256"):
         edgellm.load(bundle, verify_weights=True)
@@ -88,8 +89,8 @@ def test_a_manifest_of_an_older_format_is_refused_with_how_to_export_again(bundl
 
 @pytest.mark.parametrize("cached", [None, 1, "current"])
 def test_the_default_bundle_is_exported_when_missing_or_of_another_format(tmp_path, monkeypatch, cached):
-    from edgellm import run_command
-    from edgellm.bundle_format import FORMAT_VERSION
+    from edgellm.bundle.format import FORMAT_VERSION
+    from edgellm.cli import run as run_command
 
     folder = tmp_path / "smollm2"
     if cached is not None:
@@ -98,9 +99,12 @@ def test_the_default_bundle_is_exported_when_missing_or_of_another_format(tmp_pa
         (folder / "manifest.json").write_text(json.dumps({"format_version": version}))
     exports = []
     monkeypatch.setattr(run_command, "default_bundle_dir", lambda: folder)
-    monkeypatch.setattr("edgellm.export_command.require_export_extras", lambda: None)
-    monkeypatch.setattr(run_command.subprocess, "run",
-                        lambda argv, **kw: exports.append((argv, kw)) or subprocess.CompletedProcess(argv, 0))
+    monkeypatch.setattr("edgellm.cli.export.require_export_extras", lambda: None)
+    monkeypatch.setattr(
+        run_command.subprocess,
+        "run",
+        lambda argv, **kw: exports.append((argv, kw)) or subprocess.CompletedProcess(argv, 0),
+    )
     assert run_command.ensure_default_bundle() == folder
     assert len(exports) == (0 if cached == "current" else 1)
     if exports:
@@ -111,7 +115,7 @@ def test_the_default_bundle_is_exported_when_missing_or_of_another_format(tmp_pa
 
 @pytest.mark.parametrize("xdg, under_home", [(None, True), ("", True), ("relative/cache", True), ("/srv/cache", False)])
 def test_the_cache_folder_follows_xdg_only_when_it_is_an_absolute_path(monkeypatch, tmp_path, xdg, under_home):
-    from edgellm.bundle_format import cache_root
+    from edgellm.bundle.format import cache_root
 
     monkeypatch.setenv("HOME", str(tmp_path))
     if xdg is None:
@@ -131,13 +135,14 @@ def test_a_prompt_longer_than_the_context_is_refused(pristine):
 
 
 def test_a_context_that_does_not_fit_in_memory_is_refused_with_one_that_fits(pristine):
-    from edgellm.manifest import read_manifest
-    from edgellm.memory import estimate
+    from edgellm.backends.memory import estimate
+    from edgellm.bundle.manifest import read_manifest
     from edgellm.settings import RuntimeSettings
 
     manifest, settings = read_manifest(pristine), RuntimeSettings.resolve()
-    needs = {context: estimate(manifest, settings.backend, context, settings.prefill_chunk).total
-             for context in (256, 512)}
+    needs = {
+        context: estimate(manifest, settings.backend, context, settings.prefill_chunk).total for context in (256, 512)
+    }
     assert needs[256] < needs[512]
     with pytest.raises(MemoryBudgetError, match="context of 256 tokens fits") as error:  # a budget between the two
         edgellm.load(pristine, context_length=512, max_memory=(needs[256] + needs[512]) // 2)
@@ -145,8 +150,15 @@ def test_a_context_that_does_not_fit_in_memory_is_refused_with_one_that_fits(pri
     assert "--max-memory" in cli("run", str(pristine), "hi", "--context", "512", "--max-memory", "20M")
 
 
-@pytest.mark.parametrize("flags,field", [(["--temperature", "-1"], "temperature"), (["--top-p", "1.5"], "top_p"),
-                                         (["--top-k", "-2"], "top_k"), (["--min-p", "2"], "min_p")])
+@pytest.mark.parametrize(
+    "flags,field",
+    [
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "1.5"], "top_p"),
+        (["--top-k", "-2"], "top_k"),
+        (["--min-p", "2"], "min_p"),
+    ],
+)
 def test_invalid_sampling_values_are_refused(pristine, flags, field):
     assert field in cli("run", str(pristine), "hi", *flags)
     with edgellm.load(pristine) as model:

@@ -2,11 +2,11 @@
 reuses its KV cache produces exactly the tokens of the same conversation run from scratch."""
 
 import pytest
+from bundle_reference import reference_for, reference_greedy
+from tiny_models import make_tiny_model, save_tiny_model
 
 import edgellm
-from bundle_reference import reference_for, reference_greedy
 from edgellm.export.exporter import export_model
-from tiny_models import make_tiny_model, save_tiny_model
 
 PROMPTS = [
     "The capital of France is",
@@ -28,8 +28,11 @@ def tiny_bundle(request, tmp_path_factory):
 
 
 def runtime_greedy(model, prompt_ids, n=N_TOKENS) -> list[int]:
-    tokens = [c.token_id for c in model.stream(prompt_ids, max_tokens=n, temperature=0, stop_token_ids=())
-              if c.token_id is not None]
+    tokens = [
+        c.token_id
+        for c in model.stream(prompt_ids, max_tokens=n, temperature=0, stop_token_ids=())
+        if c.token_id is not None
+    ]
     assert len(tokens) == n
     return tokens
 

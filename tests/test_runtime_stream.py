@@ -81,15 +81,16 @@ def test_a_character_split_across_tokens_arrives_whole(model):
 def stop_string_of(model, text: str, n_tokens: int) -> tuple[list[int], str, str]:
     """A script for `text` and a stop string covering exactly `n_tokens` of its tokens, from token 3."""
     script = model.encode(text)
-    stop = model.tokenizer.decode(script[3:3 + n_tokens])
+    stop = model.tokenizer.decode(script[3 : 3 + n_tokens])
     assert len(model.encode(stop)) >= 1 and stop and stop in text
     return script, stop, text[: text.index(stop)]
 
 
 @pytest.mark.parametrize("n_tokens", [1, 2, 5])
 def test_stop_strings_end_generation_and_never_appear(model, n_tokens):
-    script, stop, expected = stop_string_of(model, "The quick brown fox jumps over the lazy dog again and again.",
-                                            n_tokens)
+    script, stop, expected = stop_string_of(
+        model, "The quick brown fox jumps over the lazy dog again and again.", n_tokens
+    )
     chunks = forced_stream(model, script + [7] * 20, max_tokens=60, stop=[stop], stop_token_ids=())
     text = "".join(c.text for c in chunks)
     assert text == expected
@@ -147,8 +148,10 @@ def test_closing_a_stream_frees_the_model_and_keeps_the_cache_consistent(model):
 
 
 def test_seeded_sampling_repeats_exactly_and_seeds_differ(model):
-    runs = [model.generate("Once", max_tokens=20, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=s,
-                           stop_token_ids=()) for s in (3, 3, 4)]
+    runs = [
+        model.generate("Once", max_tokens=20, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=s, stop_token_ids=())
+        for s in (3, 3, 4)
+    ]
     assert runs[0] == runs[1] != runs[2]
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgellm.errors import EdgeLLMError, InvalidSettingError
-from edgellm.sampling import TOP_P_ROUNDING_SLACK, SamplingParams, Sampler
+from edgellm.generate.sampling import TOP_P_ROUNDING_SLACK, Sampler, SamplingParams
 
 # Every filter off, temperature 1: probabilities() is a plain softmax of the (biased, penalized) logits.
 PLAIN = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
@@ -44,6 +44,7 @@ def kept(probs: np.ndarray) -> set[int]:
 
 
 # --- reproducibility -------------------------------------------------------------------------
+
 
 def test_two_samplers_with_the_same_seed_draw_the_same_200_tokens():
     rng = np.random.default_rng(1)
@@ -78,6 +79,7 @@ def test_probabilities_does_not_advance_the_random_generator():
 
 # --- greedy ----------------------------------------------------------------------------------
 
+
 def test_top_k_1_picks_the_same_token_as_greedy_for_random_logits():
     rng = np.random.default_rng(0)
     greedy = Sampler(SamplingParams.greedy_params(), 1000)
@@ -103,8 +105,14 @@ def test_top_k_ties_at_the_kth_value_keep_the_lowest_ids_so_top_k_1_matches_gree
     np.testing.assert_allclose(distribution(plain(top_k=2), logits), [0, 0.5, 0, 0.5, 0], rtol=1e-12)
 
 
-@pytest.mark.parametrize("params", [SamplingParams.greedy_params(), SamplingParams.greedy_params(logit_bias={0: 1.0}),
-                                    SamplingParams(temperature=1.0, seed=0)])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams.greedy_params(),
+        SamplingParams.greedy_params(logit_bias={0: 1.0}),
+        SamplingParams(temperature=1.0, seed=0),
+    ],
+)
 @pytest.mark.parametrize("broken,word", [(math.nan, "NaN"), (math.inf, "inf")])
 def test_a_nan_or_infinite_logit_is_an_error_greedy_or_not(params, broken, word):
     logits = np.array([0.5, 2.0, broken, -1.0], np.float32)
@@ -120,6 +128,7 @@ def test_greedy_takes_the_argmax_after_bias_and_penalties():
 
 
 # --- temperature and the filters -------------------------------------------------------------
+
 
 @pytest.mark.parametrize("temperature", [0.25, 0.7, 1.0, 2.0, 10.0])
 def test_temperature_scaling_matches_softmax_of_logits_over_temperature(temperature):
@@ -149,14 +158,17 @@ def test_top_k_at_or_above_the_vocabulary_size_keeps_everything():
         np.testing.assert_allclose(distribution(plain(top_k=k), logits), [0.1, 0.2, 0.3, 0.4], rtol=1e-6)
 
 
-@pytest.mark.parametrize("top_p, expected_ids", [
-    (0.8, {0, 1}),  # 0.5 + 0.3 reaches 0.8 exactly
-    (0.81, {0, 1, 2}),
-    (0.5, {0}),
-    (0.01, {0}),  # always at least one
-    (0.96, {0, 1, 2, 3}),
-    (1.0, {0, 1, 2, 3}),
-])
+@pytest.mark.parametrize(
+    "top_p, expected_ids",
+    [
+        (0.8, {0, 1}),  # 0.5 + 0.3 reaches 0.8 exactly
+        (0.81, {0, 1, 2}),
+        (0.5, {0}),
+        (0.01, {0}),  # always at least one
+        (0.96, {0, 1, 2, 3}),
+        (1.0, {0, 1, 2, 3}),
+    ],
+)
 def test_top_p_keeps_the_smallest_nucleus_that_reaches_top_p(top_p, expected_ids):
     probs = {0: 0.5, 1: 0.3, 2: 0.15, 3: 0.05}
     got = distribution(plain(top_p=top_p), log_probs(*probs.values()))
@@ -171,14 +183,17 @@ def test_top_p_ranks_by_probability_not_by_token_id():
     np.testing.assert_allclose(got, [0.375, 0, 0, 0.625], rtol=1e-6)
 
 
-@pytest.mark.parametrize("min_p, expected_ids", [
-    (0.0, {0, 1, 2, 3}),
-    (0.05, {0, 1, 2, 3}),  # threshold 0.025
-    (0.2, {0, 1, 2}),  # threshold 0.1 drops 0.05
-    (0.5, {0, 1}),  # threshold 0.25 drops 0.15
-    (0.7, {0}),  # threshold 0.35 drops 0.3
-    (1.0, {0}),  # only the most likely
-])
+@pytest.mark.parametrize(
+    "min_p, expected_ids",
+    [
+        (0.0, {0, 1, 2, 3}),
+        (0.05, {0, 1, 2, 3}),  # threshold 0.025
+        (0.2, {0, 1, 2}),  # threshold 0.1 drops 0.05
+        (0.5, {0, 1}),  # threshold 0.25 drops 0.15
+        (0.7, {0}),  # threshold 0.35 drops 0.3
+        (1.0, {0}),  # only the most likely
+    ],
+)
 def test_min_p_drops_tokens_below_min_p_times_the_top_probability(min_p, expected_ids):
     probs = {0: 0.5, 1: 0.3, 2: 0.15, 3: 0.05}
     got = distribution(plain(min_p=min_p), log_probs(*probs.values()))
@@ -195,8 +210,9 @@ def test_top_p_counts_the_probabilities_renormalized_after_top_k():
     np.testing.assert_allclose(got, [0.4 / 0.65, 0.25 / 0.65, 0, 0, 0, 0], rtol=1e-6)
     # min-p then works on the same distribution: 0.7 * 0.444 = 0.311 drops 0.278.
     np.testing.assert_allclose(distribution(plain(top_k=4, top_p=0.7, min_p=0.7), logits), [1, 0, 0, 0, 0, 0])
-    np.testing.assert_allclose(distribution(plain(top_k=4, top_p=0.7, min_p=0.6), logits),
-                               [0.4 / 0.65, 0.25 / 0.65, 0, 0, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(
+        distribution(plain(top_k=4, top_p=0.7, min_p=0.6), logits), [0.4 / 0.65, 0.25 / 0.65, 0, 0, 0, 0], rtol=1e-6
+    )
 
 
 def test_min_p_and_top_p_together_keep_the_smaller_of_their_two_sets():
@@ -230,17 +246,21 @@ def literal_filters(logits, temperature, top_k, top_p, min_p) -> np.ndarray:
 
 
 @pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [
-    (0.8, 40, 0.95, 0.05),  # the defaults
-    (1.0, 0, 0.9, 0.0),  # top-p alone: the nucleus is found among the 1024 most likely
-    (3.0, 0, 0.95, 0.0),  # a flat distribution: the nucleus needs the full sort
-    (0.5, 5000, 0.5, 0.0),
-    (1.0, 1, 1.0, 0.0),
-    (1.0, 0, 1.0, 0.02),
-    (2.0, 30000, 0.99, 0.001),
-])
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, min_p",
+    [
+        (0.8, 40, 0.95, 0.05),  # the defaults
+        (1.0, 0, 0.9, 0.0),  # top-p alone: the nucleus is found among the 1024 most likely
+        (3.0, 0, 0.95, 0.0),  # a flat distribution: the nucleus needs the full sort
+        (0.5, 5000, 0.5, 0.0),
+        (1.0, 1, 1.0, 0.0),
+        (1.0, 0, 1.0, 0.02),
+        (2.0, 30000, 0.99, 0.001),
+    ],
+)
 def test_a_50k_vocabulary_gives_the_same_distribution_as_the_literal_order_with_full_sorts(
-        ties, temperature, top_k, top_p, min_p):
+    ties, temperature, top_k, top_p, min_p
+):
     logits = np.random.default_rng(3).normal(scale=4.0, size=50_000)
     if ties:  # many equal logits, also at the top-k and nucleus boundaries
         logits = np.round(logits)
@@ -269,14 +289,17 @@ def test_repetition_penalty_applies_once_however_often_a_token_repeats():
     np.testing.assert_allclose(got, softmax([1.0, -1.0, 0.5, 3.0, -2.0]), rtol=1e-12)
 
 
-@pytest.mark.parametrize("window, penalized", [
-    (1, {1}),  # only the last token
-    (2, {0, 1}),
-    (3, {3, 0, 1}),
-    (4, {3, 0, 1}),  # longer than the history: all of it
-    (-1, {3, 0, 1}),  # all of it
-    (0, set()),  # off
-])
+@pytest.mark.parametrize(
+    "window, penalized",
+    [
+        (1, {1}),  # only the last token
+        (2, {0, 1}),
+        (3, {3, 0, 1}),
+        (4, {3, 0, 1}),  # longer than the history: all of it
+        (-1, {3, 0, 1}),  # all of it
+        (0, set()),  # off
+    ],
+)
 def test_penalties_only_touch_tokens_in_the_window_of_the_last_n_tokens(window, penalized):
     history = [3, 0, 1]
     expected = [x / 2 if (i in penalized and x > 0) else x * 2 if i in penalized else x for i, x in enumerate(LOGITS)]
@@ -359,6 +382,7 @@ def test_nan_logits_are_an_error_not_a_silent_pick():
 
 # --- the draw --------------------------------------------------------------------------------
 
+
 def test_20k_seeded_draws_match_the_computed_probabilities():
     probs = np.array([0.4, 0.25, 0.2, 0.1, 0.05])
     sampler = Sampler(plain(seed=2024), 5)
@@ -383,6 +407,7 @@ def test_20k_seeded_draws_after_filtering_never_pick_a_dropped_token():
 
 # --- inputs ----------------------------------------------------------------------------------
 
+
 def test_float32_logits_give_float64_probabilities_and_are_left_untouched():
     logits = np.array([1.0, 2.0, 3.0], dtype=np.float32)
     before = logits.copy()
@@ -404,35 +429,39 @@ def test_history_ids_outside_the_vocabulary_are_rejected():
 
 # --- settings --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field, value", [
-    ("temperature", -0.5),
-    ("temperature", math.nan),
-    ("temperature", math.inf),
-    ("temperature", "0.7"),
-    ("top_p", 1.5),
-    ("top_p", 0.0),
-    ("top_p", math.nan),
-    ("top_k", -1),
-    ("top_k", 2.5),
-    ("top_k", True),
-    ("min_p", 1.5),
-    ("min_p", -0.1),
-    ("repetition_penalty", 0.0),
-    ("repetition_penalty", -1.0),
-    ("presence_penalty", 2.5),
-    ("frequency_penalty", math.nan),
-    ("penalty_window", -2),
-    ("seed", -1),
-    ("seed", 1.5),
-    ("logit_bias", {-1: 1.0}),
-    ("logit_bias", {"5": 1.0}),
-    ("logit_bias", {1.0: 1.0}),
-    ("logit_bias", {5: math.nan}),
-    ("logit_bias", {5: math.inf}),
-    ("logit_bias", {5: 101.0}),
-    ("logit_bias", [(5, 1.0), (5, 2.0)]),
-    ("logit_bias", 5),
-])
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", -0.5),
+        ("temperature", math.nan),
+        ("temperature", math.inf),
+        ("temperature", "0.7"),
+        ("top_p", 1.5),
+        ("top_p", 0.0),
+        ("top_p", math.nan),
+        ("top_k", -1),
+        ("top_k", 2.5),
+        ("top_k", True),
+        ("min_p", 1.5),
+        ("min_p", -0.1),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.0),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", math.nan),
+        ("penalty_window", -2),
+        ("seed", -1),
+        ("seed", 1.5),
+        ("logit_bias", {-1: 1.0}),
+        ("logit_bias", {"5": 1.0}),
+        ("logit_bias", {1.0: 1.0}),
+        ("logit_bias", {5: math.nan}),
+        ("logit_bias", {5: math.inf}),
+        ("logit_bias", {5: 101.0}),
+        ("logit_bias", [(5, 1.0), (5, 2.0)]),
+        ("logit_bias", 5),
+    ],
+)
 def test_an_invalid_setting_raises_an_error_that_names_the_field_and_value(field, value):
     with pytest.raises(InvalidSettingError) as caught:
         SamplingParams(**{field: value})
@@ -443,14 +472,17 @@ def test_an_invalid_setting_raises_an_error_that_names_the_field_and_value(field
     assert isinstance(caught.value, ValueError)
 
 
-@pytest.mark.parametrize("field, value, allowed", [
-    ("temperature", -0.5, ">= 0"),
-    ("top_p", 1.5, "(0, 1]"),
-    ("top_p", 0.0, "(0, 1]"),
-    ("top_k", -1, ">= 0"),
-    ("min_p", 1.5, "[0, 1]"),
-    ("repetition_penalty", 0.0, "> 0"),
-])
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("temperature", -0.5, ">= 0"),
+        ("top_p", 1.5, "(0, 1]"),
+        ("top_p", 0.0, "(0, 1]"),
+        ("top_k", -1, ">= 0"),
+        ("min_p", 1.5, "[0, 1]"),
+        ("repetition_penalty", 0.0, "> 0"),
+    ],
+)
 def test_the_error_states_the_allowed_range(field, value, allowed):
     with pytest.raises(InvalidSettingError) as caught:
         SamplingParams(**{field: value})

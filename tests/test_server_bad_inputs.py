@@ -10,8 +10,9 @@ import sysconfig
 
 import openai
 import pytest
+from server_harness import MODEL_NAME, TINY_CONTEXT, serve_for_module, start_server, tiny_bundle
 
-from server_harness import MODEL_NAME, TINY_CONTEXT, start_server, tiny_bundle
+pytestmark = pytest.mark.system  # starts server processes
 
 API_KEY = "sk-test-0123456789abcdef"
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
@@ -24,9 +25,7 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
-    with start_server(bundle, tmp_path_factory.mktemp("logs"), config={"api_key": API_KEY}) as running:
-        yield running
-        assert running.terminate() == 0
+    yield from serve_for_module(bundle, tmp_path_factory, api_key=API_KEY)
 
 
 def assert_openai_error(response, status, param=None, code=None):
@@ -46,11 +45,14 @@ def still_serving(server):
         assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
-@pytest.mark.parametrize("body, param", [
-    (b'{"messages": [', None),  # malformed JSON
-    (b'"just a string"', None),
-    (b'[]', None),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (b'{"messages": [', None),  # malformed JSON
+        (b'"just a string"', None),
+        (b"[]", None),
+    ],
+)
 def test_a_body_that_is_not_a_json_object_is_a_400(server, body, param):
     with server.http() as http:
         response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
@@ -58,20 +60,23 @@ def test_a_body_that_is_not_a_json_object_is_a_400(server, body, param):
     still_serving(server)
 
 
-@pytest.mark.parametrize("change, param", [
-    ({"max_tokens": "10"}, "max_tokens"),
-    ({"max_tokens": 1.5}, "max_tokens"),
-    ({"temperature": "hot"}, "temperature"),
-    ({"stream": "yes"}, "stream"),
-    ({"messages": "hello"}, "messages"),
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
-    ({"messages": [{"role": "user", "content": 5}]}, None),
-    ({"stop": 7}, None),
-    ({"logit_bias": {"12": "a lot"}}, None),
-    ({"messages": [{"role": "user", "content": "\ud800 half a surrogate pair"}]}, None),
-    ({"stop": ["\udfff"]}, None),
-])
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"max_tokens": "10"}, "max_tokens"),
+        ({"max_tokens": 1.5}, "max_tokens"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"stream": "yes"}, "stream"),
+        ({"messages": "hello"}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": 5}]}, None),
+        ({"stop": 7}, None),
+        ({"logit_bias": {"12": "a lot"}}, None),
+        ({"messages": [{"role": "user", "content": "\ud800 half a surrogate pair"}]}, None),
+        ({"stop": ["\udfff"]}, None),
+    ],
+)
 def test_wrong_types_are_a_400_naming_the_field(server, change, param):
     body = json.dumps({**CHAT, **change}).encode()  # ASCII JSON: surrogates travel as \\uXXXX escapes
     with server.http() as http:
@@ -82,21 +87,24 @@ def test_wrong_types_are_a_400_naming_the_field(server, change, param):
     still_serving(server)
 
 
-@pytest.mark.parametrize("change, param, code", [
-    ({"max_tokens": -1}, "max_tokens", None),
-    ({"max_tokens": 0}, "max_tokens", None),
-    ({"max_tokens": 10**12}, "max_tokens", "context_length_exceeded"),
-    ({"max_tokens": TINY_CONTEXT}, "max_tokens", "context_length_exceeded"),
-    ({"temperature": -1}, "temperature", None),
-    ({"top_p": 0}, "top_p", None),
-    ({"presence_penalty": 3}, "presence_penalty", None),
-    ({"seed": -5}, "seed", None),
-    ({"logit_bias": {"999999": 1}}, "logit_bias", None),
-    ({"logit_bias": {"the": 1}}, "logit_bias", None),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", None),
-    ({"n": 2}, None, None),
-    ({"logprobs": True}, None, None),
-])
+@pytest.mark.parametrize(
+    "change, param, code",
+    [
+        ({"max_tokens": -1}, "max_tokens", None),
+        ({"max_tokens": 0}, "max_tokens", None),
+        ({"max_tokens": 10**12}, "max_tokens", "context_length_exceeded"),
+        ({"max_tokens": TINY_CONTEXT}, "max_tokens", "context_length_exceeded"),
+        ({"temperature": -1}, "temperature", None),
+        ({"top_p": 0}, "top_p", None),
+        ({"presence_penalty": 3}, "presence_penalty", None),
+        ({"seed": -5}, "seed", None),
+        ({"logit_bias": {"999999": 1}}, "logit_bias", None),
+        ({"logit_bias": {"the": 1}}, "logit_bias", None),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", None),
+        ({"n": 2}, None, None),
+        ({"logprobs": True}, None, None),
+    ],
+)
 def test_values_out_of_range_are_a_400_with_a_message(server, change, param, code):
     with server.http() as http:
         response = http.post("/v1/chat/completions", json={**CHAT, **change})
@@ -151,8 +159,12 @@ def test_a_missing_or_wrong_api_key_is_a_401(server):
     assert raised.value.status_code == 401 and raised.value.code == "invalid_api_key"
     import httpx
 
-    for headers in ({}, {"Authorization": "Bearer"}, {"Authorization": "Basic " + API_KEY},
-                    {"Authorization": "Bearer " + API_KEY + "x"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Basic " + API_KEY},
+        {"Authorization": "Bearer " + API_KEY + "x"},
+    ):
         response = httpx.post(server.url + "/v1/chat/completions", json=CHAT, headers=headers)
         assert_openai_error(response, 401, code="invalid_api_key")
         assert response.headers["www-authenticate"] == "Bearer"
@@ -184,9 +196,24 @@ def test_schemathesis_finds_no_server_error_in_the_openapi_document(bundle, tmp_
     cli = schemathesis_cli()  # before the server starts: a missing tool fails without starting one
     # A short context keeps every generated answer short, so the run stays bounded.
     with start_server(bundle, tmp_path, settings={"context_length": 64}, config={"timeout": 30}) as running:
-        command = [cli, "run", running.url + "/openapi.json",
-                   "--checks", "not_a_server_error", "--max-examples", "25", "--phases", "examples,coverage,fuzzing", "--generation-database", "none",
-                   "--request-timeout", "30", "--no-color", "--suppress-health-check", "all"]
+        command = [
+            cli,
+            "run",
+            running.url + "/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "25",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--generation-database",
+            "none",
+            "--request-timeout",
+            "30",
+            "--no-color",
+            "--suppress-health-check",
+            "all",
+        ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)
         print(done.stdout[-3000:])
         assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]

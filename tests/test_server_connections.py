@@ -10,8 +10,9 @@ import time
 
 import httpx
 import pytest
-
 from server_harness import start_server, tiny_bundle
+
+pytestmark = pytest.mark.system  # starts server processes
 
 READ_TIMEOUT = 3.0  # the server's stated limit in these tests (--read-timeout)
 

@@ -12,8 +12,9 @@ import time
 
 import openai
 import pytest
+from server_harness import BAN_END_TOKENS, MODEL_NAME, serve_for_module, start_server, tiny_bundle
 
-from server_harness import BAN_END_TOKENS, MODEL_NAME, start_server, tiny_bundle
+pytestmark = pytest.mark.system  # starts server processes
 
 CLIENTS = 8
 REQUESTS = 200
@@ -28,9 +29,7 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
-    with start_server(bundle, tmp_path_factory.mktemp("logs"), config={"max_queue": MAX_QUEUE}) as running:
-        yield running
-        assert running.terminate() == 0
+    yield from serve_for_module(bundle, tmp_path_factory, max_queue=MAX_QUEUE)
 
 
 def wait_for(condition, timeout=5.0, step=0.005):
@@ -46,14 +45,23 @@ def raw_request(server, path, body) -> socket.socket:
     """Send a request and return the socket without reading: a client that will walk away."""
     payload = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
     return sock
 
 
 def long_stream_body(**extra):
-    return {"prompt": "Tell me a long story.", "max_tokens": LONG, "temperature": 0, "stream": True,
-            "logit_bias": BAN_END_TOKENS, **extra}
+    return {
+        "prompt": "Tell me a long story.",
+        "max_tokens": LONG,
+        "temperature": 0,
+        "stream": True,
+        "logit_bias": BAN_END_TOKENS,
+        **extra,
+    }
 
 
 def test_eight_clients_and_two_hundred_requests_get_answers_or_429_and_memory_stays_flat(server):
@@ -75,11 +83,22 @@ def test_eight_clients_and_two_hundred_requests_get_answers_or_429_and_memory_st
             try:
                 if kind == "chat":
                     reply = client.chat.completions.create(
-                        model=MODEL_NAME, messages=[{"role": "user", "content": f"Question {n}: why?"}],
-                        max_tokens=8 + n % 40, temperature=0.8, seed=n, stream=stream)
+                        model=MODEL_NAME,
+                        messages=[{"role": "user", "content": f"Question {n}: why?"}],
+                        max_tokens=8 + n % 40,
+                        temperature=0.8,
+                        seed=n,
+                        stream=stream,
+                    )
                 else:
-                    reply = client.completions.create(model=MODEL_NAME, prompt=f"Story {n}:", max_tokens=8 + n % 40,
-                                                      temperature=0.8, seed=n, stream=stream)
+                    reply = client.completions.create(
+                        model=MODEL_NAME,
+                        prompt=f"Story {n}:",
+                        max_tokens=8 + n % 40,
+                        temperature=0.8,
+                        seed=n,
+                        stream=stream,
+                    )
                 if stream:
                     events = list(reply)
                     assert events[-1].choices[0].finish_reason in ("stop", "length")
@@ -108,12 +127,14 @@ def test_eight_clients_and_two_hundred_requests_get_answers_or_429_and_memory_st
     errors = [r for r in results if r not in ("ok", "429")]
     ok, refused = results.count("ok"), results.count("429")
     values = server.metrics()
-    print(f"\nload: {len(results)} requests from {CLIENTS} clients in {elapsed:.1f} s: {ok} answered, {refused} x 429, "
-          f"{len(errors)} other errors; latency p50 {statistics.median(latencies) * 1000:.0f} ms, "
-          f"p95 {sorted(latencies)[int(len(latencies) * 0.95)] * 1000:.0f} ms; "
-          f"tokens generated {values['edgellm_generated_tokens_total']:.0f}; "
-          f"RSS after 20 requests {rss['after_20'] / 2**20:.1f} MiB, after {len(results)} "
-          f"{rss['after_all'] / 2**20:.1f} MiB ({(rss['after_all'] / rss['after_20'] - 1) * 100:+.1f}%)")
+    print(
+        f"\nload: {len(results)} requests from {CLIENTS} clients in {elapsed:.1f} s: {ok} answered, {refused} x 429, "
+        f"{len(errors)} other errors; latency p50 {statistics.median(latencies) * 1000:.0f} ms, "
+        f"p95 {sorted(latencies)[int(len(latencies) * 0.95)] * 1000:.0f} ms; "
+        f"tokens generated {values['edgellm_generated_tokens_total']:.0f}; "
+        f"RSS after 20 requests {rss['after_20'] / 2**20:.1f} MiB, after {len(results)} "
+        f"{rss['after_all'] / 2**20:.1f} MiB ({(rss['after_all'] / rss['after_20'] - 1) * 100:+.1f}%)"
+    )
     assert len(results) == REQUESTS
     assert not errors, errors[:5]
     assert ok > REQUESTS // 2
@@ -148,7 +169,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot_and_stops_the_gener
     with server.http() as http, http.stream("POST", "/v1/completions", json=long_stream_body()) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
-        received = [line for _, line in zip(range(6), lines)]  # a few events, then hang up mid-answer
+        received = [line for _, line in zip(range(6), lines, strict=False)]  # a few events, then hang up mid-answer
         assert any(line.startswith("data: ") for line in received)
     hung_up = time.perf_counter()
     assert wait_for(lambda: server.metrics()["edgellm_generation_active"] == 0, 2), "generation did not stop"
@@ -159,14 +180,17 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot_and_stops_the_gener
     generated = after["edgellm_generated_tokens_total"] - before["edgellm_generated_tokens_total"]
     assert generated < LONG / 2, f"{generated} tokens were generated for a client that left"
     started = time.perf_counter()
-    reply = server.client().completions.create(model=MODEL_NAME, prompt="Next!", max_tokens=4, temperature=0,
-                                               logit_bias=BAN_END_TOKENS)
+    reply = server.client().completions.create(
+        model=MODEL_NAME, prompt="Next!", max_tokens=4, temperature=0, logit_bias=BAN_END_TOKENS
+    )
     served_in = time.perf_counter() - started
-    print(f"\ndisconnect: generation stopped {stopped_after * 1000:.0f} ms after the client left, having made "
-          f"{generated:.0f} of {LONG} tokens; the next request was answered in {served_in * 1000:.0f} ms")
+    print(
+        f"\ndisconnect: generation stopped {stopped_after * 1000:.0f} ms after the client left, having made "
+        f"{generated:.0f} of {LONG} tokens; the next request was answered in {served_in * 1000:.0f} ms"
+    )
     assert reply.usage.completion_tokens == 4
     assert served_in < 1.0
-    assert 'finish=client_disconnected' in server.log()
+    assert "finish=client_disconnected" in server.log()
 
 
 def test_a_client_that_disconnects_while_waiting_leaves_the_queue_at_once(server):
@@ -189,8 +213,11 @@ def test_the_request_timeout_ends_a_running_request_with_504_or_an_error_event(b
             running.client().completions.create(model=MODEL_NAME, **long_stream_body(stream=False))
         assert timed_out.value.status_code == 504 and timed_out.value.code == "timeout"
         with running.http() as http, http.stream("POST", "/v1/completions", json=long_stream_body()) as response:
-            events = [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
-                      for line in response.iter_lines() if line.startswith("data: ")]
+            events = [
+                json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
+                for line in response.iter_lines()
+                if line.startswith("data: ")
+            ]
         assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "timeout"
         assert len(events) > 3  # the tokens before the deadline were sent
         assert wait_for(lambda: running.metrics().get('edgellm_cancelled_total{reason="timeout"}') == 2)

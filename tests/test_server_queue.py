@@ -10,11 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from edgellm.generation import Chunk, GenerationStats
-from edgellm.server.app import ServerState, create_app
-from edgellm.server.config import ServerConfig
-from edgellm.server.metrics import Histogram, Registry
-from edgellm.server.queue import AdmissionQueue, Draining, QueueFull
+from edgellm.generate.generation import Chunk, GenerationStats
+from edgellm.service.server.app import ServerState, create_app
+from edgellm.service.server.config import ServerConfig
+from edgellm.service.server.metrics import Histogram, Registry
+from edgellm.service.server.queue import AdmissionQueue, Draining, QueueFull
 
 
 class ScriptedModel:
@@ -126,6 +126,7 @@ def test_a_running_generation_that_is_cancelled_stops_after_the_step_in_flight()
 def test_a_generation_that_delivered_its_last_chunk_keeps_its_finish_reason_when_cancelled_after():
     """A shutdown that lands after the last chunk went out (before the worker closed the stream) must not
     turn the logged "stop" into "shutdown": the client received a finished answer."""
+
     async def scenario():
         queue = AdmissionQueue(ScriptedModel(step=0.001), max_waiting=1)
         queue.start()
@@ -246,6 +247,12 @@ def test_histograms_render_cumulative_buckets_in_prometheus_text():
     for value in (0.05, 0.1, 0.5, 3.0):
         histogram.observe(value)
     lines = registry.render().splitlines()
-    assert lines == ["# HELP x_seconds help text", "# TYPE x_seconds histogram", 'x_seconds_bucket{le="0.1"} 2',
-                     'x_seconds_bucket{le="1"} 3', 'x_seconds_bucket{le="+Inf"} 4', "x_seconds_sum 3.65",
-                     "x_seconds_count 4"]
+    assert lines == [
+        "# HELP x_seconds help text",
+        "# TYPE x_seconds histogram",
+        'x_seconds_bucket{le="0.1"} 2',
+        'x_seconds_bucket{le="1"} 3',
+        'x_seconds_bucket{le="+Inf"} 4',
+        "x_seconds_sum 3.65",
+        "x_seconds_count 4",
+    ]

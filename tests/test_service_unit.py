@@ -14,17 +14,27 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from edgellm.errors import EdgeLLMError, InvalidSettingError
-from edgellm.manifest import read_manifest
-from edgellm.memory import MIB, estimate
-from edgellm.service_install import (MEMORY_HEADROOM, SERVER_OVERHEAD, ServiceOptions, fill_template, install,
-                                     load_board, render_unit, uninstall, unreadable_by_service)
-from edgellm.settings import CPU_BACKENDS
 from server_harness import MODEL_NAME, start_server, tiny_bundle, unit_syscall_policy
 
-needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                           reason="systemd-analyze is missing (apt-get install systemd)")
+from edgellm.backends.memory import MIB, estimate
+from edgellm.bundle.manifest import read_manifest
+from edgellm.errors import EdgeLLMError, InvalidSettingError
+from edgellm.service.options import ServiceOptions
+from edgellm.service.unit import (
+    MEMORY_HEADROOM,
+    SERVER_OVERHEAD,
+    fill_template,
+    install,
+    load_board,
+    render_unit,
+    uninstall,
+    unreadable_by_service,
+)
+from edgellm.settings import CPU_BACKENDS
+
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is missing (apt-get install systemd)"
+)
 EXPOSURE_LIMIT = 4.9  # "OK" or better
 
 
@@ -54,8 +64,12 @@ def verify(path: Path) -> subprocess.CompletedProcess:
 
 
 def exposure(path: Path) -> float:
-    done = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(path)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     match = re.search(r"Overall exposure level for edgellm\.service: ([0-9.]+)", done.stdout)
     assert match, done.stdout[-2000:] + done.stderr
     return float(match.group(1))
@@ -64,15 +78,28 @@ def exposure(path: Path) -> float:
 VARIANTS = {
     "loopback": {},
     "a board with big cores, an NPU device and its own memory figure": {
-        "board": {"service": {"cpu_affinity": "4-7", "memory_max": "1536M", "threads": 4, "nice": -5,
-                              "device_allow": ["/dev/fastrpc-cdsp rw"], "supplementary_groups": ["render"],
-                              "environment": {"EDGELLM_KERNELS": "ref"}}}},
+        "board": {
+            "service": {
+                "cpu_affinity": "4-7",
+                "memory_max": "1536M",
+                "threads": 4,
+                "nice": -5,
+                "device_allow": ["/dev/fastrpc-cdsp rw"],
+                "supplementary_groups": ["render"],
+                "environment": {"EDGELLM_KERNELS": "ref"},
+            }
+        }
+    },
     "listening on the LAN with an allow list and an API key": {
-        "host": "0.0.0.0", "ip_address_allow": ["192.168.1.0/24"], "api_key_file": "/etc/edgellm/api-key"},
+        "host": "0.0.0.0",
+        "ip_address_allow": ["192.168.1.0/24"],
+        "api_key_file": "/etc/edgellm/api-key",
+    },
     "listening on every address": {"host": "0.0.0.0", "port": 9000},
 }
 
 
+@pytest.mark.system
 @needs_systemd_analyze
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_the_rendered_unit_verifies_and_rates_ok_or_better(bundle, tmp_path, variant):
@@ -87,10 +114,21 @@ def test_the_rendered_unit_verifies_and_rates_ok_or_better(bundle, tmp_path, var
 
 def test_the_unit_has_the_hardening_and_life_cycle_the_service_needs(bundle):
     found = directives(render_unit(bundle, context=512))
-    expected = {"Type": "notify", "DynamicUser": "yes", "ProtectSystem": "strict", "PrivateTmp": "yes",
-                "NoNewPrivileges": "yes", "Restart": "on-failure", "WatchdogSec": "60", "MemoryDenyWriteExecute": "yes",
-                "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX", "CapabilityBoundingSet": "",
-                "IPAddressAllow": "localhost", "IPAddressDeny": "any", "PrivateDevices": "yes"}
+    expected = {
+        "Type": "notify",
+        "DynamicUser": "yes",
+        "ProtectSystem": "strict",
+        "PrivateTmp": "yes",
+        "NoNewPrivileges": "yes",
+        "Restart": "on-failure",
+        "WatchdogSec": "60",
+        "MemoryDenyWriteExecute": "yes",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+        "CapabilityBoundingSet": "",
+        "IPAddressAllow": "localhost",
+        "IPAddressDeny": "any",
+        "PrivateDevices": "yes",
+    }
     for key, value in expected.items():
         assert found.get(key) == [value], (key, found.get(key))
     assert found["ProtectHome"][0] in ("yes", "tmpfs")
@@ -109,10 +147,15 @@ def test_memory_max_is_the_estimate_plus_the_server_and_headroom_unless_the_boar
     assert found["MemoryMax"] == [f"{math.ceil((needed + SERVER_OVERHEAD) * MEMORY_HEADROOM / MIB)}M"]
     board = directives(render_unit(bundle, board={"service": {"memory_max": "1G", "cpu_affinity": "4-7"}}))
     assert board["MemoryMax"] == ["1024M"] and board["CPUAffinity"] == ["4-7"]
-    npu = directives(render_unit(bundle, device_allow=["/dev/fastrpc-cdsp rw", "/dev/dri/renderD128 rw"],
-                                 supplementary_groups=["render"]))
+    npu = directives(
+        render_unit(
+            bundle, device_allow=["/dev/fastrpc-cdsp rw", "/dev/dri/renderD128 rw"], supplementary_groups=["render"]
+        )
+    )
     assert npu["DeviceAllow"] == ["/dev/fastrpc-cdsp rw", "/dev/dri/renderD128 rw"]
-    assert npu["PrivateDevices"] == ["no"] and npu["PrivateUsers"] == ["no"] and npu["SupplementaryGroups"] == ["render"]
+    assert (
+        npu["PrivateDevices"] == ["no"] and npu["PrivateUsers"] == ["no"] and npu["SupplementaryGroups"] == ["render"]
+    )
 
 
 def test_a_service_settings_toml_gives_overrides_and_flags_beat_it(bundle, tmp_path):
@@ -140,7 +183,8 @@ def test_paths_under_home_are_bound_read_only_into_an_empty_home(tmp_path):
     text = "ProtectHome=@P@\nBindReadOnlyPaths=@B@\nDeviceAllow=@D@\n"
     assert fill_template(text, {"P": "yes", "B": "", "D": []}) == "ProtectHome=yes\n"
     assert fill_template(text, {"P": "tmpfs", "B": "/home/pi/venv", "D": ["a rw", "b r"]}) == (
-        "ProtectHome=tmpfs\nBindReadOnlyPaths=/home/pi/venv\nDeviceAllow=a rw\nDeviceAllow=b r\n")
+        "ProtectHome=tmpfs\nBindReadOnlyPaths=/home/pi/venv\nDeviceAllow=a rw\nDeviceAllow=b r\n"
+    )
     with pytest.raises(EdgeLLMError, match="unknown placeholder"):
         fill_template("X=@NOPE@", {})
 
@@ -179,9 +223,12 @@ def test_install_warns_when_the_dynamic_user_cannot_read_the_bundle(bundle, tmp_
         private.chmod(0o755)
 
 
+@pytest.mark.system
 @needs_systemd_analyze
-@pytest.mark.skipif(platform.machine() != "x86_64" or not Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h").exists(),
-                    reason="the BPF rendering of the unit's policy is written for x86-64 (needs linux-libc-dev)")
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or not Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h").exists(),
+    reason="the BPF rendering of the unit's policy is written for x86-64 (needs linux-libc-dev)",
+)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)  # npu needs NPU graphs and QNN: not this bundle
 def test_the_server_runs_inside_the_units_syscall_sandbox_with_memory_deny_write_execute(bundle, tmp_path, backend):
     try:
@@ -194,8 +241,9 @@ def test_the_server_runs_inside_the_units_syscall_sandbox_with_memory_deny_write
     assert policy["mdwe"] and "mmap" in policy["allowed"] and "setuid" not in policy["allowed"]
     with start_server(bundle, tmp_path, sandbox=policy, settings={"backend": backend}) as server:
         client = server.client()
-        reply = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
-                                               max_tokens=8, temperature=0)
+        reply = client.chat.completions.create(
+            model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0
+        )
         streamed = list(client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=8, stream=True))
         assert reply.usage.completion_tokens >= 1 and streamed
         assert server.terminate() == 0

@@ -17,19 +17,16 @@ import pytest
 from tokenizers import Tokenizer
 
 from edgellm.errors import InvalidSettingError
-from edgellm.export.gguf_tokenizer import tokenizer_from_gguf_metadata
-from edgellm.streaming import TextStream
+from edgellm.export.sources.gguf_tokenizer import tokenizer_from_gguf_metadata
+from edgellm.generate.streaming import TextStream
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPLACEMENT = "\ufffd"
 
 
 @pytest.fixture(scope="module")
-def smollm() -> Tokenizer:
-    from edgellm.default_model import default_gguf_path
-    from edgellm.export.gguf_metadata import open_gguf, read_gguf_metadata
-
-    spec = tokenizer_from_gguf_metadata(read_gguf_metadata(open_gguf(default_gguf_path())))
+def smollm(smollm2_gguf_metadata) -> Tokenizer:
+    spec = tokenizer_from_gguf_metadata(smollm2_gguf_metadata)
     return Tokenizer.from_str(spec.tokenizer_json)
 
 
@@ -61,7 +58,7 @@ def run(tokenizer: Tokenizer, ids: list[int], stops=(), skip_special_tokens=True
 
 def truncate_at_first_stop(text: str, stops) -> str:
     starts = [text.find(stop) for stop in stops if stop in text]
-    return text[:min(starts)] if starts else text
+    return text[: min(starts)] if starts else text
 
 
 def assert_every_chunk_is_whole_text(chunks: list[str], one_shot: str) -> None:
@@ -80,7 +77,7 @@ def tokens_spanned(tokenizer: Tokenizer, text: str, part: str) -> list[str]:
     start = text.index(part)
     end = start + len(part)
     encoding = tokenizer.encode(text)
-    return [token for token, (a, b) in zip(encoding.tokens, encoding.offsets) if a < end and b > start]
+    return [token for token, (a, b) in zip(encoding.tokens, encoding.offsets, strict=True) if a < end and b > start]
 
 
 TEXTS = {
@@ -90,12 +87,14 @@ TEXTS = {
     "emoji": "emoji 😀🎉🚀 thumbs 👍🏽👋🏿 family 👨‍👩‍👧‍👦 rainbow 🏳️‍🌈 flags 🇫🇷🇯🇵🇧🇷 keycap 1️⃣ ❤️",
     "math": "∀x ∈ ℝ: x² ≥ 0, ∑ᵢ aᵢ ≈ ∫₀^∞ f(x) dx, √2 ≠ π, a ≤ b ⇒ α→β, ∂f/∂x ∇·E = ρ/ε₀",
     "json": '{"name": "edgellm", "tags": ["小", "🚀"], "ok": true, "ratio": 0.75, "nested": {"a": [1, 2, null]}}',
-    "code": 'def fib(n: int) -> int:\n    if n < 2:\n        return n\n\treturn fib(n - 1) + fib(n - 2)  # tab\n\n\t\tprint("∑")\n',
-    "mixed": "  Crème brûlée → 東京 🍣, ½ ≈ 0.5; {\"k\": \"한\"}\n\tend 👨🏽‍💻",
+    "code": "def fib(n: int) -> int:\n    if n < 2:\n        return n\n\treturn fib(n - 1) + fib(n - 2)  # tab\n\n"
+    '\t\tprint("∑")\n',
+    "mixed": '  Crème brûlée → 東京 🍣, ½ ≈ 0.5; {"k": "한"}\n\tend 👨🏽‍💻',
 }
 
 
 # --- whole characters: chunks joined equal a one-shot decode ---------------------------------
+
 
 @pytest.mark.parametrize("name", TEXTS)
 def test_chunks_joined_equal_the_one_shot_decode_and_each_chunk_is_whole_text(tokenizer, name):
@@ -152,8 +151,9 @@ def test_a_token_that_decodes_to_nothing_does_not_cost_the_next_token_its_space(
     from tokenizers import decoders, models
 
     tokenizer = Tokenizer(models.BPE({"▁a": 0, "": 1, "▁b": 2}, [], byte_fallback=True))
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                           decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     stream = TextStream(tokenizer)
     assert [stream.push(token_id) for token_id in (0, 1, 2)] == ["a", "", " b"]
     assert stream.text == tokenizer.decode([0, 1, 2]) == "a b"
@@ -187,12 +187,15 @@ def test_flush_releases_a_trailing_incomplete_character_as_a_one_shot_decode_doe
     assert stream.flush() == ""
 
 
-@pytest.mark.parametrize("byte_values, expected", [
-    ([0x41, 0xE3], "��"),  # tokenizers replaces the whole run, even its valid "A"
-    ([0xE3, 0x81, 0x82, 0xE3], "����"),
-    ([0xE3, 0x81, 0x82], "あ"),
-    ([0x81], "�"),
-])
+@pytest.mark.parametrize(
+    "byte_values, expected",
+    [
+        ([0x41, 0xE3], "��"),  # tokenizers replaces the whole run, even its valid "A"
+        ([0xE3, 0x81, 0x82, 0xE3], "����"),
+        ([0xE3, 0x81, 0x82], "あ"),
+        ([0x81], "�"),
+    ],
+)
 def test_a_byte_fallback_run_ending_mid_character_decodes_as_a_one_shot_decode_does(spm, byte_values, expected):
     ids = [spm.token_to_id(f"<0x{value:02X}>") for value in byte_values]
     assert spm.decode(ids) == expected
@@ -230,7 +233,7 @@ def test_a_stop_string_spanning_n_tokens_cuts_the_text_before_it(smollm, stop, n
     assert len(tokens_spanned(smollm, CHAT, stop)) == n_tokens
     assert "".join(tokens_spanned(smollm, CHAT, stop)).replace("Ġ", " ") == stop
     chunks, stream, consumed, ids = stream_text(smollm, CHAT, [stop])
-    assert stream.stopped and stream.text == CHAT[:CHAT.index(stop)]
+    assert stream.stopped and stream.text == CHAT[: CHAT.index(stop)]
     assert smollm.decode(ids[:consumed]).endswith(stop)  # stopped on the token that completed it
 
 
@@ -282,7 +285,7 @@ def test_a_stop_string_with_multibyte_characters_cuts_before_it(tokenizer, stop)
     text = "答えは東京です。東京へ行く→∑ then more"
     assert len(tokens_spanned(tokenizer, text, stop)) >= 2  # its characters span several tokens
     chunks, stream, _, _ = stream_text(tokenizer, text, [stop])
-    assert stream.stopped and stream.text == text[:text.index(stop)]
+    assert stream.stopped and stream.text == text[: text.index(stop)]
     assert_every_chunk_is_whole_text(chunks, text)
 
 
@@ -308,6 +311,7 @@ def test_a_stop_string_completed_only_by_flush_still_cuts(spm):
 
 # --- random sequences ------------------------------------------------------------------------
 
+
 def random_cases(tokenizer: Tokenizer, seed: int, n: int = 200):
     """Random id sequences (half uniform over the vocabulary, half slices of real multilingual
     text) with stop strings cut from their decoded text, plus one that probably never occurs."""
@@ -320,13 +324,13 @@ def random_cases(tokenizer: Tokenizer, seed: int, n: int = 200):
         else:
             source = rng.choice(real)
             start = rng.randrange(len(source))
-            ids = source[start:start + rng.randint(1, 40)]
+            ids = source[start : start + rng.randint(1, 40)]
         skip = rng.random() < 0.8
         text = tokenizer.decode(ids, skip_special_tokens=skip)
         stops = []
         for _ in range(rng.randint(0, 3) if text else 0):
             start = rng.randrange(len(text))
-            stops.append(text[start:start + rng.randint(1, 6)])
+            stops.append(text[start : start + rng.randint(1, 6)])
         if rng.random() < 0.3:
             stops.append("".join(rng.choice("ab東🚀\n ") for _ in range(3)))
         yield ids, stops, skip
@@ -349,6 +353,7 @@ def test_random_sequences_stream_as_the_one_shot_decode_cut_at_the_first_stop(re
 
 # --- settings and imports --------------------------------------------------------------------
 
+
 def test_an_empty_stop_string_is_refused_with_a_hint(smollm):
     with pytest.raises(InvalidSettingError, match="non-empty") as error:
         TextStream(smollm, ["###", ""])
@@ -361,8 +366,10 @@ def test_a_bare_string_as_stop_strings_is_refused_rather_than_split_into_charact
 
 
 def test_the_streaming_module_imports_without_the_export_packages():
-    code = ("import sys, edgellm.streaming; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'onnx', 'gguf', 'torch', 'transformers', 'safetensors', 'numpy'}))")
+    code = (
+        "import sys, edgellm.generate.streaming; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'onnx', 'gguf', 'torch', 'transformers', 'safetensors', 'numpy'}))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -15,37 +15,11 @@ import math
 from pathlib import Path
 
 import numpy as np
-
 from tiny_models import tiny_tokenizer_json
 
+from edgellm.bundle.architectures import gguf_tensor_name  # the real SmolLM2 GGUF checks its names
+
 TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # gguf.TokenType
-
-_LAYER_NAMES = {  # Hugging Face module path inside model.layers.N -> GGUF name inside blk.N
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_GLOBAL_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-
-
-def gguf_name(hf_name: str) -> str:
-    if hf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)  # model.layers.N.<rest>
-    return f"blk.{layer}.{_LAYER_NAMES[rest]}"
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -159,12 +133,19 @@ def gguf_tensors(model, *, arch: str = "llama") -> dict[str, np.ndarray]:
             w = permute_qk(w, config.num_attention_heads)
         elif arch == "llama" and hf.endswith(("k_proj.weight", "k_proj.bias")):
             w = permute_qk(w, config.num_key_value_heads)
-        tensors[gguf_name(hf)] = w
+        tensors[gguf_tensor_name(hf)] = w
     return tensors
 
 
-def write_tiny_gguf(model, path, *, arch: str = "llama", tensor_type: str | dict[str, str] = "F32",
-                    pre: str = "default", rope_freqs=None) -> Path:
+def write_tiny_gguf(
+    model,
+    path,
+    *,
+    arch: str = "llama",
+    tensor_type: str | dict[str, str] = "F32",
+    pre: str = "default",
+    rope_freqs=None,
+) -> Path:
     """Write `model` (a transformers *ForCausalLM from tiny_models) as a GGUF file at `path`.
 
     tensor_type: a GGUF type name (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K) for every matrix, or
@@ -195,10 +176,15 @@ def write_tiny_gguf(model, path, *, arch: str = "llama", tensor_type: str | dict
     writer.add_value_length(config.head_dim)
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_vocab_size(config.vocab_size)
-    file_types = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
-                  "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                  "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-                  "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_M}
+    file_types = {
+        "F32": gguf.LlamaFileType.ALL_F32,
+        "F16": gguf.LlamaFileType.MOSTLY_F16,
+        "BF16": gguf.LlamaFileType.MOSTLY_BF16,
+        "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+        "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+    }
     if isinstance(tensor_type, str):
         writer.add_file_type(file_types[tensor_type])
 

@@ -40,10 +40,8 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-ARCHITECTURES = ("llama", "qwen2", "mistral")
 
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_tokenizer_json() -> str:
     """A byte-level BPE (vocab 400) with the ChatML special tokens, as tokenizer.json text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -77,9 +75,21 @@ def _torch_dtype(dtype: str):
     return dtypes[dtype]
 
 
-def make_tiny_model(arch: str, *, tie: bool, heads: int = 4, kv_heads: int = 2, head_dim: int = 16,
-                    hidden: int = 64, layers: int = 2, ffn: int = 128, seed: int = 0,
-                    rope_scaling: dict | None = None, dtype: str = "float32", **config_overrides):
+def make_tiny_model(
+    arch: str,
+    *,
+    tie: bool,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 16,
+    hidden: int = 64,
+    layers: int = 2,
+    ffn: int = 128,
+    seed: int = 0,
+    rope_scaling: dict | None = None,
+    dtype: str = "float32",
+    **config_overrides,
+):
     """A seeded random `*ForCausalLM` in eval mode whose vocab is the tiny tokenizer's.
 
     `config_overrides` go straight to the transformers config (e.g. rope_theta, sliding_window).
@@ -89,7 +99,7 @@ def make_tiny_model(arch: str, *, tie: bool, heads: int = 4, kv_heads: int = 2, 
 
     config_classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
     if arch not in config_classes:
-        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+        raise ValueError(f"arch must be one of {tuple(config_classes)}, got {arch!r}")
     fields = dict(
         vocab_size=tiny_vocab_size(),
         hidden_size=hidden,
@@ -141,8 +151,7 @@ def tokenizer_config() -> dict:
     }
 
 
-def save_tiny_model(model, folder: Path, *, shard_size: str | None = None,
-                    dtype: str = "float32") -> Path:
+def save_tiny_model(model, folder: Path, *, shard_size: str | None = None, dtype: str = "float32") -> Path:
     """Write `model` as a Hugging Face folder (safetensors weights cast to `dtype`, tokenizer).
 
     `shard_size` (e.g. "20KB") splits the weights into shards with model.safetensors.index.json.
@@ -154,6 +163,5 @@ def save_tiny_model(model, folder: Path, *, shard_size: str | None = None,
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     saved.save_pretrained(folder, safe_serialization=True, **kwargs)
     (folder / "tokenizer.json").write_text(tiny_tokenizer_json(), encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2),
-                                                  encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2), encoding="utf-8")
     return folder

@@ -32,8 +32,12 @@ def greedy_tokens(bundle: Path, backend: str, prompt: str, max_tokens: int, thre
         prompt_ids = model.encode(prompt)
         chunks = model.stream(prompt_ids, max_tokens=max_tokens, temperature=0, stop_token_ids=())
         tokens = [chunk.token_id for chunk in chunks if chunk.token_id is not None]
-    return {"prompt_ids": prompt_ids, "tokens": tokens,
-            "load_seconds": round(loaded - started, 2), "generate_seconds": round(time.perf_counter() - loaded, 2)}
+    return {
+        "prompt_ids": prompt_ids,
+        "tokens": tokens,
+        "load_seconds": round(loaded - started, 2),
+        "generate_seconds": round(time.perf_counter() - loaded, 2),
+    }
 
 
 def cpuinfo_features(path: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -45,19 +49,24 @@ def cpuinfo_features(path: Path = Path("/proc/cpuinfo")) -> set[str]:
 
 
 def check(bundle: Path, expected: dict, want_variant: str | None, threads: int) -> dict:
-    from edgellm import native
+    from edgellm.backends.native import ffi as native
 
     errors = []
-    report = {"kernel_variant": native.kernel_variant(), "available_variants": native.available_variants(),
-              "backends": {}}
+    report = {
+        "kernel_variant": native.kernel_variant(),
+        "available_variants": native.available_variants(),
+        "backends": {},
+    }
     if want_variant and report["kernel_variant"] != want_variant:
         errors.append(f"the native engine chose {report['kernel_variant']}, expected {want_variant}")
     features = cpuinfo_features()
     for variant, feature in VARIANT_FEATURES.items():
         if (variant in report["available_variants"]) != (feature in features):
-            errors.append(f"/proc/cpuinfo {'lacks' if feature not in features else 'lists'} {feature} but the "
-                          f"kernels {'do' if variant in report['available_variants'] else 'do not'} detect {variant} "
-                          "(getauxval): the cpuinfo file does not describe this CPU")
+            errors.append(
+                f"/proc/cpuinfo {'lacks' if feature not in features else 'lists'} {feature} but the "
+                f"kernels {'do' if variant in report['available_variants'] else 'do not'} detect {variant} "
+                "(getauxval): the cpuinfo file does not describe this CPU"
+            )
     for backend in BACKENDS:
         got = greedy_tokens(bundle, backend, expected["prompt"], expected["max_tokens"], threads)
         report["backends"][backend] = got
@@ -83,8 +92,11 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr)
     if report["ok"]:
         seconds = ", ".join(f"{name} {run['generate_seconds']} s" for name, run in report["backends"].items())
-        print(f"ok: kernel variant {report['kernel_variant']}; {' and '.join(BACKENDS)} gave the host's "
-              f"{len(report['backends']['native']['tokens'])} tokens (generating: {seconds})", file=sys.stderr)
+        print(
+            f"ok: kernel variant {report['kernel_variant']}; {' and '.join(BACKENDS)} gave the host's "
+            f"{len(report['backends']['native']['tokens'])} tokens (generating: {seconds})",
+            file=sys.stderr,
+        )
     return 0 if report["ok"] else 1
 
 

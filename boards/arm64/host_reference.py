@@ -34,9 +34,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    from edgellm import native
-    from edgellm.export.exporter import export_model
     from tiny_models import make_tiny_model, save_tiny_model
+
+    from edgellm.backends.native import ffi as native
+    from edgellm.export.exporter import export_model
 
     if not native.available():
         print(f"error: {native.unavailable_reason()}", file=sys.stderr)
@@ -48,17 +49,28 @@ def main() -> int:
         export_model(hf_folder, bundle)
 
     runs = {backend: greedy_tokens(bundle, backend, PROMPT, args.max_tokens, args.threads) for backend in BACKENDS}
-    expected = {"prompt": PROMPT, "max_tokens": args.max_tokens, "prompt_ids": runs["native"]["prompt_ids"],
-                "tokens": runs["native"]["tokens"], "host_kernel_variant": native.kernel_variant()}
+    expected = {
+        "prompt": PROMPT,
+        "max_tokens": args.max_tokens,
+        "prompt_ids": runs["native"]["prompt_ids"],
+        "tokens": runs["native"]["tokens"],
+        "host_kernel_variant": native.kernel_variant(),
+    }
     print(json.dumps({"host": runs, "host_kernel_variant": expected["host_kernel_variant"]}))
     tokens = expected["tokens"]
     if len(tokens) != args.max_tokens or len(set(tokens)) < 2:  # an empty or stuck reference would match anything alike
-        print(f"error: the host's greedy answer is not {args.max_tokens} tokens with at least two distinct ones: "
-              f"{tokens}", file=sys.stderr)
+        print(
+            f"error: the host's greedy answer is not {args.max_tokens} tokens with at least two distinct ones: "
+            f"{tokens}",
+            file=sys.stderr,
+        )
         return 1
     if runs["onnxruntime"]["tokens"] != expected["tokens"]:
-        print(f"error: on the host the backends disagree: native {expected['tokens']}, "
-              f"onnxruntime {runs['onnxruntime']['tokens']}", file=sys.stderr)
+        print(
+            f"error: on the host the backends disagree: native {expected['tokens']}, "
+            f"onnxruntime {runs['onnxruntime']['tokens']}",
+            file=sys.stderr,
+        )
         return 1
     (args.out / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
     return 0

@@ -7,12 +7,13 @@ matmul of `tokens` rows, and the matvec's rate in GMAC/s.
 """
 
 import argparse
+import functools
 import json
 import time
 
 import numpy as np
 
-from edgellm import native
+from edgellm.backends.native import ffi as native
 
 
 def timed(fn, repeat: int) -> float:
@@ -43,13 +44,23 @@ def main() -> None:
             for variant in native.available_variants():
                 with native.using_variant(variant):
                     xq = native.quantize_activations(x)
-                    matvec = timed(lambda: native.matvec(w, xq[0]), args.repeat)
-                    matvec2 = timed(lambda: native.matvec(w, xq[0], pool=pool), args.repeat)
-                    matmul = timed(lambda: native.matmul(w, xq), max(1, args.repeat // args.tokens))
-                print(json.dumps({"format": fmt, "variant": variant, "rows": args.rows, "cols": args.cols,
-                                  "matvec_us": round(matvec * 1e6, 1), "matvec_2_threads_us": round(matvec2 * 1e6, 1),
-                                  f"matmul_{args.tokens}_us": round(matmul * 1e6, 1),
-                                  "matvec_gmac_s": round(args.rows * args.cols / matvec / 1e9, 2)}))
+                    matvec = timed(functools.partial(native.matvec, w, xq[0]), args.repeat)
+                    matvec2 = timed(functools.partial(native.matvec, w, xq[0], pool=pool), args.repeat)
+                    matmul = timed(functools.partial(native.matmul, w, xq), max(1, args.repeat // args.tokens))
+                print(
+                    json.dumps(
+                        {
+                            "format": fmt,
+                            "variant": variant,
+                            "rows": args.rows,
+                            "cols": args.cols,
+                            "matvec_us": round(matvec * 1e6, 1),
+                            "matvec_2_threads_us": round(matvec2 * 1e6, 1),
+                            f"matmul_{args.tokens}_us": round(matmul * 1e6, 1),
+                            "matvec_gmac_s": round(args.rows * args.cols / matvec / 1e9, 2),
+                        }
+                    )
+                )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,6 @@ const char *el_status_string(int status) {
     }
 }
 
-static int32_t ceil_div(int32_t a, int32_t b) { return (a + b - 1) / b; }
-
 /* ---- quantized matrix products ---------------------------------------------------------------- */
 
 /* The lanes' one reduction order (edgellm.h), shared by every variant. */
@@ -66,6 +64,33 @@ typedef struct {
     void *scratch;           /* this thread's el_panel_bytes(nb), for the panels */
 } matmul_job;
 
+/* Where row r of a matrix lives: its codes, block scales and mins (NULL: a format without), and the
+ * shapes the product loops share. */
+typedef struct {
+    const el_qmatrix *w;
+    int32_t n_wblocks;       /* weight blocks per row */
+    size_t row_bytes;        /* code bytes per row */
+    size_t span;             /* code bytes per 32 values: what one activation block meets */
+    int32_t shift;           /* log2(block / 32): an activation block's weight block is j >> shift */
+    int q4;
+} matrix_rows;
+
+static matrix_rows rows_of_matrix(const el_qmatrix *w) {
+    const int q4 = w->format != EL_INT8_SYM;
+    const int32_t n_wblocks = el_ceil_div(w->cols, w->block);
+    return (matrix_rows){w, n_wblocks, (size_t)n_wblocks * (size_t)w->block / (q4 ? 2 : 1), q4 ? 16 : 32,
+                         w->block == 32 ? 0 : w->block == 64 ? 1 : 2, q4};
+}
+static inline const uint8_t *row_codes(const matrix_rows *m, int32_t r) {
+    return m->w->qweight + (size_t)r * m->row_bytes;
+}
+static inline const el_half *row_scales(const matrix_rows *m, int32_t r) {
+    return m->w->scales + (size_t)r * m->n_wblocks;
+}
+static inline const el_half *row_mins(const matrix_rows *m, int32_t r) {
+    return m->w->mins ? m->w->mins + (size_t)r * m->n_wblocks : NULL;
+}
+
 /* Fewer tokens than this go to the row kernels: packing a panel costs about what a few tokens' products do. */
 #define PANEL_MIN_TOKENS 8
 
@@ -73,125 +98,154 @@ int el_uses_panels(const el_kernels *k, int32_t n_tokens) { return k->panels && 
 
 #define TILE_BYTES (24 * 1024) /* half of a 48 KB L1 (Zen 4/5); Cortex-A76's 64 KB holds it too */
 
-static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
+/* Rows [r0, r1) in panels: EL_PANEL_ROWS rows packed once for every token (blocks of 32 only). */
+static void product_panels(const matmul_job *job, const matrix_rows *m, int32_t r0, int32_t r1) {
     const el_qmatrix *w = job->w;
+    job->k->panels(job->y + r0, (size_t)w->rows, r1 - r0, job->n_tokens, w->format, row_codes(m, r0), m->row_bytes,
+                   row_scales(m, r0), row_mins(m, r0), (size_t)m->n_wblocks, job->x.q, job->x.d, job->x.sum,
+                   job->x.nb, job->scratch);
+}
+
+/* Rows [r0, r1) by the fused row kernels (blocks of 32 only), in tiles of tokens whose activations stay
+ * in L1 (TILE_BYTES) while the rows stream past: a prefill chunk's activations read once per row would
+ * come from L2, and that traffic, not the arithmetic, would set the pace. Every y is still one kernel
+ * call's. One token: the rows in one call; four: one call a row. */
+static void product_row_kernels(const matmul_job *job, const matrix_rows *m, int32_t r0, int32_t r1) {
     const el_kernels *k = job->k;
-    const int32_t nb = job->x.nb, n_tokens = job->n_tokens, rows = w->rows, format = w->format;
+    const el_row_q4_fn row_q4 = k->row_q4;
+    const el_row4_q4_fn row4_q4 = k->row4_q4;
+    const el_row_q8_fn row_q8 = k->row_q8;
+    const int q4 = m->q4;
+    const int32_t nb = job->x.nb, n_tokens = job->n_tokens, rows = job->w->rows, format = job->w->format;
+    const el_block_q16a *x = job->x.q;
+    const int8_t *quads = job->x.quads;
+    const float *xd = job->x.d;
+    const int32_t *xsum = job->x.sum;
+    float *y = job->y;
+    const size_t quad_stride = el_quad_stride(nb);
+    int32_t tile = (int32_t)(TILE_BYTES / (quad_stride + (size_t)nb * 8)) & ~3;
+    if (tile < 4) tile = 4;
+    for (int32_t t0 = 0; t0 < n_tokens; t0 += tile) {
+        const int32_t t1 = t0 + tile < n_tokens ? t0 + tile : n_tokens;
+        if (t1 - t0 == 1 && (q4 ? k->rows_q4 != NULL : k->rows_q8 != NULL)) {
+            const size_t o = (size_t)t0 * nb;
+            float *yt = y + (size_t)t0 * rows + r0;
+            if (q4)
+                k->rows_q4(yt, r1 - r0, format, row_codes(m, r0), m->row_bytes, row_scales(m, r0), row_mins(m, r0),
+                           (size_t)m->n_wblocks, quads + t0 * quad_stride, xd + o, xsum + o, nb);
+            else
+                k->rows_q8(yt, r1 - r0, row_codes(m, r0), m->row_bytes, row_scales(m, r0), (size_t)m->n_wblocks, x + o,
+                           xd + o, xsum + o, nb);
+            continue;
+        }
+        for (int32_t r = r0; r < r1; r++) {
+            const uint8_t *codes = row_codes(m, r);
+            const el_half *sc = row_scales(m, r), *mn = row_mins(m, r);
+            int32_t t = t0;
+            if (q4 && row4_q4)
+                for (; t + 4 <= t1; t += 4)
+                    row4_q4(y + (size_t)t * rows + r, (size_t)rows, format, codes, sc, mn, quads + t * quad_stride,
+                            quad_stride, xd + (size_t)t * nb, xsum + (size_t)t * nb, (size_t)nb, nb);
+            for (; t < t1; t++) {
+                const size_t o = (size_t)t * nb;
+                y[(size_t)t * rows + r] = q4 ? row_q4(format, codes, sc, mn, quads + t * quad_stride, xd + o,
+                                                      xsum + o, nb)
+                                             : row_q8(codes, sc, x + o, xd + o, xsum + o, nb);
+            }
+        }
+    }
+}
+
+/* The generic kernels of one product and the shapes they take, held in a local: the loops call the
+ * kernels through pointers, and a field read through a pointer would be loaded again after every call. */
+typedef struct {
+    el_isums_fn isums;
+    el_combine_fn combine;
+    int32_t format, shift, nb;
+    size_t span;
+} generic_kernels;
+
+/* One row (its codes, scales and mins) against one token's activation blocks by the generic kernels:
+ * integer sums CHUNK blocks at a time, combined into the eight float lanes. */
+static inline __attribute__((always_inline)) float row_token(generic_kernels g, const uint8_t *codes,
+                                                            const el_half *sc, const el_half *mn,
+                                                            const el_block_q16a *x, const float *xd,
+                                                            const int32_t *xsum, int32_t *isum) {
+    float lanes[8] = {0};
+    for (int32_t j0 = 0; j0 < g.nb; j0 += CHUNK) {
+        const int32_t n = g.nb - j0 < CHUNK ? g.nb - j0 : CHUNK, b0 = j0 >> g.shift;
+        g.isums(isum, codes + j0 * g.span, x + j0, n);
+        g.combine(lanes, g.format, isum, xd + j0, xsum + j0, sc + b0, mn ? mn + b0 : NULL, n, g.shift);
+    }
+    return reduce_lanes(lanes);
+}
+
+/* Rows [r0, r1) by the generic kernels; where the variant has them, two rows by two tokens at once
+ * (i8mm's SMMLA), the odd last token and row one at a time. */
+static void product_generic(const matmul_job *job, const matrix_rows *m, int32_t r0, int32_t r1) {
+    const el_kernels *k = job->k;
+    const generic_kernels g = {m->q4 ? k->isums_q4 : k->isums_q8, k->combine, job->w->format, m->shift, job->x.nb,
+                               m->span};
+    const el_isums_2x2_fn isums_2x2 = m->q4 ? k->isums_q4_2x2 : k->isums_q8_2x2;
+    const int32_t nb = g.nb, n_tokens = job->n_tokens, rows = job->w->rows;
     const el_block_q16a *x = job->x.q;
     const float *xd = job->x.d;
     const int32_t *xsum = job->x.sum;
-    const int q4 = format != EL_INT8_SYM;
-    const size_t span = q4 ? 16 : 32;                           /* code bytes per 32 values */
-    const int32_t n_wblocks = ceil_div(w->cols, w->block);
-    const size_t row_bytes = (size_t)n_wblocks * (size_t)w->block / (q4 ? 2 : 1);
-    const int32_t shift = w->block == 32 ? 0 : w->block == 64 ? 1 : 2;
-    el_isums_fn isums = q4 ? k->isums_q4 : k->isums_q8;
-    el_isums_2x2_fn isums_2x2 = q4 ? k->isums_q4_2x2 : k->isums_q8_2x2;
+    float *y = job->y;
     int32_t isum[4 * CHUNK];
-
-    if (w->block == 32 && el_uses_panels(k, n_tokens)) {
-        k->panels(job->y + r0, (size_t)rows, r1 - r0, n_tokens, format, w->qweight + (size_t)r0 * row_bytes, row_bytes,
-                  w->scales + (size_t)r0 * n_wblocks, w->mins ? w->mins + (size_t)r0 * n_wblocks : NULL,
-                  (size_t)n_wblocks, x, xd, xsum, nb, job->scratch);
-        return;
-    }
-    if (w->block == 32 && (q4 ? k->row_q4 != NULL : k->row_q8 != NULL)) { /* the fused row kernels */
-        const size_t quad_stride = el_quad_stride(nb);
-        /* Tiles of tokens whose activations stay in L1 (TILE_BYTES) while the rows stream past:
-         * a prefill chunk's activations read once per row would come from L2, and that traffic,
-         * not the arithmetic, would set the pace. Every y is still one kernel call's. */
-        int32_t tile = (int32_t)(TILE_BYTES / (quad_stride + (size_t)nb * 8)) & ~3;
-        if (tile < 4) tile = 4;
-        for (int32_t t0 = 0; t0 < n_tokens; t0 += tile) {
-            const int32_t t1 = t0 + tile < n_tokens ? t0 + tile : n_tokens;
-            if (t1 - t0 == 1 && (q4 ? k->rows_q4 != NULL : k->rows_q8 != NULL)) { /* one token: the rows in one call */
-                const size_t o = (size_t)t0 * nb;
-                const el_half *sc = w->scales + (size_t)r0 * n_wblocks;
-                if (q4)
-                    k->rows_q4(job->y + (size_t)t0 * rows + r0, r1 - r0, format, w->qweight + (size_t)r0 * row_bytes,
-                               row_bytes, sc, w->mins ? w->mins + (size_t)r0 * n_wblocks : NULL, (size_t)n_wblocks,
-                               job->x.quads + t0 * quad_stride, xd + o, xsum + o, nb);
-                else
-                    k->rows_q8(job->y + (size_t)t0 * rows + r0, r1 - r0, w->qweight + (size_t)r0 * row_bytes, row_bytes,
-                               sc, (size_t)n_wblocks, x + o, xd + o, xsum + o, nb);
-                continue;
-            }
-            for (int32_t r = r0; r < r1; r++) {
-                const uint8_t *codes = w->qweight + (size_t)r * row_bytes;
-                const el_half *sc = w->scales + (size_t)r * n_wblocks;
-                const el_half *mn = w->mins ? w->mins + (size_t)r * n_wblocks : NULL;
-                int32_t t = t0;
-                if (q4 && k->row4_q4)
-                    for (; t + 4 <= t1; t += 4)
-                        k->row4_q4(job->y + (size_t)t * rows + r, (size_t)rows, format, codes, sc, mn,
-                                   job->x.quads + t * quad_stride, quad_stride, xd + (size_t)t * nb,
-                                   xsum + (size_t)t * nb, (size_t)nb, nb);
-                for (; t < t1; t++) {
-                    size_t o = (size_t)t * nb;
-                    job->y[(size_t)t * rows + r] =
-                        q4 ? k->row_q4(format, codes, sc, mn, job->x.quads + t * quad_stride, xd + o, xsum + o, nb)
-                           : k->row_q8(codes, sc, x + o, xd + o, xsum + o, nb);
-                }
-            }
-        }
-        return;
-    }
-
     int32_t r = r0;
     if (isums_2x2 && n_tokens >= 2) {
         for (; r + 2 <= r1; r += 2) {
-            const uint8_t *c0 = w->qweight + (size_t)r * row_bytes, *c1 = c0 + row_bytes;
-            const el_half *s0 = w->scales + (size_t)r * n_wblocks, *s1 = s0 + n_wblocks;
-            const el_half *m0 = w->mins ? w->mins + (size_t)r * n_wblocks : NULL, *m1 = m0 ? m0 + n_wblocks : NULL;
+            const uint8_t *c0 = row_codes(m, r), *c1 = row_codes(m, r + 1);
+            const el_half *s0 = row_scales(m, r), *s1 = row_scales(m, r + 1), *m0 = row_mins(m, r),
+                          *m1 = row_mins(m, r + 1);
             int32_t t = 0;
             for (; t + 2 <= n_tokens; t += 2) {
-                size_t o0 = (size_t)t * nb, o1 = o0 + nb;
+                const size_t o0 = (size_t)t * nb, o1 = o0 + nb;
                 float lanes[4][8] = {{0}};
                 for (int32_t j0 = 0; j0 < nb; j0 += CHUNK) {
-                    int32_t n = nb - j0 < CHUNK ? nb - j0 : CHUNK, b0 = j0 >> shift;
-                    isums_2x2(isum, CHUNK, c0 + j0 * span, c1 + j0 * span, x + o0 + j0, x + o1 + j0, n);
-                    k->combine(lanes[0], format, isum, xd + o0 + j0, xsum + o0 + j0, s0 + b0, m0 ? m0 + b0 : NULL, n, shift);
-                    k->combine(lanes[1], format, isum + CHUNK, xd + o1 + j0, xsum + o1 + j0, s0 + b0, m0 ? m0 + b0 : NULL, n, shift);
-                    k->combine(lanes[2], format, isum + 2 * CHUNK, xd + o0 + j0, xsum + o0 + j0, s1 + b0, m1 ? m1 + b0 : NULL, n, shift);
-                    k->combine(lanes[3], format, isum + 3 * CHUNK, xd + o1 + j0, xsum + o1 + j0, s1 + b0, m1 ? m1 + b0 : NULL, n, shift);
+                    const int32_t n = nb - j0 < CHUNK ? nb - j0 : CHUNK, b0 = j0 >> g.shift;
+                    const el_half *n0 = m0 ? m0 + b0 : NULL, *n1 = m1 ? m1 + b0 : NULL;
+                    const float *d0 = xd + o0 + j0, *d1 = xd + o1 + j0;
+                    const int32_t *u0 = xsum + o0 + j0, *u1 = xsum + o1 + j0;
+                    isums_2x2(isum, CHUNK, c0 + j0 * g.span, c1 + j0 * g.span, x + o0 + j0, x + o1 + j0, n);
+                    g.combine(lanes[0], g.format, isum, d0, u0, s0 + b0, n0, n, g.shift);
+                    g.combine(lanes[1], g.format, isum + CHUNK, d1, u1, s0 + b0, n0, n, g.shift);
+                    g.combine(lanes[2], g.format, isum + 2 * CHUNK, d0, u0, s1 + b0, n1, n, g.shift);
+                    g.combine(lanes[3], g.format, isum + 3 * CHUNK, d1, u1, s1 + b0, n1, n, g.shift);
                 }
-                job->y[(size_t)t * rows + r] = reduce_lanes(lanes[0]);
-                job->y[(size_t)(t + 1) * rows + r] = reduce_lanes(lanes[1]);
-                job->y[(size_t)t * rows + r + 1] = reduce_lanes(lanes[2]);
-                job->y[(size_t)(t + 1) * rows + r + 1] = reduce_lanes(lanes[3]);
+                y[(size_t)t * rows + r] = reduce_lanes(lanes[0]);
+                y[(size_t)(t + 1) * rows + r] = reduce_lanes(lanes[1]);
+                y[(size_t)t * rows + r + 1] = reduce_lanes(lanes[2]);
+                y[(size_t)(t + 1) * rows + r + 1] = reduce_lanes(lanes[3]);
             }
-            if (t < n_tokens) { /* an odd last token: the two rows one at a time, below */
-                for (int32_t rr = r; rr < r + 2; rr++) {
-                    const uint8_t *codes = w->qweight + (size_t)rr * row_bytes;
-                    const el_half *sc = w->scales + (size_t)rr * n_wblocks;
-                    const el_half *mn = w->mins ? w->mins + (size_t)rr * n_wblocks : NULL;
-                    size_t o = (size_t)t * nb;
-                    float lanes[8] = {0};
-                    for (int32_t j0 = 0; j0 < nb; j0 += CHUNK) {
-                        int32_t n = nb - j0 < CHUNK ? nb - j0 : CHUNK, b0 = j0 >> shift;
-                        isums(isum, codes + j0 * span, x + o + j0, n);
-                        k->combine(lanes, format, isum, xd + o + j0, xsum + o + j0, sc + b0, mn ? mn + b0 : NULL, n, shift);
-                    }
-                    job->y[(size_t)t * rows + rr] = reduce_lanes(lanes);
-                }
+            for (; t < n_tokens; t++) { /* an odd last token: the two rows one at a time */
+                const size_t o = (size_t)t * nb;
+                y[(size_t)t * rows + r] = row_token(g, c0, s0, m0, x + o, xd + o, xsum + o, isum);
+                y[(size_t)t * rows + r + 1] = row_token(g, c1, s1, m1, x + o, xd + o, xsum + o, isum);
             }
         }
     }
     for (; r < r1; r++) {
-        const uint8_t *codes = w->qweight + (size_t)r * row_bytes;
-        const el_half *sc = w->scales + (size_t)r * n_wblocks;
-        const el_half *mn = w->mins ? w->mins + (size_t)r * n_wblocks : NULL;
+        const uint8_t *codes = row_codes(m, r);
+        const el_half *sc = row_scales(m, r), *mn = row_mins(m, r);
         for (int32_t t = 0; t < n_tokens; t++) {
-            size_t o = (size_t)t * nb;
-            float lanes[8] = {0};
-            for (int32_t j0 = 0; j0 < nb; j0 += CHUNK) {
-                int32_t n = nb - j0 < CHUNK ? nb - j0 : CHUNK, b0 = j0 >> shift;
-                isums(isum, codes + j0 * span, x + o + j0, n);
-                k->combine(lanes, format, isum, xd + o + j0, xsum + o + j0, sc + b0, mn ? mn + b0 : NULL, n, shift);
-            }
-            job->y[(size_t)t * rows + r] = reduce_lanes(lanes);
+            const size_t o = (size_t)t * nb;
+            y[(size_t)t * rows + r] = row_token(g, codes, sc, mn, x + o, xd + o, xsum + o, isum);
         }
     }
+}
+
+/* Rows [r0, r1) of the job's product, by the best path the variant and the matrix allow. */
+static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
+    const matrix_rows m = rows_of_matrix(job->w);
+    const el_kernels *k = job->k;
+    if (job->w->block == 32 && el_uses_panels(k, job->n_tokens))
+        product_panels(job, &m, r0, r1);
+    else if (job->w->block == 32 && (m.q4 ? k->row_q4 != NULL : k->row_q8 != NULL))
+        product_row_kernels(job, &m, r0, r1);
+    else
+        product_generic(job, &m, r0, r1);
 }
 
 void el_matmul_rows(const el_kernels *k, float *y, const el_qmatrix *w, const el_acts *x, int32_t t0,
@@ -207,7 +261,7 @@ void el_matmul_rows(const el_kernels *k, float *y, const el_qmatrix *w, const el
 static void matmul_thread(void *ctx, int32_t ith, int32_t nth) {
     const matmul_job *job = ctx;
     int32_t rows = job->w->rows;
-    int32_t per = ceil_div(rows, nth);
+    int32_t per = el_ceil_div(rows, nth);
     int32_t r0 = ith * per, r1 = r0 + per < rows ? r0 + per : rows;
     if (r0 >= r1) return;
     matmul_job own = *job;
@@ -215,10 +269,10 @@ static void matmul_thread(void *ctx, int32_t ith, int32_t nth) {
     matmul_range(&own, r0, r1);
 }
 
-static int check_matrix(const el_qmatrix *w) {
+int el_check_matrix(const el_qmatrix *w) {
     if (!w || !w->qweight || !w->scales) return EL_EINVAL;
     if (w->format < EL_INT4_ASYM || w->format > EL_INT8_SYM) return EL_EINVAL;
-    if (w->format == EL_INT4_ASYM && !w->mins) return EL_EINVAL;
+    if ((w->format == EL_INT4_ASYM) != (w->mins != NULL)) return EL_EINVAL; /* a min per block, or none */
     if (w->rows < 0 || w->cols < 1) return EL_EINVAL;
     if (w->block != 32 && w->block != 64 && w->block != 128) return EL_EUNSUPPORTED;
     return EL_OK;
@@ -226,9 +280,9 @@ static int check_matrix(const el_qmatrix *w) {
 
 int el_matmul(float *y, int32_t n_tokens, int32_t n_y, const el_qmatrix *w, const el_block_q16a *x,
               int32_t n_blocks, el_pool *pool) {
-    int status = check_matrix(w);
+    int status = el_check_matrix(w);
     if (status != EL_OK) return status;
-    if (!y || !x || n_tokens < 0 || n_y != w->rows || n_blocks != ceil_div(w->cols, EL_QBLOCK)) return EL_EINVAL;
+    if (!y || !x || n_tokens < 0 || n_y != w->rows || n_blocks != el_ceil_div(w->cols, EL_QBLOCK)) return EL_EINVAL;
     const el_kernels *k = el_kernels_current();
     if (!k) return EL_EUNSUPPORTED;
     if (n_tokens == 0 || w->rows == 0) return EL_OK;
@@ -257,7 +311,7 @@ int el_matvec(float *y, int32_t n_y, const el_qmatrix *w, const el_block_q16a *x
 }
 
 int el_quantize_q16a(el_block_q16a *out, int32_t n_blocks, const float *x, int32_t n_rows, int32_t n) {
-    if (!out || !x || n < 1 || n_rows < 0 || n_blocks != ceil_div(n, EL_QBLOCK)) return EL_EINVAL;
+    if (!out || !x || n < 1 || n_rows < 0 || n_blocks != el_ceil_div(n, EL_QBLOCK)) return EL_EINVAL;
     const el_kernels *k = el_kernels_current();
     if (!k) return EL_EUNSUPPORTED;
     for (int32_t r = 0; r < n_rows; r++) k->quantize_q16a(out + (size_t)r * n_blocks, x + (size_t)r * n, n);

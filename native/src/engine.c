@@ -105,21 +105,17 @@ struct el_engine {
     uint8_t *panel_scratch;     /* [n_threads][panel_bytes]  a prefill product's packed panel (kernels.h) */
     size_t panel_bytes;
     int64_t bytes;
+    float *trace;               /* [n_layers][2][n_tokens][hidden] or NULL (el_engine_trace) */
+    int64_t n_trace;
     int profile;
     double seconds[N_PHASES];
 };
 
 /* ---- the descriptor ------------------------------------------------------------------------ */
 
-static int32_t ceil_div(int32_t a, int32_t b) { return (a + b - 1) / b; }
-
 static int check_matrix(const el_qmatrix *w, int32_t rows, int32_t cols) {
-    if (!w->qweight || !w->scales) return EL_EINVAL;
-    if (w->format < EL_INT4_ASYM || w->format > EL_INT8_SYM) return EL_EINVAL;
-    if ((w->format == EL_INT4_ASYM) != (w->mins != NULL)) return EL_EINVAL;
-    if (w->block != 32 && w->block != 64 && w->block != 128) return EL_EUNSUPPORTED;
-    if (w->rows != rows || w->cols != cols) return EL_EINVAL;
-    return EL_OK;
+    int status = el_check_matrix(w);
+    return status != EL_OK ? status : w->rows != rows || w->cols != cols ? EL_EINVAL : EL_OK;
 }
 
 static int check_model(const el_model *m) {
@@ -232,9 +228,9 @@ int el_engine_create(el_engine **out, const el_model *model, int32_t context, in
     e->q_size = m->n_heads * m->head_dim;
     e->kv_size = m->n_kv_heads * m->head_dim;
     e->half = m->head_dim / 2;
-    e->nb_hidden = ceil_div(m->hidden, EL_QBLOCK);
-    e->nb_q = ceil_div(e->q_size, EL_QBLOCK);
-    e->nb_ffn = ceil_div(m->ffn, EL_QBLOCK);
+    e->nb_hidden = el_ceil_div(m->hidden, EL_QBLOCK);
+    e->nb_q = el_ceil_div(e->q_size, EL_QBLOCK);
+    e->nb_ffn = el_ceil_div(m->ffn, EL_QBLOCK);
     e->nb_max = e->nb_hidden > e->nb_q ? e->nb_hidden : e->nb_q;
     e->nb_max = e->nb_max > e->nb_ffn ? e->nb_max : e->nb_ffn;
     size_t chunk = (size_t)max_chunk, widest = (size_t)(m->hidden > m->ffn ? m->hidden : m->ffn);
@@ -254,7 +250,7 @@ int el_engine_create(el_engine **out, const el_model *model, int32_t context, in
     e->proj = alloc_floats(e, chunk * (size_t)m->hidden, 0);
     e->gate = alloc_floats(e, chunk * (size_t)m->ffn, 0);
     e->up = alloc_floats(e, chunk * (size_t)m->ffn, 0);
-    e->max_chunks = ceil_div(context, KEY_CHUNK);
+    e->max_chunks = el_ceil_div(context, KEY_CHUNK);
     size_t part = (size_t)e->max_chunks * (size_t)(m->head_dim + 2);
     e->scores = alloc_floats(e, (size_t)e->n_threads * KEY_CHUNK, 0);
     e->parts = alloc_floats(e, (size_t)e->n_threads * QUERY_BLOCK * (size_t)(m->n_heads / m->n_kv_heads) * part, 0);
@@ -296,6 +292,20 @@ int el_engine_create(el_engine **out, const el_model *model, int32_t context, in
 
 int64_t el_engine_bytes(const el_engine *e) { return e ? e->bytes : 0; }
 
+int el_engine_trace(el_engine *e, float *trace, int64_t n_trace) {
+    if (!e || (trace && n_trace < 0)) return EL_EINVAL;
+    e->trace = trace;
+    e->n_trace = trace ? n_trace : 0;
+    return EL_OK;
+}
+
+/* Token t's residual stream x into the trace, as layer li's `which` (0: after attention, 1: after the MLP). */
+static void trace_row(const el_engine *e, int32_t li, int which, int32_t t, int32_t n_tokens, const float *x) {
+    if (e->trace)
+        memcpy(e->trace + (((size_t)li * 2 + (size_t)which) * (size_t)n_tokens + (size_t)t) * (size_t)e->m.hidden, x,
+               sizeof(float) * (size_t)e->m.hidden);
+}
+
 int el_engine_profile(const el_engine *e, const char **names, double *seconds, int32_t capacity) {
     if (!e || !e->profile) return 0;
     for (int32_t i = 0; i < N_PHASES && i < capacity; i++) {
@@ -309,7 +319,7 @@ int el_engine_profile(const el_engine *e, const char **names, double *seconds, i
 
 /* out [cols] <- row `token` of a quantized matrix, dequantized exactly as export/quant_formats.py does. */
 static void embed_row(float *out, const el_qmatrix *w, int32_t token) {
-    const int32_t n_wb = ceil_div(w->cols, w->block);
+    const int32_t n_wb = el_ceil_div(w->cols, w->block);
     const int q4 = w->format != EL_INT8_SYM;
     const uint8_t *codes = w->qweight + (size_t)token * (size_t)n_wb * (size_t)w->block / (q4 ? 2 : 1);
     const el_half *scales = w->scales + (size_t)token * n_wb;
@@ -417,11 +427,11 @@ static int32_t claim_next(el_engine *e, int32_t ith) {
 static int32_t row_grain(const el_engine *e, const el_qmatrix *w, int32_t n_tokens) {
     int32_t grain = w->rows / (16 * e->n_threads);
     grain = grain < 4 ? 4 : grain > 256 ? 256 : grain;
-    return n_tokens > 1 ? ceil_div(grain, EL_PANEL_ROWS) * EL_PANEL_ROWS : grain;
+    return n_tokens > 1 ? el_ceil_div(grain, EL_PANEL_ROWS) * EL_PANEL_ROWS : grain;
 }
 
 static int32_t product_units(const el_engine *e, const el_qmatrix *w, int32_t n_tokens) {
-    return ceil_div(w->rows, row_grain(e, w, n_tokens));
+    return el_ceil_div(w->rows, row_grain(e, w, n_tokens));
 }
 
 /* the q/k/v phase's units: the q heads, then the k heads, then the v heads (qkv_heads) */
@@ -434,7 +444,7 @@ static int32_t gate_up_grain(const el_engine *e) {
     return grain < 1 ? 1 : grain;
 }
 
-static int32_t gate_up_count(const el_engine *e) { return ceil_div(e->nb_ffn, gate_up_grain(e)); }
+static int32_t gate_up_count(const el_engine *e) { return el_ceil_div(e->nb_ffn, gate_up_grain(e)); }
 
 /* A phase ends: wait for the other threads, then book the time (barrier wait included). When the
  * next phase claims its work, next_units is its number of units (else -1). */
@@ -444,14 +454,17 @@ static void phase_end(const forward_job *job, int32_t ith, int phase, struct tim
     phase_mark(job, ith, phase, mark);
 }
 
-/* Tokens [t0, t1): x += proj (if add), h = rms_norm(x, weight), blocks of h. */
-static void norm_tokens(const forward_job *job, int32_t t0, int32_t t1, const float *weight, int add) {
+/* Tokens [t0, t1): x += proj (layer `added`'s MLP output, if added >= 0), h = rms_norm(x, weight), blocks of h. */
+static void norm_tokens(const forward_job *job, int32_t t0, int32_t t1, const float *weight, int32_t added) {
     el_engine *e = job->e;
     const el_kernels *k = job->k;
     const int32_t n = e->m.hidden;
     for (int32_t t = t0; t < t1; t++) {
         float *x = e->x + (size_t)t * n, *h = e->h + (size_t)t * n;
-        if (add) k->add(x, x, e->proj + (size_t)t * n, n);
+        if (added >= 0) {
+            k->add(x, x, e->proj + (size_t)t * n, n);
+            trace_row(e, added, 1, t, job->n, x);
+        }
         k->rms_norm(h, x, weight, n, e->m.rms_eps);
         quantize_to(k, &e->xq, e->nb_hidden, t, 0, h, n, job->quads);
     }
@@ -529,7 +542,7 @@ static void attend_block(const forward_job *job, int32_t ith, const el_half *key
     const int convert = k->attend_part_f32 && k->to_float;
     float *parts = e->parts + (size_t)ith * QUERY_BLOCK * G * part, *scores = e->scores + (size_t)ith * KEY_CHUNK;
     float *keys_f32 = e->chunk_f32 + (size_t)ith * 2 * KEY_CHUNK * D, *values_f32 = keys_f32 + (size_t)KEY_CHUNK * D;
-    const int32_t n_chunks = ceil_div(job->pos + tz, KEY_CHUNK); /* the last token's */
+    const int32_t n_chunks = el_ceil_div(job->pos + tz, KEY_CHUNK); /* the last token's */
     for (int32_t c = 0; c < n_chunks; c++) {
         const int32_t j0 = c * KEY_CHUNK, reach = job->pos + tz - j0; /* positions of the chunk any token reads */
         const int32_t n_rows = reach < KEY_CHUNK ? reach : KEY_CHUNK;
@@ -555,15 +568,11 @@ static void attend_block(const forward_job *job, int32_t ith, const el_half *key
     for (int32_t t = ta; t < tz; t++)
         for (int32_t i = 0; i < G; i++)
             finish_head(job, e->attn, &e->xq, t, g * G + i, parts + ((size_t)(t - ta) * G + i) * part,
-                        ceil_div(job->pos + t + 1, KEY_CHUNK));
+                        el_ceil_div(job->pos + t + 1, KEY_CHUNK));
 }
 
 static void rope_table(const el_engine *e, float *cos_t, float *sin_t, int32_t position) {
-    for (int32_t i = 0; i < e->half; i++) {
-        float angle = (float)position * e->m.inv_freq[i]; /* float32, like the reference's positions * inv_freq */
-        cos_t[i] = cosf(angle);
-        sin_t[i] = sinf(angle);
-    }
+    el_rope_tables(cos_t, sin_t, e->m.inv_freq, e->half, (float)position);
 }
 
 /* Thread ith computes the rows of y [n_tokens][w->rows] = x W^T that it claims (product_units of them). */
@@ -616,13 +625,13 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
         size_t layer_offset = (size_t)li * (size_t)e->context * (size_t)e->kv_size;
         el_half *keys = e->key_cache + layer_offset, *values = e->value_cache + layer_offset;
 
-        norm_tokens(job, t0, t1, l->attn_norm, li > 0);
+        norm_tokens(job, t0, t1, l->attn_norm, li - 1);
         phase_end(job, ith, PH_NORM, &mark, qkv_units(e));
 
         for (int32_t u; (u = claim_next(e, ith)) >= 0;)
             qkv_heads(job, ith, l, &e->xq, e->rope_cos, e->rope_sin, keys + (size_t)job->pos * e->kv_size,
                       values + (size_t)job->pos * e->kv_size, u, u + 1);
-        phase_end(job, ith, PH_QKV, &mark, ceil_div(S, QUERY_BLOCK) * KV);
+        phase_end(job, ith, PH_QKV, &mark, el_ceil_div(S, QUERY_BLOCK) * KV);
 
         for (int32_t item; (item = claim_next(e, ith)) >= 0;)
             attend_block(job, ith, keys, values, item / KV * QUERY_BLOCK, item % KV);
@@ -639,6 +648,7 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
         for (int32_t t = t0; t < t1; t++) {
             float *x = e->x + (size_t)t * m->hidden, *h = e->h + (size_t)t * m->hidden;
             k->add(x, x, e->proj + (size_t)t * m->hidden, m->hidden);
+            trace_row(e, li, 0, t, S, x);
             k->rms_norm(h, x, l->mlp_norm, m->hidden, m->rms_eps);
             quantize_to(k, &e->xq, e->nb_hidden, t, 0, h, m->hidden, job->quads);
         }
@@ -651,12 +661,21 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
         phase_end(job, ith, PH_DOWN, &mark, -1);
     }
 
-    /* the head: every token's logits, or the last token's */
+    /* the head: every token's logits, or the last token's (the trace wants every token's residual) */
     int32_t first = job->all ? 0 : S - 1;
+    if (e->trace) {
+        split(first, ith, nth, &t0, &t1);
+        for (int32_t t = t0; t < t1; t++) {
+            float *x = e->x + (size_t)t * m->hidden;
+            k->add(x, x, e->proj + (size_t)t * m->hidden, m->hidden);
+            trace_row(e, m->n_layers - 1, 1, t, S, x);
+        }
+    }
     split(S - first, ith, nth, &t0, &t1);
     for (int32_t t = first + t0; t < first + t1; t++) {
         float *x = e->x + (size_t)t * m->hidden, *h = e->h + (size_t)t * m->hidden;
         k->add(x, x, e->proj + (size_t)t * m->hidden, m->hidden);
+        trace_row(e, m->n_layers - 1, 1, t, S, x);
         k->rms_norm(h, x, m->final_norm, m->hidden, m->rms_eps);
         quantize_to(k, &e->xq, e->nb_hidden, t, 0, h, m->hidden, !el_uses_panels(k, S - first));
     }
@@ -685,7 +704,7 @@ static void forward_decode(void *ctx, int32_t ith, int32_t nth) {
     act *own = &e->dact[ith];
     float *scores = e->scores + (size_t)ith * KEY_CHUNK;
     const size_t part = (size_t)e->max_chunks * (size_t)(D + 2);
-    const int32_t n_chunks = ceil_div(job->pos + 1, KEY_CHUNK);
+    const int32_t n_chunks = el_ceil_div(job->pos + 1, KEY_CHUNK);
     (void)nth;
 
     embed_row(x, &m->embed, job->tokens[0]);
@@ -697,7 +716,10 @@ static void forward_decode(void *ctx, int32_t ith, int32_t nth) {
         size_t layer_offset = (size_t)li * (size_t)e->context * (size_t)e->kv_size;
         el_half *keys = e->key_cache + layer_offset, *values = e->value_cache + layer_offset;
 
-        if (li > 0) k->add(x, x, e->proj, E); /* the previous layer's down_proj */
+        if (li > 0) { /* the previous layer's down_proj */
+            k->add(x, x, e->proj, E);
+            if (ith == 0) trace_row(e, li - 1, 1, 0, 1, x);
+        }
         k->rms_norm(h, x, l->attn_norm, E, m->rms_eps);
         quantize_to(k, own, e->nb_hidden, 0, 0, h, E, 1);
         for (int32_t u; (u = claim_next(e, ith)) >= 0;)
@@ -718,6 +740,7 @@ static void forward_decode(void *ctx, int32_t ith, int32_t nth) {
         phase_end(job, ith, PH_O, &mark, gate_up_count(e));
 
         k->add(x, x, e->proj, E);
+        if (ith == 0) trace_row(e, li, 0, 0, 1, x);
         k->rms_norm(h, x, l->mlp_norm, E, m->rms_eps);
         quantize_to(k, own, e->nb_hidden, 0, 0, h, E, 1);
         for (int32_t u; (u = claim_next(e, ith)) >= 0;) gate_up_unit(job, ith, l, own, gate_up_grain(e), u);
@@ -728,6 +751,7 @@ static void forward_decode(void *ctx, int32_t ith, int32_t nth) {
     }
 
     k->add(x, x, e->proj, E);
+    if (ith == 0) trace_row(e, m->n_layers - 1, 1, 0, 1, x);
     k->rms_norm(h, x, m->final_norm, E, m->rms_eps);
     quantize_to(k, own, e->nb_hidden, 0, 0, h, E, 1);
     product(job, &m->head, job->logits, own, e->nb_hidden, 0, 1, ith);
@@ -739,6 +763,7 @@ int el_engine_forward(el_engine *e, float *logits, int64_t n_logits, const int32
     if (!e || !logits || !tokens || n_tokens < 1 || position < 0) return EL_EINVAL;
     if (n_tokens > e->max_chunk || (int64_t)position + n_tokens > e->context) return EL_ERANGE;
     if (n_logits < (int64_t)(all_logits ? n_tokens : 1) * e->m.vocab) return EL_ERANGE;
+    if (e->trace && e->n_trace < (int64_t)e->m.n_layers * 2 * n_tokens * e->m.hidden) return EL_ERANGE;
     for (int32_t t = 0; t < n_tokens; t++)
         if (tokens[t] < 0 || tokens[t] >= e->m.vocab) return EL_ERANGE;
     const el_kernels *k = el_kernels_current();

@@ -45,6 +45,8 @@ typedef void (*el_combine_fn)(float *lanes, int32_t format, const int32_t *isum,
  *          planes are 32 bytes each, 64 bytes apart, from el_pair_at(quads, 2p). The slots of
  *          blocks past nb are zero and never matter: their codes are loaded as zeros. */
 #define EL_QUAD_BYTES 256
+static inline int32_t el_ceil_div(int32_t a, int32_t b) { return (a + b - 1) / b; }
+
 static inline size_t el_quad_stride(int32_t nb) { return (size_t)((nb + 3) / 4) * EL_QUAD_BYTES; }
 /* A zeroed buffer of n quad strides, 64-byte aligned: a 512-bit load of a quad then never splits
  * across two cache lines (which costs the 4-bit products about a third of their speed). free() it. */
@@ -228,11 +230,10 @@ const el_kernels *el_kernels_current(void);
 /* pool.c: run fn(ctx, ith, nth) on every thread of the pool (or inline when pool is NULL). */
 typedef void (*el_job_fn)(void *ctx, int32_t ith, int32_t nth);
 void el_pool_run(el_pool *pool, el_job_fn fn, void *ctx);
-/* Inside a job: waits until every thread of the pool has reached it (spinning, then yielding).
- * Every thread must call it the same number of times. A no-op for a NULL or one-thread pool. */
-void el_pool_barrier(el_pool *pool);
-/* The same, and the last thread to arrive runs last(ctx) before the barrier opens (with no pool,
- * or one thread, the caller runs it): every thread leaves the barrier seeing what it wrote. */
+/* Inside a job: waits until every thread of the pool has reached it (spinning, then sleeping), and
+ * the last thread to arrive runs last(ctx) (if not NULL) before the barrier opens (with no pool, or one
+ * thread, the caller runs it): every thread leaves the barrier seeing what it wrote. Every thread must
+ * call it the same number of times. */
 void el_pool_barrier_then(el_pool *pool, void (*last)(void *ctx), void *ctx);
 
 /* api.c: rows r0 .. r1-1 of Y [n_tokens][w->rows] = X W^T for tokens t0 .. t0+n_tokens-1 of x
@@ -240,6 +241,9 @@ void el_pool_barrier_then(el_pool *pool, void (*last)(void *ctx), void *ctx);
  * scratch: el_panel_bytes(x->nb), 64-byte aligned, the calling thread's own. */
 void el_matmul_rows(const el_kernels *k, float *y, const el_qmatrix *w, const el_acts *x, int32_t t0,
                     int32_t n_tokens, int32_t r0, int32_t r1, void *scratch);
+/* EL_OK if w is a matrix the products take (pointers, format and mins, block size: EL_EINVAL or
+ * EL_EUNSUPPORTED otherwise). */
+int el_check_matrix(const el_qmatrix *w);
 /* Whether a product of n_tokens tokens runs in panels (else the row kernels, which read x->quads). */
 int el_uses_panels(const el_kernels *k, int32_t n_tokens);
 /* The d, sum and quads of blocks first .. first+count-1 of one token's row (d, sum and quads point at

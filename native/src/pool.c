@@ -211,4 +211,3 @@ void el_pool_barrier_then(el_pool *pool, void (*last)(void *ctx), void *ctx) {
     }
 }
 
-void el_pool_barrier(el_pool *pool) { el_pool_barrier_then(pool, NULL, NULL); }

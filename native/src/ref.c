@@ -128,37 +128,44 @@ void el_add_ref(float *out, const float *a, const float *b, int32_t n) {
     for (int32_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
-/* The attention of one query over a chunk, keys and values of type T read through TO_FLOAT. */
-#define ATTEND_REF(T, TO_FLOAT)                                                                               \
-    float m = -INFINITY, l = 0.0f;                                                                            \
-    for (int32_t j = 0; j < n_keys; j++) {                                                                    \
-        const T *key = keys + (size_t)j * stride;                                                             \
-        float s = 0.0f;                                                                                       \
-        for (int32_t i = 0; i < d; i++) s += q[i] * TO_FLOAT(key[i]);                                         \
-        scores[j] = s * scale;                                                                                \
-        m = scores[j] > m ? scores[j] : m;                                                                    \
-    }                                                                                                         \
-    for (int32_t j = 0; j < n_keys; j++) {                                                                    \
-        scores[j] = expf(scores[j] - m);                                                                      \
-        l += scores[j];                                                                                       \
-    }                                                                                                         \
-    memset(out, 0, sizeof(float) * (size_t)d);                                                                \
-    for (int32_t j = 0; j < n_keys; j++) {                                                                    \
-        const T *value = values + (size_t)j * stride;                                                         \
-        for (int32_t i = 0; i < d; i++) out[i] += scores[j] * TO_FLOAT(value[i]);                             \
-    }                                                                                                         \
-    *max = m;                                                                                                 \
+/* The attention of one query over a chunk; keys and values are float16 (the cache) when `halves`,
+ * else float32. Inlined with a constant `halves`: one function per type. */
+static inline __attribute__((always_inline)) void attend_part(float *out, float *max, float *sum, float *scores,
+                                                              const float *q, const void *keys, const void *values,
+                                                              int32_t n_keys, int32_t d, int32_t stride, float scale,
+                                                              const int halves) {
+    float m = -INFINITY, l = 0.0f;
+    for (int32_t j = 0; j < n_keys; j++) {
+        const size_t row = (size_t)j * stride;
+        float s = 0.0f;
+        for (int32_t i = 0; i < d; i++)
+            s += q[i] * (halves ? el_half_to_float(((const el_half *)keys)[row + i]) : ((const float *)keys)[row + i]);
+        scores[j] = s * scale;
+        m = scores[j] > m ? scores[j] : m;
+    }
+    for (int32_t j = 0; j < n_keys; j++) {
+        scores[j] = expf(scores[j] - m);
+        l += scores[j];
+    }
+    memset(out, 0, sizeof(float) * (size_t)d);
+    for (int32_t j = 0; j < n_keys; j++) {
+        const size_t row = (size_t)j * stride;
+        for (int32_t i = 0; i < d; i++)
+            out[i] += scores[j] *
+                      (halves ? el_half_to_float(((const el_half *)values)[row + i]) : ((const float *)values)[row + i]);
+    }
+    *max = m;
     *sum = l;
+}
 
-#define AS_FLOAT(v) (v)
 void el_attend_part_ref(float *out, float *max, float *sum, float *scores, const float *q, const el_half *keys,
                         const el_half *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {
-    ATTEND_REF(el_half, el_half_to_float)
+    attend_part(out, max, sum, scores, q, keys, values, n_keys, d, stride, scale, 1);
 }
 
 void el_attend_part_f32_ref(float *out, float *max, float *sum, float *scores, const float *q, const float *keys,
                             const float *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {
-    ATTEND_REF(float, AS_FLOAT)
+    attend_part(out, max, sum, scores, q, keys, values, n_keys, d, stride, scale, 0);
 }
 
 void el_combine_parts_ref(float *out, const float *parts, int32_t n_parts, int32_t d) {

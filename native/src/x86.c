@@ -14,13 +14,12 @@
 #define AVX2 __attribute__((target("avx2,f16c")))
 #define AVX512VNNI __attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 /* the one-row kernels, inlined into their many-row loops (ROWS_Q4, ROWS_Q8): a call per row, with its
- * frame and its reloaded constants, cost decode ~13% (A/B: 4-bit rows 1.065-1.094x, 8-bit 1.065x) */
+ * frame and its reloaded constants, cost decode ~13% (docs/performance.md, "Measured and kept") */
 #define INLINE inline __attribute__((always_inline))
 /* Decode streams each matrix from memory once per token, and the row kernels did not overlap their
- * arithmetic with those loads (two threads: ~14.5 GB/s where a plain read gets ~23): each row's codes,
- * scales and mins are asked for PREFETCH_ROWS rows ahead (the rows after a unit's are usually the same
- * thread's next unit, claimed from the front of its share). In-process A/B, alternating tokens: 4-bit
- * rows 1.04-1.16x decode, the 8-bit head 1.01x; 3 to 12 rows ahead all gave the same. */
+ * arithmetic with those loads: each row's codes, scales and mins are asked for PREFETCH_ROWS rows ahead
+ * (the rows after a unit's are usually the same thread's next unit, claimed from the front of its
+ * share). 3 to 12 rows ahead measured the same (docs/performance.md, "Measured and kept"). */
 #define PREFETCH_ROWS 6
 /* Row `row` of codes, scales and mins (NULL: none) into L1. The addresses are integers: past the
  * matrix's last row they point nowhere, which a prefetch ignores (and pointer arithmetic may not do). */
@@ -32,7 +31,9 @@ static inline void prefetch_row(const uint8_t *codes, size_t row_bytes, const el
     if (mins) _mm_prefetch((const char *)((uintptr_t)mins + row * half_row), _MM_HINT_T0);
 }
 
-/* Rows of a matrix against one token, each y exactly its one-row kernel's */
+/* Rows of a matrix against one token, each y exactly its one-row kernel's. Macros, not a function
+ * taking the row kernel as a pointer: GCC inlines an always_inline kernel only into a direct call, and a
+ * per-row call is what the inlining above removed. */
 #define ROWS_Q4(NAME, ROW, TARGET)                                                                            \
     static TARGET void NAME(float *y, int32_t n_rows, int32_t format, const uint8_t *codes, size_t row_bytes,  \
                             const el_half *scales, const el_half *mins, size_t n_wblocks, const int8_t *quads,  \
@@ -455,28 +456,23 @@ static AVX2 void row4_q4_avx2(float *y, size_t y_stride, int32_t format, const u
 }
 
 /* rows of 8-bit codes, in the blocks' natural order: eight blocks per step, then the last 1..7 */
-#define ROW_Q8(BLOCK)                                                                                         \
-    __m256 acc = _mm256_setzero_ps();                                                                         \
-    int32_t j = 0, n = 8;                                                                                     \
-    for (; j + 8 <= nb; j += 8) {                                                                             \
-        __m256i p[8];                                                                                         \
-        for (int k = 0; k < 8; k++) p[k] = BLOCK(codes + 32 * (j + k), x + j + k);                           \
-        acc = _mm256_add_ps(acc, terms8(EL_INT8_SYM, Q8_FIX(hsum8_vec(p)), row_weights8(scales, NULL, j, 8), xd + j, xsum + j, 8)); \
-    }                                                                                                         \
-    if (j < nb) {                                                                                             \
-        n = nb - j;                                                                                           \
-        __m256i p[8];                                                                                         \
-        for (int k = 0; k < 8; k++) p[k] = k < n ? BLOCK(codes + 32 * (j + k), x + j + k) : _mm256_setzero_si256(); \
-        acc = _mm256_add_ps(acc, terms8(EL_INT8_SYM, Q8_FIX(hsum8_vec(p)), row_weights8(scales, NULL, j, n), xd + j, xsum + j, n)); \
-    }                                                                                                         \
-    return hsum_f32x8(acc);
-
-#define Q8_FIX(is) (is)
 static INLINE AVX2 float row_q8_avx2(const uint8_t *codes, const el_half *scales, const el_block_q16a *x, const float *xd,
-                              const int32_t *xsum, int32_t nb) {
-    ROW_Q8(dot_q8_avx2)
+                                     const int32_t *xsum, int32_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    int32_t j = 0;
+    for (; j + 8 <= nb; j += 8) {
+        __m256i p[8];
+        for (int k = 0; k < 8; k++) p[k] = dot_q8_avx2(codes + 32 * (j + k), x + j + k);
+        acc = _mm256_add_ps(acc, terms8(EL_INT8_SYM, hsum8_vec(p), row_weights8(scales, NULL, j, 8), xd + j, xsum + j, 8));
+    }
+    if (j < nb) {
+        const int32_t n = nb - j;
+        __m256i p[8];
+        for (int k = 0; k < 8; k++) p[k] = k < n ? dot_q8_avx2(codes + 32 * (j + k), x + j + k) : _mm256_setzero_si256();
+        acc = _mm256_add_ps(acc, terms8(EL_INT8_SYM, hsum8_vec(p), row_weights8(scales, NULL, j, n), xd + j, xsum + j, n));
+    }
+    return hsum_f32x8(acc);
 }
-#undef Q8_FIX
 
 /* lane k = the sum of the 8 lanes of v[k] (the float twin of hsum8_vec) */
 static inline AVX2 __m256 hsum8_f32(const __m256 v[8]) {
@@ -491,85 +487,92 @@ static inline AVX2 __m256 hsum8_f32(const __m256 v[8]) {
  * other head_dims multiple of 8 take the generic body, the rest ref. */
 #define AVX2_FMA __attribute__((target("avx2,fma,f16c")))
 #define AVX512_FMA __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
-#define HALVES(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))) /* eight float16 of the cache, exactly */
-#define FLOATS(p) _mm256_loadu_ps(p) /* eight of them converted before (el_kernels.attend_part_f32) */
+/* eight values of the keys or values at element i: float16 of the cache (`halves`, converted exactly),
+ * or float32 converted before (el_kernels.attend_part_f32) */
+static INLINE AVX2_FMA __m256 load8(const void *p, size_t i, const int halves) {
+    return halves ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const el_half *)p + i)))
+                  : _mm256_loadu_ps((const float *)p + i);
+}
 
 #define UNROLL8 _Pragma("GCC unroll 8")
 #define UNROLL16 _Pragma("GCC unroll 16")
-#define ATTEND_BODY(NV, LOAD8)                                                                                       \
-    __m256 qv[NV];                                                                                            \
-    UNROLL16 for (int i = 0; i < (NV); i++) qv[i] = _mm256_loadu_ps(q + 8 * i);                                       \
-    const __m256 vscale = _mm256_set1_ps(scale);                                                              \
-    __m256 vmax = _mm256_set1_ps(-INFINITY);                                                                  \
-    int32_t j = 0;                                                                                            \
-    for (; j + 8 <= n_keys; j += 8) {                                                                         \
-        __m256 part[8];                                                                                       \
-        UNROLL8 for (int k = 0; k < 8; k++) {                                                                         \
-            __typeof__(keys) key = keys + (size_t)(j + k) * stride;                                             \
-            __m256 acc0 = _mm256_mul_ps(qv[0], LOAD8(key)), acc1 = _mm256_setzero_ps();                      \
-            UNROLL16 for (int i = 1; i < (NV); i += 2) {                                                               \
-                acc1 = _mm256_fmadd_ps(qv[i], LOAD8(key + 8 * i), acc1);                                     \
-                if (i + 1 < (NV)) acc0 = _mm256_fmadd_ps(qv[i + 1], LOAD8(key + 8 * i + 8), acc0);           \
-            }                                                                                                 \
-            part[k] = _mm256_add_ps(acc0, acc1);                                                              \
-        }                                                                                                     \
-        __m256 s8 = _mm256_mul_ps(hsum8_f32(part), vscale);                                                   \
-        vmax = _mm256_max_ps(vmax, s8);                                                                       \
-        _mm256_storeu_ps(scores + j, s8);                                                                     \
-    }                                                                                                         \
-    float m = hmax_f32x8(vmax);                                                                               \
-    for (; j < n_keys; j++) {                                                                                 \
-        __typeof__(keys) key = keys + (size_t)j * stride;                                                       \
-        __m256 acc = _mm256_setzero_ps();                                                                     \
-        UNROLL16 for (int i = 0; i < (NV); i++) acc = _mm256_fmadd_ps(qv[i], LOAD8(key + 8 * i), acc);              \
-        scores[j] = hsum_f32x8(acc) * scale;                                                                  \
-        m = scores[j] > m ? scores[j] : m;                                                                    \
-    }                                                                                                         \
-    __m256 vm = _mm256_set1_ps(m), vsum = _mm256_setzero_ps();                                                \
-    for (j = 0; j + 8 <= n_keys; j += 8) {                                                                    \
-        __m256 e = exp_f32x8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), vm));                                 \
-        _mm256_storeu_ps(scores + j, e);                                                                      \
-        vsum = _mm256_add_ps(vsum, e);                                                                        \
-    }                                                                                                         \
-    float l = hsum_f32x8(vsum);                                                                               \
-    for (; j < n_keys; j++) {                                                                                 \
-        scores[j] = expf(scores[j] - m);                                                                      \
-        l += scores[j];                                                                                       \
-    }                                                                                                         \
-    __m256 o[NV];                                                                                             \
-    UNROLL16 for (int i = 0; i < (NV); i++) o[i] = _mm256_setzero_ps();                                                \
-    for (j = 0; j < n_keys; j++) {                                                                            \
-        __typeof__(values) value = values + (size_t)j * stride;                                                   \
-        __m256 p = _mm256_set1_ps(scores[j]);                                                                 \
-        UNROLL16 for (int i = 0; i < (NV); i++) o[i] = _mm256_fmadd_ps(p, LOAD8(value + 8 * i), o[i]);               \
-    }                                                                                                         \
-    UNROLL16 for (int i = 0; i < (NV); i++) _mm256_storeu_ps(out + 8 * i, o[i]);                                       \
-    *max = m;                                                                                                 \
-    *sum = l;
-
-#define ATTEND_VARIANT(NAME, TARGET, T, LOAD8, REF)                                                          \
-    static TARGET void NAME##_64(float *out, float *max, float *sum, float *scores, const float *q,           \
-                                 const T *keys, const T *values, int32_t n_keys, int32_t stride, float scale) { \
-        ATTEND_BODY(8, LOAD8)                                                                                 \
-    }                                                                                                         \
-    static TARGET void NAME##_128(float *out, float *max, float *sum, float *scores, const float *q,          \
-                                  const T *keys, const T *values, int32_t n_keys, int32_t stride, float scale) { \
-        ATTEND_BODY(16, LOAD8)                                                                                \
-    }                                                                                                         \
-    static TARGET void NAME(float *out, float *max, float *sum, float *scores, const float *q, const T *keys,   \
-                            const T *values, int32_t n_keys, int32_t d, int32_t stride, float scale) {        \
-        if (d == 64) NAME##_64(out, max, sum, scores, q, keys, values, n_keys, stride, scale);                \
-        else if (d == 128) NAME##_128(out, max, sum, scores, q, keys, values, n_keys, stride, scale);         \
-        else REF(out, max, sum, scores, q, keys, values, n_keys, d, stride, scale);                           \
+/* head_dim 8 * nv (nv 8 or 16), inlined with constant nv and halves: one body per case */
+static INLINE AVX2_FMA void attend_body(float *out, float *max, float *sum, float *scores, const float *q,
+                                        const void *keys, const void *values, int32_t n_keys, int32_t stride,
+                                        float scale, const int nv, const int halves) {
+    __m256 qv[16];
+    UNROLL16 for (int i = 0; i < nv; i++) qv[i] = _mm256_loadu_ps(q + 8 * i);
+    const __m256 vscale = _mm256_set1_ps(scale);
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    int32_t j = 0;
+    for (; j + 8 <= n_keys; j += 8) {
+        __m256 part[8];
+        UNROLL8 for (int k = 0; k < 8; k++) {
+            const size_t key = (size_t)(j + k) * stride;
+            __m256 acc0 = _mm256_mul_ps(qv[0], load8(keys, key, halves)), acc1 = _mm256_setzero_ps();
+            UNROLL16 for (int i = 1; i < nv; i += 2) {
+                acc1 = _mm256_fmadd_ps(qv[i], load8(keys, key + 8 * i, halves), acc1);
+                if (i + 1 < nv) acc0 = _mm256_fmadd_ps(qv[i + 1], load8(keys, key + 8 * i + 8, halves), acc0);
+            }
+            part[k] = _mm256_add_ps(acc0, acc1);
+        }
+        __m256 s8 = _mm256_mul_ps(hsum8_f32(part), vscale);
+        vmax = _mm256_max_ps(vmax, s8);
+        _mm256_storeu_ps(scores + j, s8);
     }
+    float m = hmax_f32x8(vmax);
+    for (; j < n_keys; j++) {
+        const size_t key = (size_t)j * stride;
+        __m256 acc = _mm256_setzero_ps();
+        UNROLL16 for (int i = 0; i < nv; i++) acc = _mm256_fmadd_ps(qv[i], load8(keys, key + 8 * i, halves), acc);
+        scores[j] = hsum_f32x8(acc) * scale;
+        m = scores[j] > m ? scores[j] : m;
+    }
+    __m256 vm = _mm256_set1_ps(m), vsum = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n_keys; j += 8) {
+        __m256 e = exp_f32x8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), vm));
+        _mm256_storeu_ps(scores + j, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float l = hsum_f32x8(vsum);
+    for (; j < n_keys; j++) {
+        scores[j] = expf(scores[j] - m);
+        l += scores[j];
+    }
+    __m256 o[16];
+    UNROLL16 for (int i = 0; i < nv; i++) o[i] = _mm256_setzero_ps();
+    for (j = 0; j < n_keys; j++) {
+        const size_t value = (size_t)j * stride;
+        __m256 p = _mm256_set1_ps(scores[j]);
+        UNROLL16 for (int i = 0; i < nv; i++) o[i] = _mm256_fmadd_ps(p, load8(values, value + 8 * i, halves), o[i]);
+    }
+    UNROLL16 for (int i = 0; i < nv; i++) _mm256_storeu_ps(out + 8 * i, o[i]);
+    *max = m;
+    *sum = l;
+}
 
-ATTEND_VARIANT(attend_part_avx2, AVX2_FMA, el_half, HALVES, el_attend_part_ref)
-ATTEND_VARIANT(attend_part_f32_avx2, AVX2_FMA, float, FLOATS, el_attend_part_f32_ref)
+/* head_dim 64 and 128 through the body, the others through ref (each variant below is this dispatch,
+ * compiled for its own instruction set) */
+static AVX2_FMA void attend_part_avx2(float *out, float *max, float *sum, float *scores, const float *q,
+                                      const el_half *keys, const el_half *values, int32_t n_keys, int32_t d,
+                                      int32_t stride, float scale) {
+    if (d == 64) attend_body(out, max, sum, scores, q, keys, values, n_keys, stride, scale, 8, 1);
+    else if (d == 128) attend_body(out, max, sum, scores, q, keys, values, n_keys, stride, scale, 16, 1);
+    else el_attend_part_ref(out, max, sum, scores, q, keys, values, n_keys, d, stride, scale);
+}
+
+static AVX2_FMA void attend_part_f32_avx2(float *out, float *max, float *sum, float *scores, const float *q,
+                                          const float *keys, const float *values, int32_t n_keys, int32_t d,
+                                          int32_t stride, float scale) {
+    if (d == 64) attend_body(out, max, sum, scores, q, keys, values, n_keys, stride, scale, 8, 0);
+    else if (d == 128) attend_body(out, max, sum, scores, q, keys, values, n_keys, stride, scale, 16, 0);
+    else el_attend_part_f32_ref(out, max, sum, scores, q, keys, values, n_keys, d, stride, scale);
+}
 
 /* vcvtph2ps: exact, the bits of el_half_to_float */
 static AVX2 void to_float_avx2(float *out, const el_half *x, int32_t n) {
     int32_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, HALVES(x + i));
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))));
     for (; i < n; i++) out[i] = el_half_to_float(x[i]);
 }
 
@@ -794,16 +797,51 @@ static inline AVX512VNNI __m256i block_q8_vnni(const uint8_t *codes32, const el_
     return dot_planes_vnni(_mm256_loadu_si256((const __m256i *)codes32), x);
 }
 
-/* raw codes: sum (code - 128) * q16 = sum code * q16 - 128 * sum */
-#define Q8_FIX(is) _mm256_sub_epi32(is, _mm256_slli_epi32(n == 8 ? _mm256_loadu_si256((const __m256i *)(xsum + j)) : _mm256_maskload_epi32(xsum + j, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))), 7))
-static INLINE AVX512VNNI float row_q8_avx512vnni(const uint8_t *codes, const el_half *scales, const el_block_q16a *x,
-                                         const float *xd, const int32_t *xsum, int32_t nb) {
-    ROW_Q8(block_q8_vnni)
+/* The blocks' sums of raw codes (0..255) made the codes' own (code - 128): sum code * q16 - 128 * sum,
+ * for the n (1..8) blocks of one step. */
+static inline AVX2 __m256i signed_q8_sums(__m256i raw, const int32_t *xsum, int32_t n) {
+    const __m256i sums = n == 8 ? _mm256_loadu_si256((const __m256i *)xsum)
+                                : _mm256_maskload_epi32(xsum, _mm256_cmpgt_epi32(_mm256_set1_epi32(n),
+                                                                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    return _mm256_sub_epi32(raw, _mm256_slli_epi32(sums, 7));
 }
-#undef Q8_FIX
 
-ATTEND_VARIANT(attend_part_avx512, AVX512_FMA, el_half, HALVES, el_attend_part_ref)
-ATTEND_VARIANT(attend_part_f32_avx512, AVX512_FMA, float, FLOATS, el_attend_part_f32_ref)
+/* row_q8_avx2's loop over vpdpbusd's unsigned-by-signed products of the raw codes */
+static INLINE AVX512VNNI float row_q8_avx512vnni(const uint8_t *codes, const el_half *scales, const el_block_q16a *x,
+                                                 const float *xd, const int32_t *xsum, int32_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    int32_t j = 0;
+    for (; j + 8 <= nb; j += 8) {
+        __m256i p[8];
+        for (int k = 0; k < 8; k++) p[k] = block_q8_vnni(codes + 32 * (j + k), x + j + k);
+        acc = _mm256_add_ps(acc, terms8(EL_INT8_SYM, signed_q8_sums(hsum8_vec(p), xsum + j, 8),
+                                        row_weights8(scales, NULL, j, 8), xd + j, xsum + j, 8));
+    }
+    if (j < nb) {
+        const int32_t n = nb - j;
+        __m256i p[8];
+        for (int k = 0; k < 8; k++) p[k] = k < n ? block_q8_vnni(codes + 32 * (j + k), x + j + k) : _mm256_setzero_si256();
+        acc = _mm256_add_ps(acc, terms8(EL_INT8_SYM, signed_q8_sums(hsum8_vec(p), xsum + j, n),
+                                        row_weights8(scales, NULL, j, n), xd + j, xsum + j, n));
+    }
+    return hsum_f32x8(acc);
+}
+
+static AVX512_FMA void attend_part_avx512(float *out, float *max, float *sum, float *scores, const float *q,
+                                          const el_half *keys, const el_half *values, int32_t n_keys, int32_t d,
+                                          int32_t stride, float scale) {
+    if (d == 64) attend_body(out, max, sum, scores, q, keys, values, n_keys, stride, scale, 8, 1);
+    else if (d == 128) attend_body(out, max, sum, scores, q, keys, values, n_keys, stride, scale, 16, 1);
+    else el_attend_part_ref(out, max, sum, scores, q, keys, values, n_keys, d, stride, scale);
+}
+
+static AVX512_FMA void attend_part_f32_avx512(float *out, float *max, float *sum, float *scores, const float *q,
+                                              const float *keys, const float *values, int32_t n_keys, int32_t d,
+                                              int32_t stride, float scale) {
+    if (d == 64) attend_body(out, max, sum, scores, q, keys, values, n_keys, stride, scale, 8, 0);
+    else if (d == 128) attend_body(out, max, sum, scores, q, keys, values, n_keys, stride, scale, 16, 0);
+    else el_attend_part_f32_ref(out, max, sum, scores, q, keys, values, n_keys, d, stride, scale);
+}
 
 ROWS_Q4(rows_q4_avx512vnni, row_q4_avx512vnni, AVX512VNNI)
 ROWS_Q8(rows_q8_avx512vnni, row_q8_avx512vnni, AVX512VNNI)

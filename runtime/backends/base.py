@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import ContextOverflowError
+from edgellm.errors import ContextOverflowError
 
 
 class Backend(ABC):
@@ -33,11 +33,21 @@ class Backend(ABC):
         if self.position + len(token_ids) > self.context_length:
             raise ContextOverflowError(
                 f"{self.position + len(token_ids)} tokens do not fit in the context of {self.context_length}",
-                "shorten the prompt, or raise the context length (--context)")
+                "shorten the prompt, or raise the context length (--context)",
+            )
         rows = []
         for start in range(0, len(token_ids), self.prefill_chunk):
-            rows.append(self._forward_chunk(token_ids[start:start + self.prefill_chunk], all_logits))
+            rows.append(self._forward_chunk(token_ids[start : start + self.prefill_chunk], all_logits))
         return np.concatenate(rows) if all_logits else rows[-1]
+
+    def score(self, token_ids: Sequence[int], decode_steps: int = 0) -> np.ndarray:
+        """Logits [S, V] of every token of `token_ids` from an empty cache, computed as generation does:
+        all but the last `decode_steps` prefilled (in chunks), the rest one at a time through the cache."""
+        self.reset()
+        split = max(1, len(token_ids) - decode_steps)
+        rows = [self.forward(list(token_ids[:split]), all_logits=True)]
+        rows += [self.forward([token])[None] for token in token_ids[split:]]
+        return np.concatenate(rows)
 
     def truncate(self, position: int) -> None:
         if not 0 <= position <= self.position:
@@ -47,7 +57,7 @@ class Backend(ABC):
     def reset(self) -> None:
         self.truncate(0)
 
-    def close(self) -> None:  # release sessions and buffers
+    def close(self) -> None:  # noqa: B027  (release sessions and buffers: a backend that holds some overrides it)
         pass
 
     def describe(self) -> dict:
