@@ -47,10 +47,28 @@
  *   y[r] = ((lane0 + lane4) + (lane2 + lane6)) + ((lane1 + lane5) + (lane3 + lane7))
  * in float32 without FMA. The lanes are what a 256-bit vector of floats holds (AVX2; two
  * 128-bit vectors on NEON), so every variant vectorizes the float work too and still gives the
- * same bits as the scalar reference, and as numpy running the formula (runtime/native.py).
+ * same bits as the scalar reference, and as numpy running the formula (edgellm.backends.native.ffi).
+ *
+ * 8-bit activations (el_block_q8a): llama.cpp's Q8_1 activations (its x86 rounding), with float32
+ * d and ds where Q8_1 stores float16 (an fp16 ds overflows past |x| ~ 2047). One int8 plane: half the
+ * dot products of the 16-bit path, where a product is bound by them (prefill everywhere, decode on
+ * Arm cores). Per block, in float32:
+ *   amax = max |x_i|;  d = amax / 127;  id = 127 / amax;  q_i = rint(x_i * id) (ties to even)
+ *   clamped to [-127, 127];  sum = sum_i q_i;  ds = d * (float)sum
+ * (d == 0, or id past FLT_MAX: d = ds = 0, q = 0; a NaN or infinity: d = ds = NaN, q = 0, sum = 0).
+ * Products, per row r, four lanes, each starting at -0.0 (so a lane's first fma is a product):
+ *   isum_j = sum_i (code_i - zp) * q_i  exactly, in int32
+ *   lane[j % 4] = fma(scale[b] * d[j], (float)isum_j, lane[j % 4])         in block order
+ *   int4_asym:  lane[j % 4] = fma(min[b], ds[j], lane[j % 4])               right after it
+ *   y[r] = (lane0 + lane1) + (lane2 + lane3)
+ * with fma rounding once (C's fmaf, NEON's FMLA, x86's VFMADD). Four lanes are what a decode
+ * step on NEON holds per row (four blocks' sums after one pairwise reduction), and what a prefill
+ * tile holds per (four rows, token) in four registers, so neither reorders a float operation.
  */
 #ifndef EDGELLM_H
 #define EDGELLM_H
+
+#define EL_QBLOCK_Q8A 1 /* the 8-bit-activation API below is present */
 
 #include <stdint.h>
 
@@ -58,7 +76,7 @@
 extern "C" {
 #endif
 
-#define EL_ABI_VERSION 5
+#define EL_ABI_VERSION 6
 #define EL_QBLOCK 32 /* values per activation block */
 
 /* The declarations from here to EL_CDEF_END are read verbatim by native/build_ffi.py as the
@@ -84,6 +102,14 @@ typedef struct {
     int8_t qh[32];  /* the high plane: round(x_i / (256 d)), in [-127, 127] */
     int8_t ql[32];  /* the low plane: the remainder in 1/256ths, in [-127, 127] */
 } el_block_q16a;
+
+/* One 8-bit activation block: 44 bytes; x_i ~ d * q_i. */
+typedef struct {
+    float d;        /* amax / 127; NaN if the block held a NaN or an infinity */
+    float ds;       /* d * (float)sum: the min term's factor */
+    int32_t sum;    /* sum of q_i, for the zero points */
+    int8_t q[32];   /* round(x_i / d), in [-127, 127] */
+} el_block_q8a;
 
 /* A view of a quantized matrix (the caller keeps the arrays alive). */
 typedef struct {
@@ -130,6 +156,12 @@ int el_matvec(float *y, int32_t n_y, const el_qmatrix *w, const el_block_q16a *x
 int el_matmul(float *y, int32_t n_tokens, int32_t n_y, const el_qmatrix *w, const el_block_q16a *x,
               int32_t n_blocks, el_pool *pool);
 
+/* The same two with 8-bit activations (el_block_q8a): el_matmul_q8a of one token is the
+ * matrix-vector product, and every token of a matmul gives the bits it would alone. */
+int el_quantize_q8a(el_block_q8a *out, int32_t n_blocks, const float *x, int32_t n_rows, int32_t n);
+int el_matmul_q8a(float *y, int32_t n_tokens, int32_t n_y, const el_qmatrix *w, const el_block_q8a *x,
+                  int32_t n_blocks, el_pool *pool);
+
 /* Float kernels over x [n_rows][n]; out may equal x. Variants agree with ref to a normalized
  * MSE of 1e-10, not bit for bit. */
 /* out = x / sqrt(mean(x^2) + eps) * weight[n] */
@@ -156,7 +188,9 @@ int el_add(float *out, const float *a, const float *b, int32_t n);
  * scratch, allocated once by el_engine_create.
  *
  * Per token x at position p (the math of export/reference.py, with int8 activations for every
- * matrix product as above; norms, RoPE, attention and softmax in float32):
+ * matrix product as above (8-bit ones, el_block_q8a, when el_engine_activation_bits says 8; the head
+ * keeps 16-bit ones: a prefill runs it for one token, and its logits come nearer the float ones);
+ * norms, RoPE, attention and softmax in float32):
  *   x = dequantize(embed row x)                                          [hidden]
  *   per layer:  h = rms_norm(x, attn_norm)
  *               q, k, v = Wq h (+ bq), Wk h (+ bk), Wv h (+ bv)         [heads|kv_heads][head_dim]
@@ -213,6 +247,9 @@ int el_engine_forward(el_engine *engine, float *logits, int64_t n_logits, const 
  * whose tokens need more than n_trace floats returns EL_ERANGE. */
 int el_engine_trace(el_engine *engine, float *trace, int64_t n_trace);
 
+/* 8 or 16: the activations the engine's products use (edgellm.h): 8 where the kernel variant has
+ * 8-bit products (dotprod, i8mm), else 16; EDGELLM_ACTIVATIONS=8|16 at el_engine_create chooses. */
+int el_engine_activation_bits(const el_engine *engine);
 /* Bytes the engine allocated (KV cache + scratch), and the context and chunk it was made for. */
 int64_t el_engine_bytes(const el_engine *engine);
 
@@ -239,6 +276,7 @@ typedef struct { uint8_t qs[EL_QBLOCK]; } el_codes_q8;     /* code = q + 128 */
 
 #if !defined(__cplusplus)
 _Static_assert(sizeof(el_block_q16a) == 8 + 2 * EL_QBLOCK, "el_block_q16a: float d, int32 sum, 2 x 32 x int8");
+_Static_assert(sizeof(el_block_q8a) == 12 + EL_QBLOCK, "el_block_q8a: float d, float ds, int32 sum, 32 x int8");
 _Static_assert(sizeof(el_codes_q4) == 16, "4 bits per code");
 _Static_assert(sizeof(el_codes_q8) == 32, "8 bits per code");
 _Static_assert(sizeof(float) == 4 && sizeof(el_half) == 2, "float32 math, float16 scales and mins");

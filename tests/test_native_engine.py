@@ -29,13 +29,13 @@ skip_without_native(module=True)
 from bundle_reference import reference_for, reference_greedy  # noqa: E402
 from conftest import FIXTURES  # noqa: E402
 from parity import assert_parity  # noqa: E402
-from test_golden_llamacpp import assert_agrees_with_llamacpp  # noqa: E402
+from test_golden_llamacpp import assert_agrees_with_llamacpp, teacher_forced_logits  # noqa: E402
 from tiny_models import make_tiny_model, save_tiny_model  # noqa: E402
 
 from edgellm.backends.native.backend import NativeBackend  # noqa: E402
 from edgellm.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
 from edgellm.bundle.manifest import check_document, read_manifest  # noqa: E402
-from edgellm.export.verify.numerics import first_divergence, nmse  # noqa: E402
+from edgellm.export.verify.numerics import first_divergence, kl_divergence, log_softmax, nmse, top1  # noqa: E402
 
 MAX_NMSE = 1e-4
 # name -> (make_tiny_model arguments, export QuantOptions arguments)
@@ -448,3 +448,63 @@ def test_a_token_id_outside_the_vocabulary_is_an_error_not_a_crash(tiny_bundles)
         assert model.backend.position == 0
         model.backend.forward([1, 2])
         assert model.backend.position == 2
+
+
+# ---- 8-bit activations (what dotprod and i8mm cores run) -------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["llama-untied", "qwen2-biases"])
+def test_8_bit_activations_stay_near_the_reference_and_keep_the_bits_of_any_chunking(tiny_bundles, name, monkeypatch):
+    monkeypatch.setenv("EDGELLM_ACTIVATIONS", "8")
+    manifest = read_manifest(tiny_bundles(name))
+    ids = prompt_ids(manifest.config.vocab_size)
+    want = reference_for(tiny_bundles(name)).forward(ids)
+    runs = []
+    for chunk, threads in ((7, 2), (64, 1), (16, 4)):
+        backend = NativeBackend(manifest, settings(prefill_chunk=chunk, threads=threads), 64)
+        try:
+            assert backend.describe()["activation_bits"] == 8
+            runs.append(backend.score(ids, decode_steps=12))
+        finally:
+            backend.close()
+    np.testing.assert_array_equal(runs[0], runs[1])  # chunks of 7 on 2 threads = one chunk on 1 thread, bit for bit
+    np.testing.assert_array_equal(runs[0], runs[2])  # and chunks of 16 on 4 threads
+    # one int8 step per value (1/254 of its block's largest) where the 16-bit path has 1/65024: ~4e-4 on these
+    # random models' logits, against the 16-bit path's MAX_NMSE
+    assert MAX_NMSE < nmse(runs[0], want) <= 2e-3, f"{name}: 8-bit native vs the reference {nmse(runs[0], want):.3g}"
+
+
+def test_a_bad_activation_width_is_a_clear_error(tiny_bundles, monkeypatch):
+    monkeypatch.setenv("EDGELLM_ACTIVATIONS", "4")
+    with pytest.raises(EdgeLLMError, match="EDGELLM_ACTIVATIONS='4': expected 8 or 16"):
+        NativeBackend(read_manifest(tiny_bundles("llama-untied")), settings(), 64)
+
+
+@pytest.mark.slow
+def test_smollm2_8_bit_activations_against_llamacpp_and_the_float_reference(smollm2_bundle, monkeypatch):
+    """Issue 20's bar for 8-bit activations on the real model (teacher-forced, 256 prefilled and 32 decoded):
+    mean KL to llama.cpp <= 0.01 and perplexity within 1% of its; top-1 agreement with llama.cpp and with the
+    float reference (ONNX Runtime, fp32) at least 95%. Measured: top-1 0.965 with llama.cpp (the float
+    reference's own: 0.976), 0.969 with the float reference; KL 0.0035; perplexity +0.92%."""
+    data = np.load(FIXTURES / "llamacpp_logits.npz")
+    ids, llama = data["ids"].astype(np.int64).tolist(), data["logits"].astype(np.float32)
+    monkeypatch.setenv("EDGELLM_ACTIVATIONS", "8")
+    backend = NativeBackend(read_manifest(smollm2_bundle), settings(prefill_chunk=64), 512)
+    try:
+        eight = backend.score(ids, decode_steps=32)
+    finally:
+        backend.close()
+    exact = teacher_forced_logits(smollm2_bundle, ids)
+
+    def perplexity(logits: np.ndarray) -> float:
+        targets = np.array(ids[1:])
+        return float(np.exp(-np.mean(log_softmax(logits)[np.arange(len(targets)), targets])))
+
+    kl = float(np.mean(kl_divergence(llama, eight)))
+    print(
+        f"8-bit: top1 llama.cpp {top1(eight, llama):.4f} float {top1(eight, exact):.4f} (float vs llama.cpp "
+        f"{top1(exact, llama):.4f}), KL {kl:.5f}, perplexity {perplexity(eight):.3f} llama.cpp {perplexity(llama):.3f}"
+    )
+    assert kl <= 0.01
+    assert abs(perplexity(eight) / perplexity(llama) - 1) <= 0.01
+    assert top1(eight, llama) >= 0.95 and top1(eight, exact) >= 0.95

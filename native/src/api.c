@@ -236,11 +236,29 @@ static void product_generic(const matmul_job *job, const matrix_rows *m, int32_t
     }
 }
 
+/* Rows [r0, r1) with 8-bit activations: the variant's products for blocks of 32, else the reference's. */
+static void product_q8a(const matmul_job *job, const matrix_rows *m, int32_t r0, int32_t r1) {
+    const el_qmatrix *w = job->w;
+    const int32_t nb = job->x.nb, rows = w->rows;
+    if (w->block == 32 && job->k->products_q8a) {
+        job->k->products_q8a(job->y + r0, (size_t)rows, r1 - r0, job->n_tokens, w->format, row_codes(m, r0),
+                             m->row_bytes, row_scales(m, r0), row_mins(m, r0), (size_t)m->n_wblocks, job->x.q8, nb,
+                             job->scratch);
+        return;
+    }
+    for (int32_t r = r0; r < r1; r++)
+        for (int32_t t = 0; t < job->n_tokens; t++)
+            job->y[(size_t)t * rows + r] = el_row_q8a_ref(w->format, row_codes(m, r), row_scales(m, r),
+                                                          row_mins(m, r), job->x.q8 + (size_t)t * nb, nb, m->shift);
+}
+
 /* Rows [r0, r1) of the job's product, by the best path the variant and the matrix allow. */
 static void matmul_range(const matmul_job *job, int32_t r0, int32_t r1) {
     const matrix_rows m = rows_of_matrix(job->w);
     const el_kernels *k = job->k;
-    if (job->w->block == 32 && el_uses_panels(k, job->n_tokens))
+    if (job->x.q8)
+        product_q8a(job, &m, r0, r1);
+    else if (job->w->block == 32 && el_uses_panels(k, job->n_tokens))
         product_panels(job, &m, r0, r1);
     else if (job->w->block == 32 && (m.q4 ? k->row_q4 != NULL : k->row_q8 != NULL))
         product_row_kernels(job, &m, r0, r1);
@@ -252,8 +270,8 @@ void el_matmul_rows(const el_kernels *k, float *y, const el_qmatrix *w, const el
                     int32_t n_tokens, int32_t r0, int32_t r1, void *scratch) {
     if (r0 >= r1 || n_tokens <= 0) return;
     size_t o = (size_t)t0 * x->nb;
-    matmul_job job = {y, w, {x->q + o, x->d + o, x->sum + o, x->quads + t0 * el_quad_stride(x->nb), x->nb}, n_tokens, k,
-                      scratch};
+    matmul_job job = {y, w, {NULL, NULL, NULL, NULL, x->nb, x->q8 ? x->q8 + o : NULL}, n_tokens, k, scratch};
+    if (!x->q8) job.x = (el_acts){x->q + o, x->d + o, x->sum + o, x->quads + t0 * el_quad_stride(x->nb), x->nb, NULL};
     matmul_range(&job, r0, r1);
 }
 
@@ -265,7 +283,7 @@ static void matmul_thread(void *ctx, int32_t ith, int32_t nth) {
     int32_t r0 = ith * per, r1 = r0 + per < rows ? r0 + per : rows;
     if (r0 >= r1) return;
     matmul_job own = *job;
-    own.scratch = (uint8_t *)job->scratch + (size_t)ith * el_panel_bytes(job->x.nb);
+    own.scratch = (uint8_t *)job->scratch + (size_t)ith * el_product_scratch_bytes(job->x.nb);
     matmul_range(&own, r0, r1);
 }
 
@@ -278,25 +296,32 @@ int el_check_matrix(const el_qmatrix *w) {
     return EL_OK;
 }
 
-int el_matmul(float *y, int32_t n_tokens, int32_t n_y, const el_qmatrix *w, const el_block_q16a *x,
-              int32_t n_blocks, el_pool *pool) {
+/* The arguments of a product (either activation format), and the variant that runs it into *k. */
+static int check_product(const el_kernels **k, const float *y, int32_t n_tokens, int32_t n_y, const el_qmatrix *w,
+                         const void *x, int32_t n_blocks) {
     int status = el_check_matrix(w);
     if (status != EL_OK) return status;
     if (!y || !x || n_tokens < 0 || n_y != w->rows || n_blocks != el_ceil_div(w->cols, EL_QBLOCK)) return EL_EINVAL;
-    const el_kernels *k = el_kernels_current();
-    if (!k) return EL_EUNSUPPORTED;
-    if (n_tokens == 0 || w->rows == 0) return EL_OK;
+    *k = el_kernels_current();
+    return *k ? EL_OK : EL_EUNSUPPORTED;
+}
+
+int el_matmul(float *y, int32_t n_tokens, int32_t n_y, const el_qmatrix *w, const el_block_q16a *x,
+              int32_t n_blocks, el_pool *pool) {
+    const el_kernels *k;
+    int status = check_product(&k, y, n_tokens, n_y, w, x, n_blocks);
+    if (status != EL_OK || n_tokens == 0 || w->rows == 0) return status;
     size_t count = (size_t)n_tokens * (size_t)n_blocks, quad_stride = el_quad_stride(n_blocks);
     float *xd = malloc(sizeof(float) * count);
     int32_t *xsum = malloc(sizeof(int32_t) * count);
     int8_t *quads = el_alloc_quads((size_t)n_tokens, n_blocks);
-    void *scratch = aligned_alloc(64, (size_t)el_pool_threads(pool) * el_panel_bytes(n_blocks));
+    void *scratch = aligned_alloc(64, (size_t)el_pool_threads(pool) * el_product_scratch_bytes(n_blocks));
     int status_alloc = xd && xsum && quads && scratch ? EL_OK : EL_ENOMEM;
     if (status_alloc == EL_OK) {
         for (int32_t t = 0; t < n_tokens; t++)
             el_prepare_blocks(xd + (size_t)t * n_blocks, xsum + (size_t)t * n_blocks, quads + t * quad_stride,
                               x + (size_t)t * n_blocks, 0, n_blocks);
-        matmul_job job = {y, w, {x, xd, xsum, quads, n_blocks}, n_tokens, k, scratch};
+        matmul_job job = {y, w, {x, xd, xsum, quads, n_blocks, NULL}, n_tokens, k, scratch};
         el_pool_run(pool, matmul_thread, &job);
     }
     free(xd);
@@ -304,6 +329,27 @@ int el_matmul(float *y, int32_t n_tokens, int32_t n_y, const el_qmatrix *w, cons
     free(quads);
     free(scratch);
     return status_alloc;
+}
+
+int el_matmul_q8a(float *y, int32_t n_tokens, int32_t n_y, const el_qmatrix *w, const el_block_q8a *x,
+                  int32_t n_blocks, el_pool *pool) {
+    const el_kernels *k;
+    int status = check_product(&k, y, n_tokens, n_y, w, x, n_blocks);
+    if (status != EL_OK || n_tokens == 0 || w->rows == 0) return status;
+    void *scratch = aligned_alloc(64, (size_t)el_pool_threads(pool) * el_product_scratch_bytes(n_blocks));
+    if (!scratch) return EL_ENOMEM;
+    matmul_job job = {y, w, {NULL, NULL, NULL, NULL, n_blocks, x}, n_tokens, k, scratch};
+    el_pool_run(pool, matmul_thread, &job);
+    free(scratch);
+    return EL_OK;
+}
+
+int el_quantize_q8a(el_block_q8a *out, int32_t n_blocks, const float *x, int32_t n_rows, int32_t n) {
+    if (!out || !x || n < 1 || n_rows < 0 || n_blocks != el_ceil_div(n, EL_QBLOCK)) return EL_EINVAL;
+    const el_kernels *k = el_kernels_current();
+    if (!k) return EL_EUNSUPPORTED;
+    for (int32_t r = 0; r < n_rows; r++) k->quantize_q8a(out + (size_t)r * n_blocks, x + (size_t)r * n, n);
+    return EL_OK;
 }
 
 int el_matvec(float *y, int32_t n_y, const el_qmatrix *w, const el_block_q16a *x, int32_t n_blocks, el_pool *pool) {

@@ -286,6 +286,7 @@ static void add_neon(float *out, const float *a, const float *b, int32_t n) {
 const el_kernels el_kernels_neon = {
     .name = "neon",
     .quantize_q16a = quantize_q16a_neon,
+    .quantize_q8a = el_quantize_q8a_neon,
     .combine = combine_neon,
     .isums_q4 = isums_q4_neon,
     .isums_q8 = isums_q8_neon,
@@ -327,6 +328,8 @@ static DOTPROD void isums_q8_dotprod(int32_t *isum, const uint8_t *codes, const 
 const el_kernels el_kernels_dotprod = {
     .name = "dotprod",
     .quantize_q16a = quantize_q16a_neon,
+    .quantize_q8a = el_quantize_q8a_neon,
+    .products_q8a = el_products_q8a_dotprod,
     .combine = combine_neon,
     .isums_q4 = isums_q4_dotprod,
     .isums_q8 = isums_q8_dotprod,
@@ -392,6 +395,8 @@ static I8MM void isums_q8_i8mm_2x2(int32_t *isum, int32_t stride, const uint8_t 
 const el_kernels el_kernels_i8mm = {
     .name = "i8mm",
     .quantize_q16a = quantize_q16a_neon,
+    .quantize_q8a = el_quantize_q8a_neon,
+    .products_q8a = el_products_q8a_i8mm,
     .combine = combine_neon,
     .isums_q4 = isums_q4_dotprod,
     .isums_q8 = isums_q8_dotprod,

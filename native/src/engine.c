@@ -64,6 +64,7 @@ typedef struct {
     float *d;
     int32_t *sum;
     int8_t *quads; /* [tokens][ceil(nb / 4)][EL_QUAD_BYTES] */
+    el_block_q8a *q8; /* the 8-bit path's blocks instead of the four above (engine->act_bits 8) */
     el_acts view;
 } act;
 
@@ -72,6 +73,7 @@ struct el_engine {
     el_layer *layers;           /* [n_layers] */
     el_pool *pool;
     int32_t n_threads, context, max_chunk;
+    int32_t act_bits;           /* 8 or 16: the activation blocks of every product (edgellm.h) */
     int32_t q_size, kv_size, half;
     int32_t nb_hidden, nb_q, nb_ffn, nb_max; /* activation blocks per token of each matrix input */
     /* float16: a decode step reads the whole cache of its layer, and at long contexts those bytes
@@ -83,6 +85,7 @@ struct el_engine {
     float *h;                   /* [max_chunk][max(hidden, ffn)]  normed x, or silu(gate) * up */
     act xq;                     /* [max_chunk][nb_max]  h (or the attention output) as activation blocks */
     act xq_ffn;                 /* [max_chunk][nb_ffn]  silu(gate) * up as activation blocks */
+    act xq_head;                /* [max_chunk][nb_hidden]  16-bit blocks of the final norm when act_bits is 8 */
     float *q;                   /* [max_chunk][q_size] */
     float *attn;                /* [max_chunk][q_size] */
     float *proj;                /* [max_chunk][hidden]  o_proj, then down_proj output */
@@ -99,10 +102,11 @@ struct el_engine {
     float *dh;                  /* [n_threads][max(hidden, q_size)]  its norm, or the attention output */
     float *drope;               /* [n_threads][2][head_dim / 2]  cos, sin of the position */
     act *dact;                  /* [n_threads]  activation blocks of one token, nb_max of them */
+    act *dact_head;             /* [n_threads]  the same for the head (16-bit when act_bits is 8) */
     float *rope_cos, *rope_sin; /* [max_chunk][head_dim / 2] */
     /* [n_threads] each thread's units of the current phase (claim_next), one cache line each */
     struct claims *claims;
-    uint8_t *panel_scratch;     /* [n_threads][panel_bytes]  a prefill product's packed panel (kernels.h) */
+    uint8_t *panel_scratch;     /* [n_threads][panel_bytes]  a product's packed panel (kernels.h) */
     size_t panel_bytes;
     int64_t bytes;
     float *trace;               /* [n_layers][2][n_tokens][hidden] or NULL (el_engine_trace) */
@@ -153,14 +157,32 @@ static void *alloc_floats(el_engine *e, size_t count, int zeroed) {
     return p;
 }
 
-static int alloc_act(el_engine *e, act *a, int32_t nb) {
+/* 8-bit activations where the variant has their products (where dot products bound a product, they
+ * need half as many); EDGELLM_ACTIVATIONS=8 or 16 chooses (tests, benchmarks, fidelity checks). */
+static int32_t activation_bits(void) {
+    const char *env = getenv("EDGELLM_ACTIVATIONS");
+    if (env && strcmp(env, "8") == 0) return 8;
+    if (env && strcmp(env, "16") == 0) return 16;
+    const el_kernels *k = el_kernels_current();
+    return k && k->products_q8a ? 8 : 16;
+}
+
+int el_engine_activation_bits(const el_engine *engine) { return engine ? engine->act_bits : 0; }
+
+static int alloc_act(el_engine *e, act *a, int32_t nb, int32_t bits) {
     size_t count = (size_t)e->max_chunk * (size_t)nb, quad_bytes = (size_t)e->max_chunk * el_quad_stride(nb);
+    if (bits == 8) {
+        a->q8 = malloc(sizeof(el_block_q8a) * (count ? count : 1));
+        e->bytes += (int64_t)(sizeof(el_block_q8a) * count);
+        a->view = (el_acts){NULL, NULL, NULL, NULL, nb, a->q8};
+        return a->q8 != NULL;
+    }
     a->q = malloc(sizeof(el_block_q16a) * count);
     a->d = malloc(sizeof(float) * count);
     a->sum = malloc(sizeof(int32_t) * count);
     a->quads = el_alloc_quads((size_t)e->max_chunk, nb);
     e->bytes += (int64_t)((sizeof(el_block_q16a) + sizeof(float) + sizeof(int32_t)) * count + quad_bytes);
-    a->view = (el_acts){a->q, a->d, a->sum, a->quads, nb};
+    a->view = (el_acts){a->q, a->d, a->sum, a->quads, nb, NULL};
     return a->q && a->d && a->sum && a->quads;
 }
 
@@ -169,6 +191,7 @@ static void free_act(act *a) {
     free(a->d);
     free(a->sum);
     free(a->quads);
+    free(a->q8);
 }
 
 void el_engine_destroy(el_engine *e) {
@@ -181,6 +204,7 @@ void el_engine_destroy(el_engine *e) {
     free(e->h);
     free_act(&e->xq);
     free_act(&e->xq_ffn);
+    free_act(&e->xq_head);
     free(e->q);
     free(e->attn);
     free(e->proj);
@@ -195,9 +219,12 @@ void el_engine_destroy(el_engine *e) {
     free(e->dx);
     free(e->dh);
     free(e->drope);
-    if (e->dact)
-        for (int32_t i = 0; i < e->n_threads; i++) free_act(&e->dact[i]);
+    for (int32_t i = 0; i < e->n_threads; i++) {
+        if (e->dact) free_act(&e->dact[i]);
+        if (e->dact_head) free_act(&e->dact_head[i]);
+    }
     free(e->dact);
+    free(e->dact_head);
     free(e->claims);
     free(e->panel_scratch);
     free(e);
@@ -222,6 +249,7 @@ int el_engine_create(el_engine **out, const el_model *model, int32_t context, in
     e->m.layers = e->layers;
     e->pool = pool;
     e->n_threads = el_pool_threads(pool);
+    e->act_bits = activation_bits();
     e->context = context;
     e->max_chunk = max_chunk;
     const el_model *m = &e->m;
@@ -243,8 +271,9 @@ int el_engine_create(el_engine **out, const el_model *model, int32_t context, in
     e->kv_rows = alloc_floats(e, 2 * chunk * (size_t)e->kv_size, 0);
     e->x = alloc_floats(e, chunk * (size_t)m->hidden, 0);
     e->h = alloc_floats(e, chunk * widest, 0);
-    int acts_ok = alloc_act(e, &e->xq, e->nb_max);
-    acts_ok &= alloc_act(e, &e->xq_ffn, e->nb_ffn);
+    int acts_ok = alloc_act(e, &e->xq, e->nb_max, e->act_bits);
+    acts_ok &= alloc_act(e, &e->xq_ffn, e->nb_ffn, e->act_bits);
+    if (e->act_bits == 8) acts_ok &= alloc_act(e, &e->xq_head, e->nb_hidden, 16);
     e->q = alloc_floats(e, chunk * (size_t)e->q_size, 0);
     e->attn = alloc_floats(e, chunk * (size_t)e->q_size, 0);
     e->proj = alloc_floats(e, chunk * (size_t)m->hidden, 0);
@@ -268,15 +297,21 @@ int el_engine_create(el_engine **out, const el_model *model, int32_t context, in
     e->dh = alloc_floats(e, threads * widest_q, 0);
     e->drope = alloc_floats(e, threads * 2 * (size_t)e->half, 0);
     e->dact = calloc(threads, sizeof(act));
-    int decode_ok = e->dx && e->dh && e->drope && e->dact;
-    if (e->dact) {
+    e->dact_head = calloc(threads, sizeof(act));
+    int decode_ok = e->dx && e->dh && e->drope && e->dact && e->dact_head;
+    if (e->dact && e->dact_head) {
         int32_t saved = e->max_chunk;
         e->max_chunk = 1; /* alloc_act sizes for max_chunk tokens */
-        for (size_t i = 0; i < threads; i++) decode_ok &= alloc_act(e, &e->dact[i], e->nb_max);
+        for (size_t i = 0; i < threads; i++) {
+            decode_ok &= alloc_act(e, &e->dact[i], e->nb_max, e->act_bits);
+            if (e->act_bits == 8) decode_ok &= alloc_act(e, &e->dact_head[i], e->nb_hidden, 16);
+        }
         e->max_chunk = saved;
     }
     e->claims = aligned_alloc(64, threads * sizeof(struct claims));
-    e->panel_bytes = el_panel_bytes(e->nb_max);
+    /* only the scratch its activations' products use: a larger allocation carved from freed (resident) heap
+     * would stay resident */
+    e->panel_bytes = e->act_bits == 8 ? (el_q8a_scratch_bytes(e->nb_max) + 63) & ~(size_t)63 : el_panel_bytes(e->nb_max);
     e->panel_scratch = aligned_alloc(64, threads * e->panel_bytes);
     e->bytes += (int64_t)(threads * e->panel_bytes);
     if (!decode_ok || !e->claims || !e->panel_scratch) {
@@ -342,6 +377,10 @@ static void embed_row(float *out, const el_qmatrix *w, int32_t token) {
 static void quantize_to(const el_kernels *k, act *a, int32_t nb, int32_t t, int32_t first, const float *x, int32_t n,
                         int quads) {
     size_t o = (size_t)t * nb;
+    if (a->q8) {
+        k->quantize_q8a(a->q8 + o + first, x, n);
+        return;
+    }
     k->quantize_q16a(a->q + o + first, x, n);
     el_prepare_blocks(a->d + o, a->sum + o, quads ? a->quads + (size_t)t * el_quad_stride(nb) : NULL, a->q + o, first,
                       (n + EL_QBLOCK - 1) / EL_QBLOCK);
@@ -663,6 +702,7 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
 
     /* the head: every token's logits, or the last token's (the trace wants every token's residual) */
     int32_t first = job->all ? 0 : S - 1;
+    act *head_act = e->act_bits == 8 ? &e->xq_head : &e->xq;
     if (e->trace) {
         split(first, ith, nth, &t0, &t1);
         for (int32_t t = t0; t < t1; t++) {
@@ -677,10 +717,10 @@ static void forward_thread(void *ctx, int32_t ith, int32_t nth) {
         k->add(x, x, e->proj + (size_t)t * m->hidden, m->hidden);
         trace_row(e, m->n_layers - 1, 1, t, S, x);
         k->rms_norm(h, x, m->final_norm, m->hidden, m->rms_eps);
-        quantize_to(k, &e->xq, e->nb_hidden, t, 0, h, m->hidden, !el_uses_panels(k, S - first));
+        quantize_to(k, head_act, e->nb_hidden, t, 0, h, m->hidden, !el_uses_panels(k, S - first));
     }
     phase_end(job, ith, PH_FINAL_NORM, &mark, product_units(e, &m->head, S - first));
-    product(job, &m->head, job->logits, &e->xq, e->nb_hidden, first, S - first, ith);
+    product(job, &m->head, job->logits, head_act, e->nb_hidden, first, S - first, ith);
     phase_end(job, ith, PH_HEAD, &mark, -1);
 }
 
@@ -753,8 +793,9 @@ static void forward_decode(void *ctx, int32_t ith, int32_t nth) {
     k->add(x, x, e->proj, E);
     if (ith == 0) trace_row(e, m->n_layers - 1, 1, 0, 1, x);
     k->rms_norm(h, x, m->final_norm, E, m->rms_eps);
-    quantize_to(k, own, e->nb_hidden, 0, 0, h, E, 1);
-    product(job, &m->head, job->logits, own, e->nb_hidden, 0, 1, ith);
+    act *head_act = e->act_bits == 8 ? &e->dact_head[ith] : own;
+    quantize_to(k, head_act, e->nb_hidden, 0, 0, h, E, 1);
+    product(job, &m->head, job->logits, head_act, e->nb_hidden, 0, 1, ith);
     phase_end(job, ith, PH_HEAD, &mark, -1);
 }
 

@@ -65,6 +65,7 @@ typedef struct {
     const int32_t *sum;
     const int8_t *quads;
     int32_t nb;
+    const el_block_q8a *q8; /* not NULL: the 8-bit path, which reads only these [n][nb] */
 } el_acts;
 
 /* A whole row against one token for blocks of 32 weights (optional, x86): the same bits as isums
@@ -105,10 +106,35 @@ static inline size_t el_panel_bytes(int32_t nb) {
     return (size_t)nb * (EL_PANEL_ROWS * 32 + 2 * EL_PANEL_ROWS * sizeof(float)); /* 1280 nb bytes */
 }
 
+/* 8-bit activations (edgellm.h, el_block_q8a), blocks of 32: y[t * y_stride + i] for rows i < n_rows
+ * (codes row_bytes apart, scales and mins n_wblocks apart) and tokens t < n_tokens of x [n_tokens][nb];
+ * bit-identical to el_row_q8a_ref per (row, token). A variant prepares what it reads (unpacked
+ * panels, the activations re-ordered) in scratch: el_q8a_scratch_bytes(nb), 64-byte aligned. */
+typedef void (*el_products_q8a_fn)(float *y, size_t y_stride, int32_t n_rows, int32_t n_tokens, int32_t format,
+                                   const uint8_t *codes, size_t row_bytes, const el_half *scales,
+                                   const el_half *mins, size_t n_wblocks, const el_block_q8a *x, int32_t nb,
+                                   void *scratch);
+/* tokens a variant prepares at a time (its scratch holds them) */
+#define EL_Q8A_TOKENS 64
+static inline size_t el_q8a_scratch_bytes(int32_t nb) {
+    /* (arm_q8a.c) per block: a panel's 4 rows' codes (128 bytes), scales and mins (2 x 32) and
+     * EL_Q8A_TOKENS / 4 tiles' 4 tokens' values, d, ds and sums (224 bytes each); 4 blocks more for
+     * the decode's padding */
+    return (size_t)(nb + 4) * (192 + (size_t)EL_Q8A_TOKENS / 4 * 224) + 64;
+}
+
+/* one thread's scratch for any product (the panels' or the 8-bit path's) */
+static inline size_t el_product_scratch_bytes(int32_t nb) {
+    size_t panel = el_panel_bytes(nb), q8a = el_q8a_scratch_bytes(nb);
+    return ((panel > q8a ? panel : q8a) + 63) & ~(size_t)63;
+}
+
 typedef struct {
     const char *name;
     /* one row: out [ceil(n/32)] <- x [n] */
     void (*quantize_q16a)(el_block_q16a *out, const float *x, int32_t n);
+    void (*quantize_q8a)(el_block_q8a *out, const float *x, int32_t n);
+    el_products_q8a_fn products_q8a; /* NULL: el_row_q8a_ref per (row, token) */
     el_isums_fn isums_q4, isums_q8;
     el_isums_2x2_fn isums_q4_2x2, isums_q8_2x2; /* NULL: the matmul loops over single rows */
     el_combine_fn combine;
@@ -157,6 +183,13 @@ void el_panels_avx512vnni(float *y, size_t y_stride, int32_t n_rows, int32_t n_t
 extern const el_kernels el_kernels_neon;
 extern const el_kernels el_kernels_dotprod;
 extern const el_kernels el_kernels_i8mm;
+void el_quantize_q8a_neon(el_block_q8a *out, const float *x, int32_t n);
+void el_products_q8a_dotprod(float *y, size_t y_stride, int32_t n_rows, int32_t n_tokens, int32_t format,
+                             const uint8_t *codes, size_t row_bytes, const el_half *scales, const el_half *mins,
+                             size_t n_wblocks, const el_block_q8a *x, int32_t nb, void *scratch);
+void el_products_q8a_i8mm(float *y, size_t y_stride, int32_t n_rows, int32_t n_tokens, int32_t format,
+                          const uint8_t *codes, size_t row_bytes, const el_half *scales, const el_half *mins,
+                          size_t n_wblocks, const el_block_q8a *x, int32_t nb, void *scratch);
 #endif
 
 /* The generic scalar pieces SIMD loops end in (ref.c). */
@@ -164,6 +197,10 @@ void el_quantize_block_ref(el_block_q16a *out, const float *x, int32_t n_valid);
 int32_t el_isum_q4_block_ref(const uint8_t *codes16, const el_block_q16a *x);    /* sum code * q16 */
 int32_t el_isum_q8_block_ref(const uint8_t *codes32, const el_block_q16a *x);    /* sum (code-128) * q16 */
 void el_quantize_q16a_ref(el_block_q16a *out, const float *x, int32_t n);
+void el_quantize_block_q8a_ref(el_block_q8a *out, const float *x, int32_t n_valid); /* n_valid <= 32 */
+void el_quantize_q8a_ref(el_block_q8a *out, const float *x, int32_t n);
+float el_row_q8a_ref(int32_t format, const uint8_t *codes, const el_half *scales, const el_half *mins,
+                     const el_block_q8a *x, int32_t nb, int32_t shift);
 void el_isums_q4_ref(int32_t *isum, const uint8_t *codes, const el_block_q16a *x, int32_t nb);
 void el_isums_q8_ref(int32_t *isum, const uint8_t *codes, const el_block_q16a *x, int32_t nb);
 void el_combine_ref(float *lanes, int32_t format, const int32_t *isum, const float *xd, const int32_t *xsum,

@@ -52,6 +52,63 @@ void el_quantize_q16a_ref(el_block_q16a *out, const float *x, int32_t n) {
     }
 }
 
+/* One 8-bit activation block from n_valid <= 32 values (the rest count as zeros). */
+void el_quantize_block_q8a_ref(el_block_q8a *out, const float *x, int32_t n_valid) {
+    float amax = 0.0f;
+    int finite = 1;
+    for (int32_t i = 0; i < n_valid; i++) {
+        float a = fabsf(x[i]);
+        if (!(a <= FLT_MAX)) finite = 0;
+        else if (a > amax) amax = a;
+    }
+    memset(out->q, 0, sizeof out->q);
+    out->sum = 0;
+    if (!finite) {
+        out->d = out->ds = NAN;
+        return;
+    }
+    const float d = amax / 127.0f, id = 127.0f / amax;
+    out->d = out->ds = 0.0f;
+    if (d == 0.0f || !(id <= FLT_MAX)) return; /* zeros, or so small that 127 / amax overflows: as zeros */
+    out->d = d;
+    int32_t sum = 0;
+    for (int32_t i = 0; i < n_valid; i++) {
+        float v = rintf(x[i] * id); /* ties to even */
+        out->q[i] = (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+        sum += out->q[i];
+    }
+    out->sum = sum;
+    out->ds = d * (float)sum;
+}
+
+void el_quantize_q8a_ref(el_block_q8a *out, const float *x, int32_t n) {
+    for (int32_t i = 0; i < n; i += EL_QBLOCK) {
+        int32_t left = n - i;
+        el_quantize_block_q8a_ref(out++, x + i, left < EL_QBLOCK ? left : EL_QBLOCK);
+    }
+}
+
+/* edgellm.h's 8-bit-activation product of one row and one token, any block size (b = j >> shift). */
+float el_row_q8a_ref(int32_t format, const uint8_t *codes, const el_half *scales, const el_half *mins,
+                     const el_block_q8a *x, int32_t nb, int32_t shift) {
+    float lane[4] = {-0.0f, -0.0f, -0.0f, -0.0f}; /* so fma(a, b, lane) of a first term is a * b */
+    for (int32_t j = 0; j < nb; j++) {
+        int32_t isum = 0, b = j >> shift;
+        if (format == EL_INT8_SYM) {
+            const uint8_t *c = codes + (size_t)j * EL_QBLOCK;
+            for (int i = 0; i < EL_QBLOCK; i++) isum += ((int32_t)c[i] - 128) * x[j].q[i];
+        } else {
+            const uint8_t *c = codes + (size_t)j * (EL_QBLOCK / 2);
+            for (int k = 0; k < EL_QBLOCK / 2; k++) isum += (c[k] & 0x0F) * x[j].q[2 * k] + (c[k] >> 4) * x[j].q[2 * k + 1];
+            if (format == EL_INT4_SYM) isum -= 8 * x[j].sum;
+        }
+        float *l = &lane[j & 3];
+        *l = fmaf(el_half_to_float(scales[b]) * x[j].d, (float)isum, *l);
+        if (format == EL_INT4_ASYM) *l = fmaf(el_half_to_float(mins[b]), x[j].ds, *l);
+    }
+    return (lane[0] + lane[1]) + (lane[2] + lane[3]);
+}
+
 int32_t el_isum_q4_block_ref(const uint8_t *codes16, const el_block_q16a *x) {
     int32_t hi = 0, lo = 0;
     for (int k = 0; k < EL_QBLOCK / 2; k++) {
@@ -193,6 +250,7 @@ void el_to_half_ref(el_half *out, const float *x, int32_t n) {
 const el_kernels el_kernels_ref = {
     .name = "ref",
     .quantize_q16a = el_quantize_q16a_ref,
+    .quantize_q8a = el_quantize_q8a_ref,
     .isums_q4 = el_isums_q4_ref,
     .isums_q8 = el_isums_q8_ref,
     .isums_q4_2x2 = NULL,

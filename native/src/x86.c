@@ -612,6 +612,7 @@ ROWS_Q8(rows_q8_avx2, row_q8_avx2, AVX2)
 const el_kernels el_kernels_avx2 = {
     .name = "avx2",
     .quantize_q16a = quantize_q16a_avx2,
+    .quantize_q8a = el_quantize_q8a_ref,
     .isums_q4 = isums_q4_avx2,
     .isums_q8 = isums_q8_avx2,
     .combine = combine_avx2,
@@ -849,6 +850,7 @@ ROWS_Q8(rows_q8_avx512vnni, row_q8_avx512vnni, AVX512VNNI)
 const el_kernels el_kernels_avx512vnni = {
     .name = "avx512vnni",
     .quantize_q16a = quantize_q16a_avx512,
+    .quantize_q8a = el_quantize_q8a_ref,
     .isums_q4 = isums_q4_avx512vnni,
     .isums_q8 = isums_q8_avx512vnni,
     .combine = combine_avx2,

@@ -546,8 +546,9 @@ static void check_engine(const char *const *variants, int32_t count, el_pool *po
             ok &= el_engine_forward(e, single + (size_t)i * t.m.vocab, t.m.vocab, TINY_IDS + i, 1, i, 0) == EL_OK;
         ok &= same_bits(single, want, sizeof(float) * n);
         for (int32_t i = 0; i < (int32_t)n; i++) ok &= isfinite(want[i]) != 0;
-        char what[96];
-        snprintf(what, sizeof what, "engine (head_dim %d): a chunk equals token by token, finite", head_dim);
+        char what[160];
+        snprintf(what, sizeof what, "engine (head_dim %d, %s-bit activations): a chunk equals token by token, finite",
+                 head_dim, getenv("EDGELLM_ACTIVATIONS"));
         report(ok, "ref", what, "");
         /* bad arguments */
         int32_t bad_token = t.m.vocab;
@@ -569,8 +570,11 @@ static void check_engine(const char *const *variants, int32_t count, el_pool *po
             char detail[96] = "";
             float *first = malloc(sizeof(float) * n);
             /* 1e-7, not the float kernels' 1e-10: the cache is float16, and a variant's last-bit differences
-             * in the norms or RoPE move some keys and values across a float16 rounding (2^-11 relative) */
-            ok = run_tiny(&t, NULL, first) == EL_OK && nmse(first, want, (int32_t)n) <= 1e-7;
+             * in the norms or RoPE move some keys and values across a float16 rounding (2^-11 relative)
+             * (8-bit activations: 1e-4, as such a last-bit difference moves a value across an int8 rounding
+             * step, 1/254 of its block's largest, where the 16-bit blocks' step is 256 times finer) */
+            const double tolerance = strcmp(getenv("EDGELLM_ACTIVATIONS"), "8") == 0 ? 1e-4 : 1e-7;
+            ok = run_tiny(&t, NULL, first) == EL_OK && nmse(first, want, (int32_t)n) <= tolerance;
             if (!ok) snprintf(detail, sizeof detail, "nmse %.3g against ref", nmse(first, want, (int32_t)n));
             for (int p = 0; p < 3 && ok; p++) {
                 ok &= run_tiny(&t, pools[p], got) == EL_OK && same_bits(got, first, sizeof(float) * n);
@@ -587,14 +591,68 @@ static void check_engine(const char *const *variants, int32_t count, el_pool *po
                 snprintf(detail, sizeof detail, "token by token differs from the chunks");
             }
             snprintf(what, sizeof what,
-                     "engine (head_dim %d) within NMSE 1e-7 of ref, same bits for threads 1,2,3 and token by token",
-                     head_dim);
+                     "engine (head_dim %d, %s-bit) within NMSE 1e-7 (8-bit: 1e-4) of ref, same bits for threads 1,2,3 and token by token",
+                     head_dim, getenv("EDGELLM_ACTIVATIONS"));
             report(ok, variants[v], what, detail);
             free(first);
         }
         free(want), free(got), free(single);
         free_tiny(&t);
     }
+}
+
+/* 8-bit activations: quantize_q8a and every product path (decode, panels, short tiles, more than
+ * EL_Q8A_TOKENS tokens, short panels) of `variant` equal ref bit for bit, at 1, 2 and 3 threads */
+static void check_variant_q8a(const char *variant, el_pool *pools[3]) {
+    static const int32_t TOKENS[] = {1, 2, 3, 4, 5, 7, 8, 13, 64, 70};
+    static const struct { int32_t format, block; } KINDS[] = {
+        {EL_INT4_ASYM, 32}, {EL_INT4_SYM, 32}, {EL_INT8_SYM, 32}, {EL_INT4_ASYM, 64}, {EL_INT8_SYM, 128}};
+    char detail[160] = "";
+    int ok = 1, checked = 0;
+    int32_t n;
+    float *corner = quantize_corner_cases(&n);
+    int32_t nb = (n + 31) / 32;
+    el_block_q8a *want_q = malloc(sizeof(el_block_q8a) * nb), *got_q = malloc(sizeof(el_block_q8a) * nb);
+    el_set_variant("ref");
+    el_quantize_q8a(want_q, nb, corner, 1, n);
+    el_set_variant(variant);
+    el_quantize_q8a(got_q, nb, corner, 1, n);
+    for (int32_t j = 0; j < nb; j++)
+        ok &= isnan(want_q[j].d) ? isnan(got_q[j].d) && isnan(got_q[j].ds) && got_q[j].sum == 0 &&
+                                       same_bits(got_q[j].q, want_q[j].q, 32)
+                                 : same_bits(&got_q[j], &want_q[j], sizeof got_q[j]);
+    if (!ok) snprintf(detail, sizeof detail, "quantize_q8a corner cases");
+    free(want_q), free(got_q), free(corner);
+    for (size_t kind = 0; kind < sizeof KINDS / sizeof KINDS[0] && ok; kind++)
+        for (int c = 0; c < N_COLS && ok; c++)
+            for (int r = 0; r < N_ROWS && ok; r++) {
+                const int32_t rows = ROWS[r], cols = COLS[c], n_tok = 70;
+                nb = (cols + 31) / 32;
+                if (rows == 577 && cols > 600) continue; /* the largest shapes cost qemu minutes, add nothing */
+                test_matrix t = make_matrix(KINDS[kind].format, rows, cols, KINDS[kind].block);
+                float *xf = random_floats(n_tok * cols);
+                el_block_q8a *xq = malloc(sizeof(el_block_q8a) * n_tok * nb);
+                el_set_variant("ref");
+                el_quantize_q8a(xq, nb, xf, n_tok, cols);
+                float *want = malloc(sizeof(float) * n_tok * rows), *got = malloc(sizeof(float) * n_tok * rows);
+                for (int32_t k = 0; k < n_tok; k++) el_matmul_q8a(want + k * rows, 1, rows, &t.m, xq + k * nb, nb, NULL);
+                el_set_variant(variant);
+                for (int p = 0; p < 3 && ok; p++)
+                    for (size_t i = 0; i < sizeof TOKENS / sizeof TOKENS[0] && ok; i++) {
+                        memset(got, 0, sizeof(float) * n_tok * rows);
+                        el_matmul_q8a(got, TOKENS[i], rows, &t.m, xq, nb, pools[p]);
+                        if (!same_bits(got, want, sizeof(float) * TOKENS[i] * rows)) {
+                            ok = 0;
+                            snprintf(detail, sizeof detail, "%s block %d tokens %d rows %d cols %d threads %d",
+                                     FORMAT_NAMES[KINDS[kind].format], KINDS[kind].block, TOKENS[i], rows, cols, p + 1);
+                        }
+                        checked++;
+                    }
+                free(xf), free(xq), free(want), free(got), free_matrix(&t);
+            }
+    char what[128];
+    snprintf(what, sizeof what, "quantize_q8a and matmul_q8a equal ref bit for bit (%d products)", checked);
+    report(ok, variant, what, detail);
 }
 
 int main(void) {
@@ -630,8 +688,13 @@ int main(void) {
         }
         check_variant_nan(variant);
         if (strcmp(variant, "ref") != 0) check_variant_floats(variant);
+        if (strcmp(variant, "ref") != 0) check_variant_q8a(variant, pools);
     }
+    setenv("EDGELLM_ACTIVATIONS", "16", 1);
     check_engine(names, count, pools);
+    setenv("EDGELLM_ACTIVATIONS", "8", 1);
+    check_engine(names, count, pools);
+    unsetenv("EDGELLM_ACTIVATIONS");
     el_set_variant(chosen);
     report(el_set_variant("no-such-variant") == EL_EUNSUPPORTED, "-", "an unknown variant is refused", "");
     report(el_matvec(NULL, 0, NULL, NULL, 0, NULL) == EL_EINVAL, "-", "NULL arguments return EL_EINVAL", "");

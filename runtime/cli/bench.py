@@ -181,6 +181,7 @@ def run_bench(
     ]
     machine = {
         **machine_facts(measured[ENGINE][0].get("kernel_variant", KERNEL_VARIANT_ONNXRUNTIME)),
+        "activation_bits": measured[ENGINE][0].get("activation_bits"),  # the native engine's: 8 or 16
         "loadavg_before": loadavg_before,
         "loadavg_after": _loadavg(),
     }
@@ -254,7 +255,9 @@ def print_bench(report: dict, console) -> None:
     console.print(table)
     loadavg = lambda values: " ".join(f"{v:.2f}" for v in values) if values else "unknown"  # noqa: E731
     console.print(
-        f"kernel variant {machine['kernel_variant']}; decode after a {settings['decode_after_prompt_tokens']}"
+        f"kernel variant {machine['kernel_variant']}"
+        + (f" ({machine['activation_bits']}-bit activations)" if machine.get("activation_bits") else "")
+        + f"; decode after a {settings['decode_after_prompt_tokens']}"
         f"-token prompt; load average {loadavg(machine['loadavg_before'])} before, "
         f"{loadavg(machine['loadavg_after'])} after"
     )

@@ -71,11 +71,16 @@ class EdgeLLMEngine:
                 "version": __version__,
                 "backend": f"native C engine ({described['kernel_variant']} kernels)",
                 "kernel_variant": described["kernel_variant"],
+                "activation_bits": described["activation_bits"],
                 "config": {
                     "prefill_chunk": backend.prefill_chunk,
                     "context": backend.context_length,
                     "weights": "bundle weights.bin mapped in place (GGUF blocks carried over; "
-                    "16-bit activations as two int8 planes)",
+                    + (
+                        "8-bit activations, the head's 16-bit)"
+                        if described["activation_bits"] == 8
+                        else "16-bit activations as two int8 planes)"
+                    ),
                 },
             }
         import onnxruntime

@@ -155,5 +155,6 @@ class NativeBackend(Backend):
             "context_length": self.context_length,
             "prefill_chunk": self.prefill_chunk,
             "kernel_variant": self.kernel_variant,
+            "activation_bits": self.engine.activation_bits if self.engine else 0,
             "threads": self.pool.n_threads if self.pool else 0,
         }

@@ -21,11 +21,15 @@ import numpy as np
 from edgellm.bundle.quant_formats import QUANT_FORMATS
 from edgellm.errors import EdgeLLMError
 
-ABI_VERSION = 5  # must equal EL_ABI_VERSION in native/edgellm.h
+ABI_VERSION = 6  # must equal EL_ABI_VERSION in native/edgellm.h
 ACT_BLOCK = 32
 # One activation block: el_block_q16a {float d; int32_t sum; int8_t qh[32]; int8_t ql[32];}, 72 bytes;
 # x_i ~ d * (256 * qh_i + ql_i).
 Q16A_DTYPE = np.dtype([("d", "<f4"), ("sum", "<i4"), ("qh", "i1", (ACT_BLOCK,)), ("ql", "i1", (ACT_BLOCK,))])
+# An 8-bit activation block: el_block_q8a {float d; float ds; int32_t sum; int8_t q[32];}, 44 bytes;
+# x_i ~ d * q_i, ds = d * sum.
+Q8A_DTYPE = np.dtype([("d", "<f4"), ("ds", "<f4"), ("sum", "<i4"), ("q", "i1", (ACT_BLOCK,))])
+Q8A_LANES = 4  # the 8-bit products' float accumulation: lane j % 4 takes block j (edgellm.h)
 LANES = 8  # the float accumulation of a product: lane j % 8 takes block j (edgellm.h)
 FORMATS = {name: f.native_id for name, f in QUANT_FORMATS.items()}  # enum el_format
 BLOCK_SIZES = (32, 64, 128)
@@ -259,20 +263,34 @@ class QMatrix:
         return -(-self.cols // ACT_BLOCK)
 
 
-def quantize_activations(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """x float32 [n] or [tokens, n] -> el_block_q16a blocks [ceil(n/32)] or [tokens, ceil(n/32)]."""
+# The two activation formats: (numpy dtype, C block type, el_quantize_* and el_matmul* entry points).
+_ACTIVATIONS = {
+    16: (Q16A_DTYPE, "el_block_q16a", "el_quantize_q16a", "el_matmul"),
+    8: (Q8A_DTYPE, "el_block_q8a", "el_quantize_q8a", "el_matmul_q8a"),
+}
+
+
+def _quantize(x: np.ndarray, out: np.ndarray | None, bits: int) -> np.ndarray:
     ffi, lib = _load()
+    dtype, ctype, function, _ = _ACTIVATIONS[bits]
     _array(x, np.float32, "x")
     if x.ndim not in (1, 2) or x.shape[-1] == 0:
         raise EdgeLLMError(f"x must be [n] or [tokens, n], got shape {x.shape}")
     n, n_rows = x.shape[-1], (x.shape[0] if x.ndim == 2 else 1)
     n_blocks = -(-n // ACT_BLOCK)
-    out = _out(out, x.shape[:-1] + (n_blocks,), Q16A_DTYPE)
-    _check(
-        lib.el_quantize_q16a(_ptr(ffi, "el_block_q16a[]", out), n_blocks, _ptr(ffi, "float[]", x), n_rows, n),
-        "quantize_q16a",
-    )
+    out = _out(out, x.shape[:-1] + (n_blocks,), dtype)
+    _check(getattr(lib, function)(_ptr(ffi, f"{ctype}[]", out), n_blocks, _ptr(ffi, "float[]", x), n_rows, n), function)
     return out
+
+
+def quantize_activations(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x float32 [n] or [tokens, n] -> el_block_q16a blocks [ceil(n/32)] or [tokens, ceil(n/32)]."""
+    return _quantize(x, out, 16)
+
+
+def quantize_activations_q8a(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x float32 [n] or [tokens, n] -> el_block_q8a blocks [ceil(n/32)] or [tokens, ceil(n/32)]."""
+    return _quantize(x, out, 8)
 
 
 def matvec(w: QMatrix, xq: np.ndarray, out: np.ndarray | None = None, pool: ThreadPool | None = None) -> np.ndarray:
@@ -294,27 +312,37 @@ def matvec(w: QMatrix, xq: np.ndarray, out: np.ndarray | None = None, pool: Thre
     return out
 
 
-def matmul(w: QMatrix, xq: np.ndarray, out: np.ndarray | None = None, pool: ThreadPool | None = None) -> np.ndarray:
-    """Y float32 [tokens, rows] = X W^T for activation blocks xq [tokens, ceil(cols/32)]."""
+def _matmul(w: QMatrix, xq: np.ndarray, out: np.ndarray | None, pool: ThreadPool | None, bits: int) -> np.ndarray:
     ffi, lib = _load()
+    dtype, ctype, _, function = _ACTIVATIONS[bits]
     if xq.ndim != 2:
         raise EdgeLLMError(f"xq must be [tokens, blocks], got shape {xq.shape}")
-    _array(xq, Q16A_DTYPE, "xq", xq.shape[0] * w.n_xblocks)
+    _array(xq, dtype, "xq", xq.shape[0] * w.n_xblocks)
     n_tokens = xq.shape[0]
     out = _out(out, (n_tokens, w.rows), np.float32)
     _check(
-        lib.el_matmul(
+        getattr(lib, function)(
             _ptr(ffi, "float[]", out),
             n_tokens,
             w.rows,
             w._struct,
-            _ptr(ffi, "el_block_q16a[]", xq),
+            _ptr(ffi, f"{ctype}[]", xq),
             w.n_xblocks,
             _pool_handle(pool),
         ),
-        "matmul",
+        function,
     )
     return out
+
+
+def matmul(w: QMatrix, xq: np.ndarray, out: np.ndarray | None = None, pool: ThreadPool | None = None) -> np.ndarray:
+    """Y float32 [tokens, rows] = X W^T for activation blocks xq [tokens, ceil(cols/32)]."""
+    return _matmul(w, xq, out, pool, 16)
+
+
+def matmul_q8a(w: QMatrix, xq: np.ndarray, out: np.ndarray | None = None, pool: ThreadPool | None = None) -> np.ndarray:
+    """Y float32 [tokens, rows] = X W^T for 8-bit activation blocks xq [tokens, ceil(cols/32)]."""
+    return _matmul(w, xq, out, pool, 8)
 
 
 # ---- float kernels ----------------------------------------------------------------------------
@@ -476,6 +504,12 @@ class Engine:
 
     def __init__(self, weights: DecoderWeights, context: int, max_chunk: int, pool: ThreadPool | None = None):
         ffi, lib = _load()
+        bits = os.environ.get("EDGELLM_ACTIVATIONS")
+        if bits not in (None, "", "8", "16"):
+            raise EdgeLLMError(
+                f"EDGELLM_ACTIVATIONS={bits!r}: expected 8 or 16 (the activations of the native products)",
+                "unset it to let the kernel variant choose",
+            )
         w = weights
         q_size, kv_size = w.heads * w.head_dim, w.kv_heads * w.head_dim
         keep: list = []
@@ -514,6 +548,12 @@ class Engine:
     def allocated_bytes(self) -> int:
         ffi, lib = _loaded
         return int(lib.el_engine_bytes(self._engine)) if self._engine is not None else 0
+
+    @property
+    def activation_bits(self) -> int:
+        """8 or 16: the activation blocks of the engine's products (EDGELLM_ACTIVATIONS, else the kernels')."""
+        ffi, lib = _loaded
+        return int(lib.el_engine_activation_bits(self._engine)) if self._engine is not None else 0
 
     def forward(self, tokens, position: int, out: np.ndarray, all_logits: bool = False) -> np.ndarray:
         """Run tokens at positions position.. (one chunk); logits into out [vocab] or [tokens, vocab]."""
@@ -578,8 +618,9 @@ def _round_q(s: np.ndarray) -> np.ndarray:
     return np.clip(rounded, -127, 127).astype(np.float32)
 
 
-def quantize_activations_numpy(x: np.ndarray) -> np.ndarray:
-    """x float32 [..., n] -> Q16A_DTYPE [..., ceil(n/32)], as native/edgellm.h defines it."""
+def _activation_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x float32 [..., n] -> (its blocks [..., ceil(n/32), 32] zero-padded, whether each block is finite,
+    each block's max |x| (0 where not finite))."""
     x = np.asarray(x, np.float32)
     n = x.shape[-1]
     n_blocks = -(-n // ACT_BLOCK)
@@ -589,6 +630,12 @@ def quantize_activations_numpy(x: np.ndarray) -> np.ndarray:
     magnitude = np.abs(blocks)
     finite = np.all(magnitude <= np.finfo(np.float32).max, axis=-1)  # False for NaN and inf
     amax = np.where(finite, np.where(finite[..., None], magnitude, 0).max(axis=-1), np.float32(0))
+    return blocks, finite, amax
+
+
+def quantize_activations_numpy(x: np.ndarray) -> np.ndarray:
+    """x float32 [..., n] -> Q16A_DTYPE [..., ceil(n/32)], as native/edgellm.h defines it."""
+    blocks, finite, amax = _activation_blocks(x)
     c = (amax / np.float32(127)).astype(np.float32)  # [..., blocks]: the coarse scale
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         s = (blocks / np.where(c == 0, np.float32(1), c)[..., None]).astype(np.float32)
@@ -597,7 +644,7 @@ def quantize_activations_numpy(x: np.ndarray) -> np.ndarray:
     keep = (finite & (c != 0))[..., None]
     qh = np.where(keep, qh, 0).astype(np.int8)
     ql = np.where(keep, ql, 0).astype(np.int8)
-    out = np.empty(x.shape[:-1] + (n_blocks,), Q16A_DTYPE)
+    out = np.empty(finite.shape, Q16A_DTYPE)
     out["d"] = np.where(finite, (c / np.float32(256)).astype(np.float32), np.float32(np.nan))
     out["sum"] = (256 * qh.astype(np.int32) + ql).sum(axis=-1, dtype=np.int32)
     out["qh"] = qh
@@ -639,3 +686,64 @@ def matvec_numpy(
             term = term + (mins[:, b] * d) * np.float32(xq["sum"][j])
         lanes[:, j % LANES] += term
     return reduce_lanes(lanes)
+
+
+def quantize_q8a_numpy(x: np.ndarray) -> np.ndarray:
+    """x float32 [..., n] -> Q8A_DTYPE [..., ceil(n/32)], as native/edgellm.h defines el_block_q8a."""
+    blocks, finite, amax = _activation_blocks(x)
+    d = (amax / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inverse = (np.float32(127) / amax).astype(np.float32)  # inf for an all-zero block
+        q = np.clip(np.rint((blocks * inverse[..., None]).astype(np.float32)), -127, 127)  # ties to even
+    live = finite & (d != 0) & (inverse <= np.finfo(np.float32).max)  # else zeros (edgellm.h)
+    q = np.where(live[..., None], q, 0).astype(np.int8)
+    d = np.where(live, d, np.float32(0))
+    out = np.empty(finite.shape, Q8A_DTYPE)
+    out["q"] = q
+    out["sum"] = q.sum(axis=-1, dtype=np.int32)
+    out["d"] = np.where(finite, d, np.float32(np.nan))
+    out["ds"] = np.where(finite, (d * out["sum"].astype(np.float32)).astype(np.float32), np.float32(np.nan))
+    return out
+
+
+def fma_float32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 a * b + c rounded once, like C's fmaf: the exact product in float64, the sum rounded to
+    odd (an inexact float64 sum gets an odd last bit), then to float32; rounding to odd with 29 bits to
+    spare makes the second rounding give the correctly rounded float32."""
+    p = np.asarray(a, np.float64) * np.asarray(b, np.float64)  # exact: 24 + 24 bits
+    c64 = np.asarray(c, np.float64)
+    s = p + c64
+    with np.errstate(invalid="ignore"):
+        back = s - p
+        error = (p - (s - back)) + (c64 - back)  # TwoSum: s + error == p + c exactly
+        bits = s.view(np.int64)
+        inexact = (error != 0) & np.isfinite(s) & ((bits & 1) == 0)
+        toward = np.where(error > 0, np.inf, -np.inf)
+    s = np.where(inexact, np.nextafter(s, toward), s)
+    return s.astype(np.float32)
+
+
+def matmul_q8a_numpy(
+    fmt: str, codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, cols: int, xq: np.ndarray
+) -> np.ndarray:
+    """y float32 [tokens, rows] from unpacked codes uint8 [rows, n_blocks, block], scales/mins
+    [rows, n_blocks] and 8-bit activation blocks xq [tokens, ceil(cols/32)], in the C order."""
+    rows, _, block = codes.shape
+    scales = scales.astype(np.float32)
+    mins = None if mins is None else mins.astype(np.float32)
+    xq = np.atleast_2d(xq)
+    n_xblocks = -(-cols // ACT_BLOCK)
+    c = codes.reshape(rows, -1)[:, : n_xblocks * ACT_BLOCK].reshape(rows, n_xblocks, ACT_BLOCK)
+    weights = c.astype(np.int64) - (QUANT_FORMATS[fmt].zero_point or 0)
+    isum = np.einsum("rjk,tjk->trj", weights, xq["q"].astype(np.int64)).astype(np.float32)  # exact, then (float)
+    lanes = np.full((xq.shape[0], rows, Q8A_LANES), -0.0, np.float32)  # edgellm.h: they start at -0.0
+    for j in range(n_xblocks):
+        b = j * ACT_BLOCK // block
+        lane = lanes[..., j % Q8A_LANES]
+        sd = (scales[None, :, b] * xq["d"][:, j, None]).astype(np.float32)
+        lane = fma_float32(sd, isum[:, :, j], lane)
+        if fmt == "int4_asym":
+            lane = fma_float32(mins[None, :, b], xq["ds"][:, j, None], lane)
+        lanes[..., j % Q8A_LANES] = lane
+    v = lanes
+    return (v[..., 0] + v[..., 1]) + (v[..., 2] + v[..., 3])
