@@ -68,8 +68,6 @@
 #ifndef EDGELLM_H
 #define EDGELLM_H
 
-#define EL_QBLOCK_Q8A 1 /* the 8-bit-activation API below is present */
-
 #include <stdint.h>
 
 #ifdef __cplusplus
