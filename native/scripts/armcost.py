@@ -77,8 +77,11 @@ KINDS = ("q16a", "q8a")  # the activations: 16-bit (two int8 planes) and 8-bit
 
 def build(out_dir):
     """The bench, statically linked with the sources `make -C native` builds, with the flags CI gives it."""
-    make = ["make", "-s", "-C", NATIVE, f"CC={CC}", "CFLAGS=-O2 -Werror", "--eval", "print-%: ; @echo $($*)"]
-    srcs, cflags, ldlibs = (v.split() for v in run([*make, "print-SRC", "print-CFLAGS", "print-LDLIBS"]).splitlines())
+    make = ["make", "-s", "--no-print-directory", "-C", NATIVE, f"CC={CC}", "CFLAGS=-O2 -Werror"]
+    make += ["--eval", "print-%: ; @echo $($*)", "print-SRC", "print-CFLAGS", "print-LDLIBS"]
+    # a clean environment: under `make test`, the parent's MAKEFLAGS would add "Entering directory" lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    srcs, cflags, ldlibs = (v.split() for v in run(make, env=env).splitlines())
     bench = os.path.join(out_dir, "armcost_bench")
     flags = [*cflags, "-static", f"-I{NATIVE}"]
     run(
