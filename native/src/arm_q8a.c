@@ -5,11 +5,13 @@
  * SDOTs; four blocks' running sums are reduced pairwise into one vector (block 4g+k in lane k), which
  * is edgellm.h's lane j % 4, so the scales, mins and float terms of four blocks take one vector
  * operation each. Running sums instead of zeroed ones: a block's sum is the difference of two
- * totals (exact in wrapping int32), one subtraction per four blocks instead of four zeroings.
+ * totals, taken as floats when the totals start at MAGIC_BITS and stay under 2^22 (totals_fit), else as
+ * integers then SCVTF; one subtraction per four blocks instead of four zeroings.
  *
- * Prefill: panels of four rows, unpacked once per 64 tokens into scratch with the rows interleaved
- * (a vector holds four values of each of the four rows), so that an SDOT by element accumulates one
- * row's block in each lane and the float terms of four rows are one vector operation per token.
+ * Prefill: panels of four rows, unpacked once per 64 tokens into scratch with the rows side by side
+ * (ST4 / ST2 store them so: a vector holds four values of each of the four rows), so that an SDOT by
+ * element accumulates one row's block in each lane and the float terms of four rows are one vector
+ * operation per token; the integer sums start at MAGIC_BITS, so one subtraction converts them.
  * Tiles of four tokens; the four lanes of edgellm.h are four passes over the blocks (j % 4 == k), so
  * a tile keeps four accumulators per token, not sixteen. i8mm: SMMLA on two rows by two tokens.
  */
