@@ -1,12 +1,11 @@
 /* arm_q8a.c: the 8-bit-activation products on aarch64 (edgellm.h: el_block_q8a), for dotprod and i8mm.
  *
- * Decode (fewer than 4 tokens): one row at a time straight from its planar codes. A block's 16 code
- * bytes, masked and shifted, meet the token's even and odd values (re-ordered once per call) in two
- * SDOTs; four blocks' running sums are reduced pairwise into one vector (block 4g+k in lane k), which
- * is edgellm.h's lane j % 4, so the scales, mins and float terms of four blocks take one vector
- * operation each. Running sums instead of zeroed ones: a block's sum is the difference of two
- * totals, taken as floats when the totals start at MAGIC_BITS and stay under 2^22 (totals_fit), else as
- * integers then SCVTF; one subtraction per four blocks instead of four zeroings.
+ * Decode (fewer than 4 tokens): one row at a time straight from its planar codes. Four blocks' codes
+ * come in by one LD4 of 32-bit words, which leaves block 4g+k in lane k (edgellm.h's lane j % 4); the
+ * token's values were stored once per call in the order that load gives, so eight SDOTs sum each block
+ * in its own lane with no reduction, and the scales, mins and float terms of four blocks take one vector
+ * operation each. A block's integer sum starts at MAGIC_BITS, so one subtraction converts four. The
+ * last blocks of a row (576 columns: two) come in by LD2 or plain loads and are reduced pairwise.
  *
  * Prefill: panels of four rows, unpacked once per 64 tokens into scratch with the rows side by side
  * (ST4 / ST2 store them so: a vector holds four values of each of the four rows), so that an SDOT by
@@ -40,29 +39,75 @@ static inline float32x4_t magic_to_float(int32x4_t acc) {
 
 static inline float32x4_t halves4(const el_half *h) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h))); }
 
-/* The first n (< 4) values of h as float32, zeros after: a row's last blocks, never read past its end. */
-static inline float32x4_t halves_partial(const el_half *h, int32_t n) {
-    uint16x4_t v = vdup_n_u16(0);
-    v = vld1_lane_u16(h, v, 0);
-    if (n > 1) v = vld1_lane_u16(h + 1, v, 1);
-    if (n > 2) v = vld1_lane_u16(h + 2, v, 2);
-    return vcvt_f32_f16(vreinterpret_f16_u16(v));
-}
-
 /* ---- decode ---------------------------------------------------------------------------------- */
 
-/* One token's activations as the decode loop reads them: q re-ordered (even values, then odd: the
- * low and high nibbles of 4-bit codes), and d, ds and 8 * sum contiguous, zero up to a multiple of 4. */
+/* A row's codes are read in pieces: groups of four blocks, then at the row's end a pair and a single block.
+ * A de-interleaving load (LD4 / LD2 of 32-bit words) puts each piece's code words in lanes by block, so the
+ * SDOTs sum each block in its own lanes and no reduction is needed for a group of 4-bit codes:
+ *   4-bit group: LD4 of 64 bytes, lane k = block k;      8-bit group: two pairs, one pairwise add;
+ *   4-bit pair:  LD2 of 32 bytes, lanes 2k, 2k+1 = block k; 8-bit pair: LD4 of 64 bytes, the same lanes;
+ *   single:      plain loads, four lanes of the one block.
+ * The token's values are stored once per call in the same order, so that a plain load of them meets the codes'
+ * lanes: each piece's values go through the de-interleaving load its codes get (4-bit: the even values, which
+ * meet the low nibbles, and the odd ones apart). */
+
+/* one token's values in piece order ([nb][32] bytes), and d, ds and 8 * sum contiguous, zero up to a multiple
+ * of 4 (8 * sum is exact in float32) */
 typedef struct {
-    int8_t *qeo;   /* [nb][32] */
-    float *d, *ds, *sum8; /* [nb4]: sum8 = 8 * sum, exact in float32 */
+    int8_t *q;
+    float *d, *ds, *sum8;
 } decode_acts;
 
-static decode_acts prepare_decode(const el_block_q8a *x, int32_t nb, void *scratch) {
+/* The 4-bit planes of blocks x[0..n) contiguous: the even values of each block, then the odd ones. */
+static void planes_q4(int8_t *even, int8_t *odd, const el_block_q8a *x, int32_t n) {
+    for (int32_t i = 0; i < n; i++) {
+        int8x16x2_t v = vld2q_s8(x[i].q); /* val[0] the even values, val[1] the odd */
+        vst1q_s8(even + 16 * i, v.val[0]);
+        vst1q_s8(odd + 16 * i, v.val[1]);
+    }
+}
+
+/* 16 * n bytes of one plane as the piece's load de-interleaves n blocks (4, 2 or 1) of 16-byte code rows. */
+static void store_piece16(int8_t *out, const int8_t *plane, int32_t n) {
+    const int32_t *w = (const int32_t *)plane;
+    if (n == 4) {
+        int32x4x4_t v = vld4q_s32(w);
+        for (int k = 0; k < 4; k++) vst1q_s8(out + 16 * k, vreinterpretq_s8_s32(v.val[k]));
+    } else if (n == 2) {
+        int32x4x2_t v = vld2q_s32(w);
+        for (int k = 0; k < 2; k++) vst1q_s8(out + 16 * k, vreinterpretq_s8_s32(v.val[k]));
+    } else {
+        vst1q_s8(out, vld1q_s8(plane));
+    }
+}
+
+/* One piece of n blocks' values into out (32 * n bytes): 4-bit, the even values' vectors then the odd ones';
+ * 8-bit, groups as two pairs, each pair (64 bytes) as LD4 de-interleaves it. */
+static void store_piece(int8_t *out, int32_t format, const el_block_q8a *x, int32_t n) {
+    int8_t even[64], odd[64];
+    if (format != EL_INT8_SYM) {
+        planes_q4(even, odd, x, n);
+        store_piece16(out, even, n);
+        store_piece16(out + 16 * n, odd, n);
+        return;
+    }
+    for (int32_t i = 0; i + 2 <= n; i += 2) {
+        memcpy(even, x[i].q, 32);
+        memcpy(even + 32, x[i + 1].q, 32);
+        int32x4x4_t v = vld4q_s32((const int32_t *)even);
+        for (int k = 0; k < 4; k++) vst1q_s8(out + 32 * i + 16 * k, vreinterpretq_s8_s32(v.val[k]));
+    }
+    if (n & 1) memcpy(out + 32 * (n - 1), x[n - 1].q, 32);
+}
+
+/* The pieces of a row of nb blocks: groups of four, then a pair if two or three remain, then a single one. */
+static inline int32_t piece_blocks(int32_t j, int32_t nb) { return nb - j >= 4 ? 4 : nb - j >= 2 ? 2 : 1; }
+
+static decode_acts prepare_decode(int32_t format, const el_block_q8a *x, int32_t nb, void *scratch) {
     const int32_t nb4 = (nb + 3) & ~3;
     decode_acts a;
-    a.qeo = scratch;
-    a.d = (float *)(a.qeo + (size_t)nb * 32);
+    a.q = scratch;
+    a.d = (float *)(a.q + (size_t)nb * 32);
     a.ds = a.d + nb4;
     a.sum8 = a.ds + nb4;
     for (int32_t j = 0; j < nb4; j++) {
@@ -70,113 +115,129 @@ static decode_acts prepare_decode(const el_block_q8a *x, int32_t nb, void *scrat
         a.d[j] = live ? x[j].d : 0.0f;
         a.ds[j] = live ? x[j].ds : 0.0f;
         a.sum8[j] = live ? (float)(8 * x[j].sum) : 0.0f;
-        if (!live) continue;
-        int8x16x2_t q = vld2q_s8(x[j].q); /* de-interleaves: val[0] the even values, val[1] the odd */
-        vst1q_s8(a.qeo + 32 * j, q.val[0]);
-        vst1q_s8(a.qeo + 32 * j + 16, q.val[1]);
     }
+    for (int32_t j = 0; j < nb; j += piece_blocks(j, nb)) store_piece(a.q + 32 * (size_t)j, format, x + j, piece_blocks(j, nb));
     return a;
 }
 
-/* Running int32 sums of one row's block k of each group against the token, four blocks at a time. */
-static inline DOTPROD int32x4_t block_dot_q4(int32x4_t tot, const uint8_t *codes16, const int8_t *qeo) {
-    uint8x16_t c = vld1q_u8(codes16);
-    int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(c, vdupq_n_u8(0x0F)));
-    int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(c, 4));
-    return vdotq_s32(vdotq_s32(tot, lo, vld1q_s8(qeo)), hi, vld1q_s8(qeo + 16));
-}
-static inline DOTPROD int32x4_t block_dot_q8(int32x4_t tot, const uint8_t *codes32, const int8_t *q) {
-    int8x16_t c0 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(codes32), vdupq_n_u8(0x80)));
-    int8x16_t c1 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(codes32 + 16), vdupq_n_u8(0x80)));
-    return vdotq_s32(vdotq_s32(tot, c0, vld1q_s8(q)), c1, vld1q_s8(q + 16));
+/* Integer sums start at MAGIC_BITS in the lanes that are added last, so that one subtraction converts them. */
+static inline int32x4_t magic_lanes(int every_other) {
+    return every_other ? vreinterpretq_s32_s64(vdupq_n_s64(MAGIC_BITS)) : vdupq_n_s32(MAGIC_BITS);
 }
 
-/* Row-token sums of block j, into the running total of its lane. */
-static inline __attribute__((always_inline)) DOTPROD int32x4_t block_dot(int32_t format, int32x4_t tot,
-                                                                         const uint8_t *codes, const decode_acts *a,
-                                                                         const el_block_q8a *x, int32_t j) {
-    return format == EL_INT8_SYM ? block_dot_q8(tot, codes + 32 * (size_t)j, x[j].q)
-                                 : block_dot_q4(tot, codes + 16 * (size_t)j, a->qeo + 32 * (size_t)j);
+static inline int8x16_t lo4(uint32x4_t c) { return vreinterpretq_s8_u8(vandq_u8(vreinterpretq_u8_u32(c), vdupq_n_u8(0x0F))); }
+static inline int8x16_t hi4(uint32x4_t c) { return vreinterpretq_s8_u8(vshrq_n_u8(vreinterpretq_u8_u32(c), 4)); }
+static inline int8x16_t signed8(uint32x4_t c) { /* code - 128 */
+    return vreinterpretq_s8_u8(veorq_u8(vreinterpretq_u8_u32(c), vdupq_n_u8(0x80)));
 }
 
-/* lanes + the terms of blocks j0 .. j0+n-1 (n <= 4) from the slots' running totals t0..t3. Their pairwise
- * sums s are the totals per slot; a block's (float)isum is s minus the previous group's s: as floats when the
- * totals started at MAGIC_BITS (*prev the previous s read as floats), else as integers then SCVTF. */
-static inline __attribute__((always_inline)) DOTPROD float32x4_t
-group_terms(int32_t format, int magic, float32x4_t lanes, int32x4_t t0, int32x4_t t1, int32x4_t t2, int32x4_t t3,
-            float32x4_t *prev, const el_half *sc, const el_half *mn, const decode_acts *a, int32_t j0, int32_t n) {
-    const int32x4_t s = vpaddq_s32(vpaddq_s32(t0, t1), vpaddq_s32(t2, t3));
-    const float32x4_t isum = magic ? vsubq_f32(vreinterpretq_f32_s32(s), *prev)
-                                   : vcvtq_f32_s32(vsubq_s32(s, vreinterpretq_s32_f32(*prev)));
-    *prev = vreinterpretq_f32_s32(s);
-    const float32x4_t x = format == EL_INT4_SYM ? vsubq_f32(isum, vld1q_f32(a->sum8 + j0)) : isum; /* exact */
-    const float32x4_t scale = n == 4 ? halves4(sc + j0) : halves_partial(sc + j0, n);
-    lanes = vfmaq_f32(lanes, vmulq_f32(scale, vld1q_f32(a->d + j0)), x);
-    if (format == EL_INT4_ASYM) {
-        const float32x4_t min = n == 4 ? halves4(mn + j0) : halves_partial(mn + j0, n);
-        lanes = vfmaq_f32(lanes, min, vld1q_f32(a->ds + j0));
+/* Sums of a piece's n code vectors c with the values q (in piece order) into t. */
+static inline __attribute__((always_inline)) DOTPROD int32x4_t piece_dot(int32_t format, int32x4_t t, const uint32x4_t *c,
+                                                                         int32_t n, const int8_t *q) {
+#pragma GCC unroll 4
+    for (int32_t k = 0; k < n; k++) {
+        if (format == EL_INT8_SYM) {
+            t = vdotq_s32(t, signed8(c[k]), vld1q_s8(q + 16 * k));
+        } else {
+            t = vdotq_s32(t, lo4(c[k]), vld1q_s8(q + 16 * k));
+            t = vdotq_s32(t, hi4(c[k]), vld1q_s8(q + 16 * (n + k)));
+        }
     }
+    return t;
+}
+
+/* 8-bit codes of a pair (64 bytes): lanes 0, 1 block 0, lanes 2, 3 block 1. */
+static inline __attribute__((always_inline)) DOTPROD int32x4_t pair_q8(const uint8_t *c, const int8_t *q) {
+    const uint32x4x4_t v = vld4q_u32((const uint32_t *)c);
+    return piece_dot(EL_INT8_SYM, magic_lanes(1), v.val, 4, q);
+}
+
+/* Sums of blocks j .. j+3 in lanes 0..3, as MAGIC_BITS-based floats' bits. */
+static inline __attribute__((always_inline)) DOTPROD int32x4_t group_sums(int32_t format, const uint8_t *codes,
+                                                                          const int8_t *q, int32_t j) {
+    if (format == EL_INT8_SYM)
+        return vpaddq_s32(pair_q8(codes + 32 * (size_t)j, q + 32 * (size_t)j),
+                          pair_q8(codes + 32 * (size_t)(j + 2), q + 32 * (size_t)(j + 2)));
+    const uint32x4x4_t v = vld4q_u32((const uint32_t *)(codes + 16 * (size_t)j));
+    return piece_dot(format, magic_lanes(0), v.val, 4, q + 32 * (size_t)j);
+}
+
+/* Sums of the last 1 to 3 blocks (from j) in lanes 0..n-1 (later lanes repeat them). */
+static inline __attribute__((always_inline)) DOTPROD int32x4_t tail_sums(int32_t format, const uint8_t *codes,
+                                                                         const int8_t *q, int32_t j, int32_t n) {
+    const size_t code_bytes = format == EL_INT8_SYM ? 32 : 16;
+    int32x4_t pair = vdupq_n_s32(0), single = vdupq_n_s32(0);
+    if (n >= 2) {
+        if (format == EL_INT8_SYM) {
+            pair = pair_q8(codes + 32 * (size_t)j, q + 32 * (size_t)j);
+        } else {
+            const uint32x4x2_t v = vld2q_u32((const uint32_t *)(codes + 16 * (size_t)j));
+            pair = piece_dot(format, magic_lanes(1), v.val, 2, q + 32 * (size_t)j);
+        }
+    }
+    if (n != 2) {
+        const int32_t js = j + n - 1;
+        const uint8_t *c = codes + code_bytes * (size_t)js;
+        uint32x4_t v[2] = {vld1q_u32((const uint32_t *)c), vdupq_n_u32(0)};
+        if (format == EL_INT8_SYM) v[1] = vld1q_u32((const uint32_t *)(c + 16));
+        single = piece_dot(format, vsetq_lane_s32(MAGIC_BITS, vdupq_n_s32(0), 0), v, format == EL_INT8_SYM ? 2 : 1,
+                           q + 32 * (size_t)js);
+        single = vpaddq_s32(single, single);
+    }
+    if (n == 1) return vpaddq_s32(single, single);
+    return vpaddq_s32(pair, n == 3 ? single : pair);
+}
+
+/* The first n (<= 4) of a row's halves from h as float32, zeros after; never read past the row's end. */
+static inline float32x4_t halves(const el_half *h, int32_t n) {
+    if (n == 4) return halves4(h);
+    uint16x4_t v = vdup_n_u16(0);
+    if (n >= 2) {
+        uint32_t pair;
+        memcpy(&pair, h, sizeof pair);
+        v = vreinterpret_u16_u32(vcreate_u32(pair));
+    }
+    if (n == 1) v = vld1_lane_u16(h, v, 0);
+    if (n == 3) v = vld1_lane_u16(h + 2, v, 2);
+    return vcvt_f32_f16(vreinterpret_f16_u16(v));
+}
+
+/* lanes + the float terms of blocks j0 .. j0+n-1 (edgellm.h), their integer sums s in MAGIC_BITS-based bits. */
+static inline __attribute__((always_inline)) DOTPROD float32x4_t block_terms(int32_t format, float32x4_t lanes,
+                                                                             int32x4_t s, const el_half *sc,
+                                                                             const el_half *mn, const decode_acts *a,
+                                                                             int32_t j0, int32_t n) {
+    const float32x4_t isum = magic_to_float(s);
+    const float32x4_t x = format == EL_INT4_SYM ? vsubq_f32(isum, vld1q_f32(a->sum8 + j0)) : isum; /* exact */
+    lanes = vfmaq_f32(lanes, vmulq_f32(halves(sc + j0, n), vld1q_f32(a->d + j0)), x);
+    if (format == EL_INT4_ASYM) lanes = vfmaq_f32(lanes, halves(mn + j0, n), vld1q_f32(a->ds + j0));
     return lanes;
 }
 
-/* Whether a row's running slot totals stay under 2^22 (so they can start at MAGIC_BITS): 4-bit codes
- * ceil(nb / 4) * 15 * 127 * 32 (nb <= 272), 8-bit ones ceil(nb / 4) * 128 * 127 * 32 (nb <= 32). */
-static inline int totals_fit(int32_t format, int32_t nb) { return (nb + 3) / 4 <= (format == EL_INT8_SYM ? 8 : 68); }
-
 /* One row's four lanes (edgellm.h) against one token. */
-static inline __attribute__((always_inline)) DOTPROD float32x4_t row_lanes(int32_t format, int magic,
-                                                                           const uint8_t *codes, const el_half *sc,
-                                                                           const el_half *mn, const el_block_q8a *x,
+static inline __attribute__((always_inline)) DOTPROD float32x4_t row_lanes(int32_t format, const uint8_t *codes,
+                                                                           const el_half *sc, const el_half *mn,
                                                                            const decode_acts *a, int32_t nb) {
-    const int32x4_t start = magic ? vsetq_lane_s32(MAGIC_BITS, vdupq_n_s32(0), 0) : vdupq_n_s32(0);
-    int32x4_t t0 = start, t1 = start, t2 = start, t3 = start;
-    float32x4_t prev = magic ? vdupq_n_f32(MAGIC_FLOAT) : vdupq_n_f32(0.0f); /* each slot's total so far */
     float32x4_t lanes = vdupq_n_f32(-0.0f); /* edgellm.h: the lanes start at -0.0 */
     int32_t j = 0;
-    /* two groups a step: the second group's totals go where the first one's previous totals were, so the
-     * loop carries them without a register copy */
-    for (; j + 8 <= nb; j += 8) {
-        t0 = block_dot(format, t0, codes, a, x, j);
-        t1 = block_dot(format, t1, codes, a, x, j + 1);
-        t2 = block_dot(format, t2, codes, a, x, j + 2);
-        t3 = block_dot(format, t3, codes, a, x, j + 3);
-        lanes = group_terms(format, magic, lanes, t0, t1, t2, t3, &prev, sc, mn, a, j, 4);
-        t0 = block_dot(format, t0, codes, a, x, j + 4);
-        t1 = block_dot(format, t1, codes, a, x, j + 5);
-        t2 = block_dot(format, t2, codes, a, x, j + 6);
-        t3 = block_dot(format, t3, codes, a, x, j + 7);
-        lanes = group_terms(format, magic, lanes, t0, t1, t2, t3, &prev, sc, mn, a, j + 4, 4);
-    }
-    if (j + 4 <= nb) {
-        t0 = block_dot(format, t0, codes, a, x, j);
-        t1 = block_dot(format, t1, codes, a, x, j + 1);
-        t2 = block_dot(format, t2, codes, a, x, j + 2);
-        t3 = block_dot(format, t3, codes, a, x, j + 3);
-        lanes = group_terms(format, magic, lanes, t0, t1, t2, t3, &prev, sc, mn, a, j, 4);
-        j += 4;
-    }
-    if (j < nb) { /* the last one to three blocks (576 columns: two) */
-        t0 = block_dot(format, t0, codes, a, x, j);
-        if (nb - j > 1) t1 = block_dot(format, t1, codes, a, x, j + 1);
-        if (nb - j > 2) t2 = block_dot(format, t2, codes, a, x, j + 2);
-        lanes = group_terms(format, magic, lanes, t0, t1, t2, t3, &prev, sc, mn, a, j, nb - j);
-    }
+    for (; j + 4 <= nb; j += 4) lanes = block_terms(format, lanes, group_sums(format, codes, a->q, j), sc, mn, a, j, 4);
+    if (j < nb) lanes = block_terms(format, lanes, tail_sums(format, codes, a->q, j, nb - j), sc, mn, a, j, nb - j);
     return lanes;
 }
 
 /* Rows [0, n_rows) against one token, four rows per store, each row's lanes reduced in the order of edgellm.h. */
-static inline __attribute__((always_inline)) DOTPROD void decode_rows(int32_t format, int magic, float *y, int32_t n_rows,
+static inline __attribute__((always_inline)) DOTPROD void decode_rows(int32_t format, float *y, int32_t n_rows,
                                                                       const uint8_t *codes, size_t row_bytes,
                                                                       const el_half *scales, const el_half *mins,
-                                                                      size_t n_wblocks, const el_block_q8a *x,
-                                                                      const decode_acts *a, int32_t nb) {
+                                                                      size_t n_wblocks, const decode_acts *a,
+                                                                      int32_t nb) {
     for (int32_t r0 = 0; r0 < n_rows; r0 += 4) {
         float32x4_t l[4];
         const int32_t n = n_rows - r0 < 4 ? n_rows - r0 : 4;
         for (int32_t i = 0; i < 4; i++) {
             const int32_t r = r0 + (i < n ? i : 0);
-            l[i] = row_lanes(format, magic, codes + (size_t)r * row_bytes, scales + (size_t)r * n_wblocks,
-                             mins ? mins + (size_t)r * n_wblocks : NULL, x, a, nb);
+            l[i] = row_lanes(format, codes + (size_t)r * row_bytes, scales + (size_t)r * n_wblocks,
+                             mins ? mins + (size_t)r * n_wblocks : NULL, a, nb);
         }
         /* (lane0 + lane1) + (lane2 + lane3) of four rows at once */
         float32x4_t out = vpaddq_f32(vpaddq_f32(l[0], l[1]), vpaddq_f32(l[2], l[3]));
@@ -192,13 +253,12 @@ static inline __attribute__((always_inline)) DOTPROD void decode_rows(int32_t fo
 static DOTPROD void decode_token(float *y, int32_t n_rows, int32_t format, const uint8_t *codes, size_t row_bytes,
                                  const el_half *scales, const el_half *mins, size_t n_wblocks,
                                  const el_block_q8a *x, int32_t nb, void *scratch) {
-    const decode_acts a = prepare_decode(x, nb, scratch);
-    const int magic = totals_fit(format, nb);
-#define DECODE(fmt, m) decode_rows(fmt, m, y, n_rows, codes, row_bytes, scales, mins, n_wblocks, x, &a, nb)
-    switch (format) { /* one loop per format and kind of totals, its branches folded */
-    case EL_INT4_ASYM: magic ? DECODE(EL_INT4_ASYM, 1) : DECODE(EL_INT4_ASYM, 0); break;
-    case EL_INT4_SYM: magic ? DECODE(EL_INT4_SYM, 1) : DECODE(EL_INT4_SYM, 0); break;
-    default: magic ? DECODE(EL_INT8_SYM, 1) : DECODE(EL_INT8_SYM, 0); break;
+    const decode_acts a = prepare_decode(format, x, nb, scratch);
+#define DECODE(fmt) decode_rows(fmt, y, n_rows, codes, row_bytes, scales, mins, n_wblocks, &a, nb)
+    switch (format) { /* one loop per format, its branches folded */
+    case EL_INT4_ASYM: DECODE(EL_INT4_ASYM); break;
+    case EL_INT4_SYM: DECODE(EL_INT4_SYM); break;
+    default: DECODE(EL_INT8_SYM); break;
     }
 #undef DECODE
 }
