@@ -209,6 +209,34 @@ def print_llama_reference(armcost):
         print(f"llama.cpp, cached by the shared armcost tool in {armcost.CACHE} (not measured by this run):")
         for key, v in ref.items():
             print(f"{key:40s}      {v['instructions']:7.2f} {v['cycles']:7.2f} {v['dot']:5.2f}")
+    return ref
+
+
+# (label, side, decode kernel, prefill kernel, head case, MB read per token): the shared tool's predict() keys
+# are f"{side} {kernel} {shape} t{tokens}". edgellm's default on these cores: 8-bit layers, 16-bit head.
+PREDICTIONS = (
+    ("edgellm dotprod", "q8a", "int4_asym dotprod", "int4_asym dotprod", "q16a int8_sym dotprod 4096x576 t1", 96.6),
+    ("edgellm i8mm", "q8a", "int4_asym i8mm", "int4_asym i8mm", "q16a int8_sym i8mm 4096x576 t1", 96.6),
+    ("llama.cpp Q4_1", "llama.cpp", "q4_1", "q4_1", "llama.cpp q8_0 4096x576 t1", 96.6),
+    ("llama.cpp Q4_0 repacked", "llama.cpp", "r4_0", "r4_0", "llama.cpp q8_0 4096x576 t1", 89.8),
+    ("llama.cpp Q4_0 4x8 i8mm", "llama.cpp", "r4_0", "r4_0x8", "llama.cpp q8_0 4096x576 t1", 89.8),
+)
+
+
+def print_prediction(armcost, results, ref):
+    """The shared tool's SmolLM2-135M prediction from these counts (matmuls only, a 2.4 GHz A76, 10 GB/s)."""
+    res = {**results, **ref}
+    print("SmolLM2-135M on a 2.4 GHz Cortex-A76, 10 GB/s (matmuls only; decode: the longer of compute and DRAM time):")
+    for label, side, decode, prefill, head, mbytes in PREDICTIONS:
+        try:
+            rows = armcost.predict(res, side, decode, prefill, head, mbytes)
+        except KeyError:
+            continue  # llama.cpp not measured here
+        for r in rows:
+            print(
+                f"  {label:24s} {r['threads']} threads: decode {r['decode_tok_s']:4d} tok/s"
+                f"  prefill {r['prefill_tok_s_matmuls']:5d} tok/s"
+            )
 
 
 def main():
@@ -248,7 +276,7 @@ def main():
     with contextlib.redirect_stdout(out):
         print_table(results, baseline)
         if not args.json:
-            print_llama_reference(armcost)
+            print_prediction(armcost, results, print_llama_reference(armcost))
         regressed = compare(results, doc, baseline) if baseline else []
         print(f"{len(results)} cases in {time.monotonic() - start:.0f} s")
     if args.json:
