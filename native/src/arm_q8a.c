@@ -120,9 +120,23 @@ static decode_acts prepare_decode(int32_t format, const el_block_q8a *x, int32_t
     return a;
 }
 
-/* Integer sums start at MAGIC_BITS in the lanes that are added last, so that one subtraction converts them. */
-static inline int32x4_t magic_lanes(int every_other) {
-    return every_other ? vreinterpretq_s32_s64(vdupq_n_s64(MAGIC_BITS)) : vdupq_n_s32(MAGIC_BITS);
+/* The start values of a piece's integer sums (MAGIC_BITS once per block: in each lane of a group, in the
+ * first of each block's two lanes of a pair, in lane 0 of a single block) and of a row's float lanes (-0.0),
+ * loaded from memory on purpose: a load issues on the A76's load pipes, where a register copy or a MOVI
+ * would take a slot of the vector pipes that bound this loop (volatile, so that the compiler does not hoist
+ * it and copy a register instead). */
+enum { START_GROUP, START_PAIR, START_SINGLE, START_LANES };
+static const int32_t DECODE_STARTS[4][4] __attribute__((aligned(16))) = {
+    {MAGIC_BITS, MAGIC_BITS, MAGIC_BITS, MAGIC_BITS},
+    {MAGIC_BITS, 0, MAGIC_BITS, 0},
+    {MAGIC_BITS, 0, 0, 0},
+    {INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN}, /* -0.0f */
+};
+
+static inline int32x4_t load_start(int which) {
+    int32x4_t v;
+    __asm__ volatile("ldr %q0, %1" : "=w"(v) : "Q"(*(const int32_t(*)[4])DECODE_STARTS[which]));
+    return v;
 }
 
 static inline int8x16_t lo4(uint32x4_t c) { return vreinterpretq_s8_u8(vandq_u8(vreinterpretq_u8_u32(c), vdupq_n_u8(0x0F))); }
@@ -149,7 +163,7 @@ static inline __attribute__((always_inline)) DOTPROD int32x4_t piece_dot(int32_t
 /* 8-bit codes of a pair (64 bytes): lanes 0, 1 block 0, lanes 2, 3 block 1. */
 static inline __attribute__((always_inline)) DOTPROD int32x4_t pair_q8(const uint8_t *c, const int8_t *q) {
     const uint32x4x4_t v = vld4q_u32((const uint32_t *)c);
-    return piece_dot(EL_INT8_SYM, magic_lanes(1), v.val, 4, q);
+    return piece_dot(EL_INT8_SYM, load_start(START_PAIR), v.val, 4, q);
 }
 
 /* Sums of blocks j .. j+3 in lanes 0..3, as MAGIC_BITS-based floats' bits. */
@@ -159,7 +173,7 @@ static inline __attribute__((always_inline)) DOTPROD int32x4_t group_sums(int32_
         return vpaddq_s32(pair_q8(codes + 32 * (size_t)j, q + 32 * (size_t)j),
                           pair_q8(codes + 32 * (size_t)(j + 2), q + 32 * (size_t)(j + 2)));
     const uint32x4x4_t v = vld4q_u32((const uint32_t *)(codes + 16 * (size_t)j));
-    return piece_dot(format, magic_lanes(0), v.val, 4, q + 32 * (size_t)j);
+    return piece_dot(format, load_start(START_GROUP), v.val, 4, q + 32 * (size_t)j);
 }
 
 /* Sums of the last 1 to 3 blocks (from j) in lanes 0..n-1 (later lanes repeat them). */
@@ -172,7 +186,7 @@ static inline __attribute__((always_inline)) DOTPROD int32x4_t tail_sums(int32_t
             pair = pair_q8(codes + 32 * (size_t)j, q + 32 * (size_t)j);
         } else {
             const uint32x4x2_t v = vld2q_u32((const uint32_t *)(codes + 16 * (size_t)j));
-            pair = piece_dot(format, magic_lanes(1), v.val, 2, q + 32 * (size_t)j);
+            pair = piece_dot(format, load_start(START_PAIR), v.val, 2, q + 32 * (size_t)j);
         }
     }
     if (n != 2) {
@@ -180,7 +194,7 @@ static inline __attribute__((always_inline)) DOTPROD int32x4_t tail_sums(int32_t
         const uint8_t *c = codes + code_bytes * (size_t)js;
         uint32x4_t v[2] = {vld1q_u32((const uint32_t *)c), vdupq_n_u32(0)};
         if (format == EL_INT8_SYM) v[1] = vld1q_u32((const uint32_t *)(c + 16));
-        single = piece_dot(format, vsetq_lane_s32(MAGIC_BITS, vdupq_n_s32(0), 0), v, format == EL_INT8_SYM ? 2 : 1,
+        single = piece_dot(format, load_start(START_SINGLE), v, format == EL_INT8_SYM ? 2 : 1,
                            q + 32 * (size_t)js);
         single = vpaddq_s32(single, single);
     }
@@ -218,7 +232,7 @@ static inline __attribute__((always_inline)) DOTPROD float32x4_t block_terms(int
 static inline __attribute__((always_inline)) DOTPROD float32x4_t row_lanes(int32_t format, const uint8_t *codes,
                                                                            const el_half *sc, const el_half *mn,
                                                                            const decode_acts *a, int32_t nb) {
-    float32x4_t lanes = vdupq_n_f32(-0.0f); /* edgellm.h: the lanes start at -0.0 */
+    float32x4_t lanes = vreinterpretq_f32_s32(load_start(START_LANES)); /* edgellm.h: the lanes start at -0.0 */
     int32_t j = 0;
     for (; j + 4 <= nb; j += 4) lanes = block_terms(format, lanes, group_sums(format, codes, a->q, j), sc, mn, a, j, 4);
     if (j < nb) lanes = block_terms(format, lanes, tail_sums(format, codes, a->q, j, nb - j), sc, mn, a, j, nb - j);
