@@ -14,7 +14,18 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "edgellm.h"
-SOURCES = ["api.c", "dispatch.c", "engine.c", "pool.c", "ref.c", "x86.c", "x86_panel.c", "arm.c", "arm_q8a.c"]
+SOURCES = [
+    "api.c",
+    "dispatch.c",
+    "engine.c",
+    "pool.c",
+    "ref.c",
+    "x86.c",
+    "x86_panel.c",
+    "arm.c",
+    "arm_q8a.c",
+    "x86_q8a.c",
+]
 
 # -ffp-contract=off: no fused a*b+c, whose rounding differs from separate ops (and from numpy);
 # the bit-exactness of every variant against ref and numpy depends on it. No -march: the SIMD

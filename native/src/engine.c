@@ -164,7 +164,7 @@ static int32_t activation_bits(void) {
     if (env && strcmp(env, "8") == 0) return 8;
     if (env && strcmp(env, "16") == 0) return 16;
     const el_kernels *k = el_kernels_current();
-    return k && k->products_q8a ? 8 : 16;
+    return k && k->default_activation_bits == 8 ? 8 : 16;
 }
 
 int el_engine_activation_bits(const el_engine *engine) { return engine ? engine->act_bits : 0; }

@@ -135,6 +135,9 @@ typedef struct {
     void (*quantize_q16a)(el_block_q16a *out, const float *x, int32_t n);
     void (*quantize_q8a)(el_block_q8a *out, const float *x, int32_t n);
     el_products_q8a_fn products_q8a; /* NULL: el_row_q8a_ref per (row, token) */
+    /* the engine's activation width unless EDGELLM_ACTIVATIONS says: 8 where the 8-bit products are what
+     * pays (docs/performance.md), else 0 for 16 */
+    int32_t default_activation_bits;
     el_isums_fn isums_q4, isums_q8;
     el_isums_2x2_fn isums_q4_2x2, isums_q8_2x2; /* NULL: the matmul loops over single rows */
     el_combine_fn combine;
@@ -178,6 +181,9 @@ void el_panels_avx512vnni(float *y, size_t y_stride, int32_t n_rows, int32_t n_t
                           const uint8_t *codes, size_t row_bytes, const el_half *scales, const el_half *mins,
                           size_t n_wblocks, const el_block_q16a *x, const float *xd, const int32_t *xsum, int32_t nb,
                           void *scratch);
+void el_products_q8a_avx2(float *y, size_t y_stride, int32_t n_rows, int32_t n_tokens, int32_t format,
+                          const uint8_t *codes, size_t row_bytes, const el_half *scales, const el_half *mins,
+                          size_t n_wblocks, const el_block_q8a *x, int32_t nb, void *scratch);
 #endif
 #if defined(__aarch64__)
 extern const el_kernels el_kernels_neon;
