@@ -112,8 +112,8 @@ static decode_acts prepare_decode(int32_t format, const el_block_q8a *x, int32_t
     a.sum8 = a.ds + nb4;
     for (int32_t j = 0; j < nb4; j++) {
         const int live = j < nb;
-        a.d[j] = live ? x[j].d : 0.0f;
-        a.ds[j] = live ? x[j].ds : 0.0f;
+        a.d[j] = live ? x[j].d : -0.0f; /* a padded lane's terms are -0.0, which leave it as it is */
+        a.ds[j] = live ? x[j].ds : -0.0f;
         a.sum8[j] = live ? (float)(8 * x[j].sum) : 0.0f;
     }
     for (int32_t j = 0; j < nb; j += piece_blocks(j, nb)) store_piece(a.q + 32 * (size_t)j, format, x + j, piece_blocks(j, nb));
@@ -176,7 +176,9 @@ static inline __attribute__((always_inline)) DOTPROD int32x4_t group_sums(int32_
     return piece_dot(format, load_start(START_GROUP), v.val, 4, q + 32 * (size_t)j);
 }
 
-/* Sums of the last 1 to 3 blocks (from j) in lanes 0..n-1 (later lanes repeat them). */
+/* Sums of the last 1 to 3 blocks (from j) in lanes 0..n-1, MAGIC_BITS (+0.0 once converted) in the others, so
+ * that their terms, +0.0 (a zero scale) times -0.0 (the padded d and ds) times +0.0, are -0.0 and leave the
+ * lanes as the reference does, signed zeros included. */
 static inline __attribute__((always_inline)) DOTPROD int32x4_t tail_sums(int32_t format, const uint8_t *codes,
                                                                          const int8_t *q, int32_t j, int32_t n) {
     const size_t code_bytes = format == EL_INT8_SYM ? 32 : 16;
@@ -196,10 +198,10 @@ static inline __attribute__((always_inline)) DOTPROD int32x4_t tail_sums(int32_t
         if (format == EL_INT8_SYM) v[1] = vld1q_u32((const uint32_t *)(c + 16));
         single = piece_dot(format, load_start(START_SINGLE), v, format == EL_INT8_SYM ? 2 : 1,
                            q + 32 * (size_t)js);
-        single = vpaddq_s32(single, single);
+        single = vpaddq_s32(single, load_start(START_SINGLE)); /* [block, block, MAGIC, 0] */
     }
-    if (n == 1) return vpaddq_s32(single, single);
-    return vpaddq_s32(pair, n == 3 ? single : pair);
+    if (n == 1) return vpaddq_s32(single, load_start(START_PAIR));
+    return vpaddq_s32(pair, n == 3 ? single : load_start(START_PAIR));
 }
 
 /* The first n (<= 4) of a row's halves from h as float32, zeros after; never read past the row's end. */

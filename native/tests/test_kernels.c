@@ -655,6 +655,42 @@ static void check_variant_q8a(const char *variant, el_pool *pools[3]) {
     report(ok, variant, what, detail);
 }
 
+/* Signed zeros: negative scales against zero activations make every term -0.0, so a row's four lanes
+ * stay -0.0 and the product is -0.0; a lane that no block fills (rows of 1 to 3 blocks, or a row's last 1
+ * to 3) must stay as the reference leaves it, not turn +0.0 under a padded term. */
+static void check_variant_q8a_signed_zeros(const char *variant) {
+    static const int32_t COLS_Z[] = {32, 64, 96, 160, 192, 224};
+    static const int32_t FORMATS_Z[] = {EL_INT4_ASYM, EL_INT4_SYM, EL_INT8_SYM};
+    const int32_t rows = 5, n_tok = 3;
+    int ok = 1;
+    char detail[160] = "";
+    for (size_t f = 0; f < 3 && ok; f++)
+        for (size_t c = 0; c < sizeof COLS_Z / sizeof COLS_Z[0] && ok; c++) {
+            const int32_t cols = COLS_Z[c], nb = cols / 32;
+            test_matrix t = make_matrix(FORMATS_Z[f], rows, cols, 32);
+            for (int32_t i = 0; i < rows * nb; i++) {
+                t.scales[i] |= 0x8000; /* negative */
+                if (t.mins) t.mins[i] |= 0x8000;
+            }
+            float *xf = calloc((size_t)n_tok * cols, sizeof(float));
+            el_block_q8a *xq = malloc(sizeof(el_block_q8a) * n_tok * nb);
+            float want[15], got[15];
+            el_set_variant("ref");
+            el_quantize_q8a(xq, nb, xf, n_tok, cols);
+            for (int32_t k = 0; k < n_tok; k++) el_matmul_q8a(want + k * rows, 1, rows, &t.m, xq + k * nb, nb, NULL);
+            el_set_variant(variant);
+            for (int32_t tokens = 1; tokens <= n_tok && ok; tokens++) {
+                el_matmul_q8a(got, tokens, rows, &t.m, xq, nb, NULL);
+                ok = same_bits(got, want, sizeof(float) * tokens * rows) && signbit(want[0]);
+                if (!ok)
+                    snprintf(detail, sizeof detail, "%s cols %d tokens %d: %g (ref %g)", FORMAT_NAMES[FORMATS_Z[f]],
+                             cols, tokens, got[0], want[0]);
+            }
+            free(xf), free(xq), free_matrix(&t);
+        }
+    report(ok, variant, "matmul_q8a keeps the reference's signed zeros (negative scales, zero activations)", detail);
+}
+
 int main(void) {
     int status = el_init();
     const char *forced = getenv("EDGELLM_KERNELS");
@@ -689,6 +725,7 @@ int main(void) {
         check_variant_nan(variant);
         if (strcmp(variant, "ref") != 0) check_variant_floats(variant);
         if (strcmp(variant, "ref") != 0) check_variant_q8a(variant, pools);
+        if (strcmp(variant, "ref") != 0) check_variant_q8a_signed_zeros(variant);
     }
     setenv("EDGELLM_ACTIVATIONS", "16", 1);
     check_engine(names, count, pools);
