@@ -51,8 +51,8 @@ static inline float32x4_t halves4(const el_half *h) { return vcvt_f32_f16(vreint
  * lanes: each piece's values go through the de-interleaving load its codes get (4-bit: the even values, which
  * meet the low nibbles, and the odd ones apart). */
 
-/* one token's values in piece order ([nb][32] bytes), and d, ds and 8 * sum contiguous, zero up to a multiple
- * of 4 (8 * sum is exact in float32) */
+/* one token's values in piece order ([nb][32] bytes), and d, ds and 8 * sum contiguous up to a multiple of 4
+ * (padded with -0.0, -0.0 and 0: see tail_sums; 8 * sum is exact in float32) */
 typedef struct {
     int8_t *q;
     float *d, *ds, *sum8;
