@@ -52,7 +52,7 @@ ffibuilder.set_source(
     '#include "edgellm.h"',
     sources=[_relative(HERE / "src" / name) for name in SOURCES],
     include_dirs=[_relative(HERE)],
-    depends=[_relative(HEADER), _relative(HERE / "src" / "kernels.h")],
+    depends=[_relative(HEADER), _relative(HERE / "src" / "kernels.h"), _relative(HERE / "src" / "x86_sums.h")],
     extra_compile_args=COMPILE_ARGS,
     extra_link_args=["-pthread"],
     libraries=["m"],

@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "kernels.h"
+#include "x86_sums.h"
 
 #define AVX2 __attribute__((target("avx2,f16c")))
 #define AVX512VNNI __attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
@@ -55,13 +56,6 @@ static inline void prefetch_row(const uint8_t *codes, size_t row_bytes, const el
     }
 
 /* ---- helpers ------------------------------------------------------------------------------ */
-
-static inline AVX2 int32_t hsum_i32x8(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-    return _mm_cvtsi128_si32(s);
-}
 
 /* lane k = the sum of the 8 lanes of p[k], for k = 0..7 (one reduction tree for 8 blocks). */
 static inline AVX2 __m256i hsum8_vec(const __m256i p[8]) {

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "x86_sums.h"
 
 #define AVX2_FMA __attribute__((target("avx2,fma,f16c")))
 #define INLINE inline __attribute__((always_inline))
@@ -78,12 +79,6 @@ static INLINE AVX2_FMA __m128i reduce4(__m256i p0, __m256i p1, __m256i p2, __m25
     return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
 }
 
-static INLINE AVX2_FMA int32_t reduce1(__m256i p) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
-    s = _mm_hadd_epi32(s, s);
-    return _mm_cvtsi128_si32(_mm_hadd_epi32(s, s));
-}
-
 static INLINE AVX2_FMA __m128 halves4(const el_half *h) { return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)h)); }
 
 /* One row against n (1..4) tokens, each block's codes unpacked once for all of them: edgellm.h's four lanes
@@ -115,7 +110,7 @@ static INLINE AVX2_FMA void row_tokens(float *y, size_t y_stride, int32_t n, int
         for (int32_t i = j; i < nb; i++) { /* the last one to three blocks, each into its own lane */
             __m256i sign = _mm256_setzero_si256();
             const __m256i c = block_codes(format, codes, i, &sign);
-            const int32_t isum = reduce1(block_partials(format, c, sign, a[t].q + 32 * (size_t)i)) - a[t].offset[i];
+            const int32_t isum = hsum_i32x8(block_partials(format, c, sign, a[t].q + 32 * (size_t)i)) - a[t].offset[i];
             float *lane = &l[i & 3];
             *lane = fmaf(_cvtsh_ss(sc[i]) * a[t].d[i], (float)isum, *lane);
             if (format == EL_INT4_ASYM) *lane = fmaf(_cvtsh_ss(mn[i]), a[t].ds[i], *lane);
